@@ -1,0 +1,50 @@
+"""densenet_zoo: DenseNets for PyTorch, exactly torchvision's network, with pluggable
+normalisation, exact memory-efficient training, pretrained weights, fine-tuning and profiling.
+
+>>> import densenet_zoo as dz
+>>> model = dz.densenet121(num_classes=10, memory_efficient=True)
+"""
+
+from .memory import MemoryStrategy, get_memory_strategy, list_memory_strategies, register_memory_strategy
+from .model import (
+    DenseNet,
+    create_model,
+    densenet121,
+    densenet161,
+    densenet169,
+    densenet201,
+    densenet264,
+    densenet_bc_100,
+    densenet_bc_190,
+    densenet_bc_250,
+    list_models,
+    model_config,
+)
+from .norm import list_norms, register_norm, resolve_norm
+from .weights import load_model, save_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DenseNet",
+    "MemoryStrategy",
+    "create_model",
+    "densenet121",
+    "densenet161",
+    "densenet169",
+    "densenet201",
+    "densenet264",
+    "densenet_bc_100",
+    "densenet_bc_190",
+    "densenet_bc_250",
+    "get_memory_strategy",
+    "list_memory_strategies",
+    "list_models",
+    "list_norms",
+    "load_model",
+    "model_config",
+    "register_memory_strategy",
+    "register_norm",
+    "resolve_norm",
+    "save_model",
+]

@@ -1,0 +1,485 @@
+"""DenseNet: dense layers, blocks, transitions, the network and its named configurations.
+
+Module names and parameter shapes are those of torchvision (``features.denseblock1.denselayer1.norm1``,
+``features.transition1.conv``, ``classifier``, ...), so every published checkpoint loads as is.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import math
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .memory import MemoryStrategy, get_memory_strategy
+from .norm import NormSpec, resolve_norm
+
+__all__ = [
+    "DenseNet",
+    "create_model",
+    "list_models",
+    "model_config",
+    "densenet121",
+    "densenet161",
+    "densenet169",
+    "densenet201",
+    "densenet264",
+    "densenet_bc_100",
+    "densenet_bc_250",
+    "densenet_bc_190",
+]
+
+MemorySpec = Union[bool, str, MemoryStrategy, None]
+
+
+class _DenseLayer(nn.Module):
+    """BN-ReLU-1x1 conv (bottleneck) then BN-ReLU-3x3 conv, producing ``growth_rate`` new channels."""
+
+    def __init__(
+        self,
+        num_input_features: int,
+        growth_rate: int,
+        bn_size: int,
+        drop_rate: float,
+        memory_efficient: MemorySpec = False,
+        *,
+        make_norm: Optional[Callable[[str, int], nn.Module]] = None,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        make_norm = make_norm or resolve_norm(None)
+        prefix = f"{name}." if name else ""
+        self.norm1 = make_norm(prefix + "norm1", num_input_features)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
+        self.norm2 = make_norm(prefix + "norm2", bn_size * growth_rate)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+        self.drop_rate = float(drop_rate)
+        self.strategy = get_memory_strategy(memory_efficient)
+
+    @property
+    def memory_efficient(self) -> bool:
+        return self.strategy.name != "none"
+
+    def bottleneck(self, inputs: List[Tensor]) -> Tensor:
+        """concat -> norm1 -> relu1 -> conv1."""
+        x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)
+        return self.conv1(self.relu1(self.norm1(x)))
+
+    def composite(self, bottleneck: Tensor) -> Tensor:
+        """norm2 -> relu2 -> conv2 -> dropout."""
+        out = self.conv2(self.relu2(self.norm2(bottleneck)))
+        if self.drop_rate > 0:
+            out = F.dropout(out, p=self.drop_rate, training=self.training)
+        return out
+
+    def forward(self, features: Union[Tensor, List[Tensor]]) -> Tensor:
+        if isinstance(features, Tensor):
+            features = [features]
+        if self.training and torch.is_grad_enabled():
+            return self.strategy.layer_forward(self, features)
+        return self.composite(self.bottleneck(features))
+
+
+class _DenseBlock(nn.ModuleDict):
+    """``num_layers`` dense layers; returns the input concatenated with every layer's output."""
+
+    _version = 2
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_input_features: int,
+        bn_size: int,
+        growth_rate: int,
+        drop_rate: float,
+        memory_efficient: MemorySpec = False,
+        *,
+        make_norm: Optional[Callable[[str, int], nn.Module]] = None,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        self.strategy = get_memory_strategy(memory_efficient)
+        prefix = f"{name}." if name else ""
+        for i in range(num_layers):
+            layer = _DenseLayer(
+                num_input_features + i * growth_rate,
+                growth_rate=growth_rate,
+                bn_size=bn_size,
+                drop_rate=drop_rate,
+                memory_efficient=self.strategy,
+                make_norm=make_norm,
+                name=f"{prefix}denselayer{i + 1}",
+            )
+            self.add_module(f"denselayer{i + 1}", layer)
+
+    def forward(self, init_features: Tensor) -> Tensor:
+        if self.training and torch.is_grad_enabled():
+            return self.strategy.block_forward(self, init_features)
+        features = [init_features]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class _Transition(nn.Sequential):
+    """BN-ReLU-1x1 conv (compression) then 2x2 average pooling."""
+
+    def __init__(
+        self,
+        num_input_features: int,
+        num_output_features: int,
+        *,
+        make_norm: Optional[Callable[[str, int], nn.Module]] = None,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        make_norm = make_norm or resolve_norm(None)
+        prefix = f"{name}." if name else ""
+        self.norm = make_norm(prefix + "norm", num_input_features)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
+        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+
+
+_POOLS = ("avg", "max", "avgmax", "")
+
+
+def _check_config(growth_rate, block_config, num_init_features, bn_size, drop_rate, num_classes, in_chans, compression, global_pool):
+    def positive_int(name: str, value: Any, minimum: int = 1) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+    positive_int("growth_rate", growth_rate)
+    positive_int("num_init_features", num_init_features)
+    positive_int("bn_size", bn_size)
+    positive_int("in_chans", in_chans)
+    positive_int("num_classes", num_classes, minimum=0)
+    if not isinstance(block_config, (tuple, list)) or not block_config:
+        raise ValueError(f"block_config must be a non-empty sequence of layer counts, e.g. (6, 12, 24, 16), got {block_config!r}")
+    for n in block_config:
+        positive_int("every entry of block_config", n)
+    if not (isinstance(drop_rate, (int, float)) and 0.0 <= drop_rate < 1.0):
+        raise ValueError(f"drop_rate must be a probability in [0, 1), got {drop_rate!r}")
+    if not (isinstance(compression, (int, float)) and 0.0 < compression <= 1.0):
+        raise ValueError(f"compression must be in (0, 1], got {compression!r}")
+    if global_pool not in _POOLS:
+        raise ValueError(f"global_pool must be one of {_POOLS}, got {global_pool!r}")
+
+
+class DenseNet(nn.Module):
+    """DenseNet-BC (Huang et al., "Densely Connected Convolutional Networks", 2017).
+
+    The first six arguments and ``memory_efficient`` follow torchvision's ``DenseNet``; the rest
+    follow timm. ``memory_efficient`` takes ``True``/``False`` or a strategy name from
+    :func:`densenet_zoo.list_memory_strategies`. ``norm_layer`` takes any norm spec of
+    :func:`densenet_zoo.resolve_norm`.
+
+    >>> model = DenseNet(growth_rate=12, block_config=(16, 16, 16), num_init_features=24, small_inputs=True, num_classes=10)
+    >>> model(torch.randn(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        growth_rate: int = 32,
+        block_config: Sequence[int] = (6, 12, 24, 16),
+        num_init_features: int = 64,
+        bn_size: int = 4,
+        drop_rate: float = 0.0,
+        num_classes: int = 1000,
+        memory_efficient: MemorySpec = False,
+        *,
+        in_chans: int = 3,
+        small_inputs: bool = False,
+        compression: float = 0.5,
+        global_pool: str = "avg",
+        head_drop_rate: float = 0.0,
+        norm_layer: NormSpec = None,
+        strict_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        block_config = tuple(block_config) if isinstance(block_config, list) else block_config
+        _check_config(growth_rate, block_config, num_init_features, bn_size, drop_rate, num_classes, in_chans, compression, global_pool)
+        if not (0.0 <= head_drop_rate < 1.0):
+            raise ValueError(f"head_drop_rate must be a probability in [0, 1), got {head_drop_rate!r}")
+        strategy = get_memory_strategy(memory_efficient)
+        make_norm = resolve_norm(norm_layer, strict=strict_norm)
+
+        self.growth_rate = growth_rate
+        self.block_config = tuple(block_config)
+        self.in_chans = in_chans
+        self.small_inputs = bool(small_inputs)
+        self.drop_rate = float(drop_rate)
+        self.head_drop_rate = float(head_drop_rate)
+        self.global_pool = global_pool
+        #: Constructor arguments that rebuild this architecture (saved with checkpoints).
+        self.model_args: Dict[str, Any] = dict(
+            growth_rate=growth_rate, block_config=list(block_config), num_init_features=num_init_features,
+            bn_size=bn_size, drop_rate=float(drop_rate), num_classes=num_classes, in_chans=in_chans,
+            small_inputs=bool(small_inputs), compression=float(compression), global_pool=global_pool,
+            head_drop_rate=float(head_drop_rate),
+        )
+        if isinstance(norm_layer, str):
+            self.model_args["norm_layer"] = norm_layer
+        self.arch: Optional[str] = None
+
+        if small_inputs:
+            stem = [("conv0", nn.Conv2d(in_chans, num_init_features, kernel_size=3, stride=1, padding=1, bias=False))]
+        else:
+            stem = [
+                ("conv0", nn.Conv2d(in_chans, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
+                ("norm0", make_norm("features.norm0", num_init_features)),
+                ("relu0", nn.ReLU(inplace=True)),
+                ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+            ]
+        self.features = nn.Sequential(OrderedDict(stem))
+
+        num_features = num_init_features
+        self.feature_info: List[Dict[str, Any]] = []
+        reduction = 1 if small_inputs else 4
+        for i, num_layers in enumerate(block_config):
+            name = f"denseblock{i + 1}"
+            block = _DenseBlock(
+                num_layers=num_layers,
+                num_input_features=num_features,
+                bn_size=bn_size,
+                growth_rate=growth_rate,
+                drop_rate=drop_rate,
+                memory_efficient=strategy,
+                make_norm=make_norm,
+                name=f"features.{name}",
+            )
+            self.features.add_module(name, block)
+            num_features = num_features + num_layers * growth_rate
+            self.feature_info.append(dict(num_chs=num_features, reduction=reduction, module=f"features.{name}"))
+            if i != len(block_config) - 1:
+                out_features = int(math.floor(num_features * compression))
+                trans = _Transition(num_features, out_features, make_norm=make_norm, name=f"features.transition{i + 1}")
+                self.features.add_module(f"transition{i + 1}", trans)
+                num_features = out_features
+                reduction *= 2
+
+        self.features.add_module("norm5", make_norm("features.norm5", num_features))
+        self.feature_info[-1]["module"] = "features.norm5"
+        make_norm.check_unused()  # type: ignore[attr-defined]
+
+        self.num_features = num_features
+        self.num_classes = num_classes
+        self.classifier: nn.Module = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.min_input_size = _min_input_size(len(block_config), small_inputs)
+        self._init_weights()
+
+    # -- initialisation ------------------------------------------------------------------------
+    def _init_weights(self) -> None:
+        """torchvision's scheme: Kaiming-normal convs, unit/zero norm affine, zero classifier bias."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.Linear):
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) and getattr(m, "weight", None) is not None:
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    # -- memory strategy -----------------------------------------------------------------------
+    @property
+    def memory_strategy(self) -> MemoryStrategy:
+        return next(m.strategy for m in self.modules() if isinstance(m, _DenseBlock))
+
+    @property
+    def memory_efficient(self) -> bool:
+        return self.memory_strategy.name != "none"
+
+    def set_memory_efficient(self, strategy: MemorySpec = True) -> "DenseNet":
+        """Switch every dense block to ``strategy`` (``True``, ``False`` or a strategy name)."""
+        strategy = get_memory_strategy(strategy)
+        for m in self.modules():
+            if isinstance(m, (_DenseBlock, _DenseLayer)):
+                m.strategy = strategy
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> "DenseNet":
+        """timm's name for :meth:`set_memory_efficient`."""
+        return self.set_memory_efficient("bottleneck" if enable else "none")
+
+    # -- input checks --------------------------------------------------------------------------
+    def check_input(self, x: Tensor) -> None:
+        """One-line errors for inputs the network cannot take."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"DenseNet expects a torch.Tensor of shape (N, {self.in_chans}, H, W), got {type(x).__name__}")
+        if x.dim() != 4:
+            hint = "; add a batch dimension with x.unsqueeze(0)" if x.dim() == 3 else ""
+            raise ValueError(f"DenseNet expects a 4-D input (N, {self.in_chans}, H, W), got shape {tuple(x.shape)}{hint}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"input has {x.shape[1]} channels but the model was built with in_chans={self.in_chans}; "
+                f"convert the images or build the model with in_chans={x.shape[1]}"
+            )
+        h, w = x.shape[-2:]
+        if h < self.min_input_size or w < self.min_input_size:
+            raise ValueError(
+                f"input of {h}x{w} pixels is too small for this DenseNet: it needs at least "
+                f"{self.min_input_size}x{self.min_input_size}; resize the images"
+            )
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Feature map after ``norm5`` and ReLU, shape (N, num_features, H/32, W/32)."""
+        self.check_input(x)
+        return F.relu(self.features(x), inplace=True)
+
+    def pool(self, x: Tensor) -> Tensor:
+        if self.global_pool == "avg":
+            return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        if self.global_pool == "max":
+            return torch.flatten(F.adaptive_max_pool2d(x, 1), 1)
+        if self.global_pool == "avgmax":
+            return 0.5 * torch.flatten(F.adaptive_avg_pool2d(x, 1) + F.adaptive_max_pool2d(x, 1), 1)
+        return x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Global pool, dropout and classifier; ``pre_logits=True`` stops before the classifier."""
+        x = self.pool(x)
+        if self.head_drop_rate > 0:
+            x = F.dropout(x, p=self.head_drop_rate, training=self.training)
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # -- classifier ----------------------------------------------------------------------------
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier by a freshly initialised one (``num_classes=0``: no classifier)."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+        if global_pool is not None:
+            if global_pool not in _POOLS:
+                raise ValueError(f"global_pool must be one of {_POOLS}, got {global_pool!r}")
+            self.global_pool = global_pool
+            self.model_args["global_pool"] = global_pool
+        device = next(self.parameters()).device
+        self.num_classes = num_classes
+        self.model_args["num_classes"] = num_classes
+        if num_classes > 0:
+            self.classifier = nn.Linear(self.num_features, num_classes, device=device)
+            nn.init.constant_(self.classifier.bias, 0)
+        else:
+            self.classifier = nn.Identity()
+
+
+def _min_input_size(num_blocks: int, small_inputs: bool) -> int:
+    """Smallest square input whose final feature map is at least 1x1."""
+
+    def final_size(s: int) -> int:
+        if not small_inputs:
+            s = (s + 2 * 3 - 7) // 2 + 1  # conv0 7x7/2
+            s = (s + 2 * 1 - 3) // 2 + 1  # pool0 3x3/2
+        for _ in range(num_blocks - 1):
+            s //= 2  # transition pooling
+        return s
+
+    size = 1
+    while final_size(size) < 1:
+        size += 1
+    return size
+
+
+# ---------------------------------------------------------------------------------------------
+# Named configurations
+# ---------------------------------------------------------------------------------------------
+
+#: name -> (growth_rate, block_config, num_init_features, extra kwargs)
+_CONFIGS: Dict[str, Tuple[int, Tuple[int, ...], int, Dict[str, Any]]] = {
+    "densenet121": (32, (6, 12, 24, 16), 64, {}),
+    "densenet161": (48, (6, 12, 36, 24), 96, {}),
+    "densenet169": (32, (6, 12, 32, 32), 64, {}),
+    "densenet201": (32, (6, 12, 48, 32), 64, {}),
+    "densenet264": (32, (6, 12, 64, 48), 64, {}),
+    # CIFAR DenseNet-BC (3x3 stem, no max-pool, compression 0.5): depth L -> (L - 4) / 6 layers per block.
+    "densenet_bc_100": (12, (16, 16, 16), 24, {"small_inputs": True, "num_classes": 10}),
+    "densenet_bc_250": (24, (41, 41, 41), 48, {"small_inputs": True, "num_classes": 10}),
+    "densenet_bc_190": (40, (31, 31, 31), 80, {"small_inputs": True, "num_classes": 10}),
+}
+
+_ENTRYPOINTS: Dict[str, Callable[..., DenseNet]] = {}
+
+
+def model_config(name: str) -> Dict[str, Any]:
+    """Constructor arguments of a named architecture: ``model_config("densenet121")``."""
+    growth, blocks, init, extra = _CONFIGS[_canonical_name(name)]
+    return dict(growth_rate=growth, block_config=blocks, num_init_features=init, **extra)
+
+
+def _canonical_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a string, got {type(name).__name__}")
+    key = name.split(".", 1)[0]  # "densenet121.tv_in1k" names a weight tag, the model is before the dot
+    if key in _CONFIGS:
+        return key
+    close = difflib.get_close_matches(key, list(_CONFIGS), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise ValueError(f"unknown model {name!r}{hint} (see densenet_zoo.list_models())")
+
+
+def _build(arch: str, pretrained: bool = False, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    config = model_config(arch)
+    config.update(kwargs)
+    if pretrained or weights is not None:
+        from .weights import build_pretrained  # weights imports model, not the other way round
+
+        return build_pretrained(arch, config, weights=weights, progress=progress)
+    model = DenseNet(**config)
+    model.arch = arch
+    return model
+
+
+def _register(name: str) -> Callable[..., DenseNet]:
+    def builder(pretrained: bool = False, *, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+        return _build(name, pretrained=pretrained, weights=weights, progress=progress, **kwargs)
+
+    growth, blocks, init, _ = _CONFIGS[name]
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = (
+        f"{name}: growth rate {growth}, blocks {blocks}, {init} initial features.\n\n"
+        f"``{name}(pretrained=True)`` or ``weights=...`` loads published weights; other keyword\n"
+        "arguments go to :class:`DenseNet` (``num_classes``, ``in_chans``, ``memory_efficient``, ``norm_layer``...)."
+    )
+    _ENTRYPOINTS[name] = builder
+    return builder
+
+
+densenet121 = _register("densenet121")
+densenet161 = _register("densenet161")
+densenet169 = _register("densenet169")
+densenet201 = _register("densenet201")
+densenet264 = _register("densenet264")
+densenet_bc_100 = _register("densenet_bc_100")
+densenet_bc_250 = _register("densenet_bc_250")
+densenet_bc_190 = _register("densenet_bc_190")
+
+
+def list_models(pattern: str = "*") -> List[str]:
+    """Names accepted by :func:`create_model`, optionally filtered by a glob: ``list_models("densenet1*")``."""
+    return sorted(n for n in _ENTRYPOINTS if fnmatch.fnmatchcase(n, pattern))
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> DenseNet:
+    """Build a named model: ``create_model("densenet169", num_classes=5)``.
+
+    A ``name.tag`` form (``"densenet121.tv_in1k"``) selects those weights when ``pretrained=True``.
+    """
+    arch = _canonical_name(name)
+    if pretrained and "." in name and "weights" not in kwargs:
+        kwargs["weights"] = name
+    return _ENTRYPOINTS[arch](pretrained=pretrained, **kwargs)

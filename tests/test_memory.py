@@ -1,0 +1,163 @@
+"""Memory strategies: each equals normal mode exactly, and BN statistics are updated once per forward."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import densenet_zoo as dz
+from _dist import run_distributed
+
+STRATEGIES = [s for s in dz.list_memory_strategies() if s != "none"]
+
+
+def _tiny(**kwargs):
+    return dz.DenseNet(growth_rate=8, block_config=(3, 3), num_init_features=16, small_inputs=True, num_classes=5, **kwargs)
+
+
+def _train_steps(model, xs, ys, seed=0):
+    """SGD with momentum for len(xs) steps; returns the outputs of every step."""
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    outs = []
+    model.train()
+    for x, y in zip(xs, ys):
+        opt.zero_grad()
+        out = model(x)
+        nn.functional.cross_entropy(out, y).backward()
+        opt.step()
+        outs.append(out.detach())
+    return outs
+
+
+def _assert_models_equal(a, b, atol=1e-6):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=atol, rtol=0), name
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+    for (name, x), y in zip(a.named_buffers(), b.buffers()):
+        if x.dtype == torch.long:
+            assert torch.equal(x, y), name
+        else:
+            assert torch.allclose(x, y, atol=atol, rtol=0), name
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("arch", ["densenet121", "bc"])
+def test_strategy_equals_normal_mode_over_steps(strategy, arch):
+    if arch == "bc":
+        normal = dz.DenseNet(growth_rate=12, block_config=(4, 4, 4), num_init_features=24, small_inputs=True, num_classes=10, drop_rate=0.2)
+        shape, classes = (4, 3, 32, 32), 10
+    else:
+        normal = dz.densenet121(num_classes=10, drop_rate=0.2)
+        shape, classes = (2, 3, 32, 32), 10
+    efficient = copy.deepcopy(normal).set_memory_efficient(strategy)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(shape, generator=g) for _ in range(3)]
+    ys = [torch.randint(0, classes, (shape[0],), generator=g) for _ in range(3)]
+    for o1, o2 in zip(_train_steps(normal, xs, ys), _train_steps(efficient, xs, ys)):
+        assert torch.allclose(o1, o2, atol=1e-5, rtol=0)
+    _assert_models_equal(efficient, normal)
+    assert efficient.features.denseblock1.denselayer1.norm1.num_batches_tracked.item() == 3
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_running_stats_updated_once_per_forward(strategy):
+    model = _tiny(memory_efficient=strategy).train()
+    model(torch.randn(4, 3, 16, 16)).sum().backward()
+    for name, buf in model.named_buffers():
+        if name.endswith("num_batches_tracked"):
+            assert buf.item() == 1, name
+
+
+def test_torchvision_checkpointing_counts_twice():
+    """The defect this package avoids: torchvision's recompute updates norm1 a second time."""
+    tv = torchvision.models.densenet121(memory_efficient=True).train()
+    tv(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert tv.features.denseblock1.denselayer1.norm1.num_batches_tracked.item() == 2
+    ours = dz.densenet121(memory_efficient=True).train()
+    ours(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert ours.features.denseblock1.denselayer1.norm1.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cumulative_average_momentum_none(strategy):
+    normal = _tiny(norm_layer=lambda c: nn.BatchNorm2d(c, momentum=None))
+    efficient = copy.deepcopy(normal).set_memory_efficient(strategy)
+    xs = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    ys = [torch.randint(0, 5, (4,)) for _ in range(3)]
+    _train_steps(normal, xs, ys), _train_steps(efficient, xs, ys)
+    _assert_models_equal(efficient, normal)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_no_checkpoint_when_not_needed(strategy, monkeypatch):
+    """Eval, no_grad and inputs/params that need no grad run the plain forward."""
+    import torch.utils.checkpoint as cp
+
+    calls = []
+    real = cp.checkpoint
+    monkeypatch.setattr(cp, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    import densenet_zoo.memory as memory
+
+    monkeypatch.setattr(memory, "checkpoint", cp.checkpoint)
+    model = _tiny(memory_efficient=strategy)
+    x = torch.randn(2, 3, 16, 16)
+    reference = _tiny()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), reference.eval()(x))
+        model.train()(x)
+    model.requires_grad_(False)
+    out = model.train()(x)
+    assert not out.requires_grad
+    assert calls == []
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_frozen_backbone_with_trainable_head(strategy):
+    model = _tiny(memory_efficient=strategy)
+    model.features.requires_grad_(False)
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    assert model.classifier.weight.grad is not None
+
+
+def test_torch_compile_memory_efficient():
+    torch._dynamo.reset()
+    normal = _tiny()
+    efficient = copy.deepcopy(normal).set_memory_efficient(True)
+    compiled = torch.compile(efficient)
+    x = torch.randn(2, 3, 16, 16)
+    out_c = compiled(x)
+    out_c.square().sum().backward()
+    out_n = normal(x)
+    out_n.square().sum().backward()
+    assert torch.allclose(out_c, out_n, atol=1e-5)
+    _assert_models_equal(efficient, normal, atol=1e-5)
+
+
+def _ddp_step(rank, world_size, strategy):
+    torch.manual_seed(0)
+    model = _tiny(memory_efficient=strategy)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    g = torch.Generator().manual_seed(10 + rank)
+    x, y = torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 5, (4,), generator=g)
+    for _ in range(2):
+        ddp.zero_grad()
+        nn.functional.cross_entropy(ddp(x), y).backward()
+    return {"grads": [p.grad for p in model.parameters()], "buffers": [b.clone() for b in model.buffers()]}
+
+
+@pytest.mark.parametrize("strategy", ["bottleneck"])
+def test_inside_distributed_data_parallel(strategy):
+    normal = run_distributed(_ddp_step, 2, "none")
+    efficient = run_distributed(_ddp_step, 2, strategy)
+    for rank in range(2):
+        for a, b in zip(efficient[rank]["grads"], normal[rank]["grads"]):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+        for a, b in zip(efficient[rank]["buffers"], normal[rank]["buffers"]):
+            assert torch.allclose(a.double(), b.double(), atol=1e-6)
+    # DDP averaged the gradients: both ranks hold the same ones.
+    for a, b in zip(efficient[0]["grads"], efficient[1]["grads"]):
+        assert torch.allclose(a, b)

@@ -1,0 +1,28 @@
+"""The README's commands are the ones CI and the Makefile run."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _readme_commands():
+    block = re.search(r"## Two commands.*?```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    return [line.split("#")[0].strip() for line in block.strip().splitlines()]
+
+
+def test_readme_has_exactly_two_commands():
+    assert _readme_commands() == ["make run", "make test"]
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = [l.strip() for l in (ROOT / ".ci" / "run").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    assert _readme_commands()[1] in ci
+
+
+def test_makefile_targets_create_the_environment():
+    makefile = (ROOT / "Makefile").read_text()
+    for target in ("run", "test"):
+        recipe = re.search(rf"^{target}: (.*)$", makefile, re.M).group(1)
+        assert "install" in recipe
+    assert "-m venv" in makefile and "pip install" in makefile
