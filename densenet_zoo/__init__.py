@@ -20,6 +20,7 @@ from .model import (
     list_models,
     model_config,
 )
+from .train import TrainConfig, Trainer, finetune
 from .norm import list_norms, register_norm, resolve_norm
 from .weights import load_model, save_model
 
@@ -46,5 +47,8 @@ __all__ = [
     "register_memory_strategy",
     "register_norm",
     "resolve_norm",
+    "finetune",
+    "Trainer",
+    "TrainConfig",
     "save_model",
 ]

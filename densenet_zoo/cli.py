@@ -27,10 +27,18 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_models)
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    """``sample-data``, ``finetune`` and ``evaluate`` (their flags live in cli_train.py)."""
+    from .cli_train import add_train
+
+    add_train(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="densenet-zoo", description="DenseNet model zoo for PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_models(sub)
+    _add_train(sub)
     return parser
 
 

@@ -1,0 +1,168 @@
+"""Files of a training run: atomic writes, the resumable state, metrics tables and plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+
+PathLike = Union[str, os.PathLike]
+
+STATE_FILE = "state.pt"
+STATE_FORMAT = 1
+
+
+def atomic_write(path: PathLike, write: Callable[[Any], None], *, binary: bool = True) -> Path:
+    """Write a file through ``write(fileobj)`` into a temporary sibling, fsync, then rename.
+
+    >>> atomic_write("runs/x/metrics.csv", lambda f: f.write("epoch,loss\\n"), binary=False)
+
+    ``os.replace`` is atomic on POSIX and Windows: a reader (or a process killed mid-write) sees
+    the old file or the new one, never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def save_state(state: Dict[str, Any], path: PathLike) -> Path:
+    """Save a training state (plain dicts, lists, numbers, strings and tensors) atomically."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def load_state(path: PathLike) -> Dict[str, Any]:
+    """Load a training state with ``torch.load(weights_only=True)``: no code runs while loading."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; --resume needs the output folder of a run that saved its state")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a foreign or damaged file: say which and why, in one line
+        raise ValueError(f"{path} is not a loadable training state ({str(exc).splitlines()[0]})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not a densenet_zoo training state (format {STATE_FORMAT}); start a new run with another --out")
+    return state
+
+
+def rng_state() -> Dict[str, Any]:
+    """This process's torch RNG states (CPU and every CUDA device) as tensors."""
+    import random
+
+    state: Dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    import random
+
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_metrics(out: PathLike, history: Sequence[Dict[str, Any]]) -> None:
+    """``metrics.csv`` and ``metrics.jsonl``: one row per epoch, rewritten whole each time."""
+    out = Path(out)
+    if not history:
+        return
+    keys = list(history[0])
+
+    def write_csv(f):
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+
+    atomic_write(out / "metrics.csv", write_csv, binary=False)
+    atomic_write(out / "metrics.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in history)), binary=False)
+
+
+def _save_figure(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def plot_curves(history: Sequence[Dict[str, Any]], path: PathLike) -> Path:
+    """Loss and top-1 accuracy per epoch, train and val, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    ax1.plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
+    ax1.set_xlabel("epoch"), ax1.set_ylabel("loss"), ax1.legend()
+    ax2.plot(epochs, [r["train_acc1"] for r in history], "o-", label="train")
+    ax2.plot(epochs, [r["val_acc1"] for r in history], "o-", label="val")
+    ax2.set_xlabel("epoch"), ax2.set_ylabel("top-1 accuracy (%)"), ax2.legend()
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    return _save_figure(fig, Path(path))
+
+
+def plot_confusion(matrix: torch.Tensor, class_names: Sequence[str], path: PathLike, title: str = "") -> Path:
+    """Confusion matrix (rows: true class, columns: predicted), counts written in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(class_names)
+    size = max(4.0, min(0.45 * n + 2, 20.0))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix.numpy(), cmap="Blues")
+    ax.set_xticks(range(n), class_names, rotation=90 if n > 10 else 0)
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted"), ax.set_ylabel("true")
+    if title:
+        ax.set_title(title)
+    if n <= 30:
+        top = matrix.max().item() or 1
+        for i in range(n):
+            for j in range(n):
+                v = int(matrix[i, j])
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > top / 2 else "black")
+    return _save_figure(fig, Path(path))
+
+
+def write_json(path: PathLike, obj: Any) -> Path:
+    return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), binary=False)
+
+
+def read_json(path: PathLike) -> Optional[Dict[str, Any]]:
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def summarize(history: List[Dict[str, Any]]) -> str:
+    r = history[-1]
+    return (
+        f"epoch {r['epoch']}: train loss {r['train_loss']:.4f} acc {r['train_acc1']:.2f}% | "
+        f"val loss {r['val_loss']:.4f} acc@1 {r['val_acc1']:.2f}% acc@5 {r['val_acc5']:.2f}% | "
+        f"{r['train_images_per_s']:.0f} img/s, lr {r['lr']:.3g}"
+    )

@@ -1,0 +1,33 @@
+"""Small real datasets and tiny model settings for the fine-tuning tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+#: A DenseNet small enough for CPU tests (two blocks of two layers, 3x3 stem).
+TINY = {"growth_rate": 8, "block_config": [2, 2], "num_init_features": 16, "small_inputs": True}
+
+
+def digits_subset(root: Path, classes: int = 4, train_per_class: int = 12, val_per_class: int = 4) -> Path:
+    """``root/train/<digit>/*.png`` and ``root/val/...`` from the first images of scikit-learn's digits."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for c in range(classes):
+        idx = np.flatnonzero(d.target == c)
+        for split, ids in (("train", idx[:train_per_class]), ("val", idx[train_per_class:train_per_class + val_per_class])):
+            folder = root / split / str(c)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in ids:
+                Image.fromarray((d.images[i] * 255 / 16).round().astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def base_options(data: Path, out: Path, **kw) -> dict:
+    opts = dict(data=str(data), out=str(out), model="densenet121", model_args=dict(TINY), image_size=16,
+                epochs=2, batch_size=8, lr=0.05, augment="light", deterministic=True, progress=False)
+    opts.update(kw)
+    return opts

@@ -1,0 +1,209 @@
+"""Datasets, image reading, preprocessing and the digits sample data."""
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from densenet_zoo import data as D
+
+
+def _png(path, value=128, size=(12, 10), mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    color = value if mode == "L" else (value, value // 2, 255 - value)
+    Image.new(mode, size, color).save(path)
+    return path
+
+
+def _folder(root, classes=("a", "b", "c"), n=5):
+    for ci, c in enumerate(classes):
+        for i in range(n):
+            _png(root / c / f"{i}.png", value=40 * ci + i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits") / "digits"
+    return root, D.write_sample_data("digits", root)
+
+
+def test_digits_sample_data_is_sklearn_digits_split_per_class(digits):
+    from sklearn.datasets import load_digits
+
+    root, counts = digits
+    ref = load_digits()
+    assert counts["train"] + counts["val"] == len(ref.target) == 1797
+    splits = D.load_splits(root)
+    assert splits.class_names == [str(i) for i in range(10)]
+    assert len(splits.train) == counts["train"] and len(splits.val) == counts["val"]
+    names = {p.split("/")[-1] for p, _ in splits.train} | {p.split("/")[-1] for p, _ in splits.val}
+    assert len(names) == 1797  # disjoint and complete
+    for part in (splits.train, splits.val):  # every digit on both sides
+        assert sorted({y for _, y in part}) == list(range(10))
+    # Pixels and labels equal scikit-learn's, scaled from 0..16 to 0..255.
+    for path, label in splits.val[::37]:
+        i = int(path.split("/")[-1][:-4])
+        assert label == ref.target[i]
+        img = np.asarray(Image.open(path))
+        assert np.abs(img.astype(float) - ref.images[i] * 255 / 16).max() <= 0.5
+
+
+def test_sample_data_is_reused_and_refuses_foreign_folders(digits, tmp_path):
+    root, counts = digits
+    assert D.write_sample_data("digits", root) == counts  # idempotent: same split, nothing rewritten
+    other = tmp_path / "mine"
+    _png(other / "photo.png")
+    with pytest.raises(ValueError, match="not empty"):
+        D.write_sample_data("digits", other)
+    assert (other / "photo.png").exists()
+    with pytest.raises(ValueError, match="unknown sample dataset"):
+        D.write_sample_data("mnist", tmp_path / "m")
+
+
+def test_one_folder_split_is_fixed_by_the_seed_and_stratified(tmp_path):
+    root = _folder(tmp_path / "d", n=10)
+    a, b = D.load_splits(root, val_split=0.3, seed=1), D.load_splits(root, val_split=0.3, seed=1)
+    assert a.train == b.train and a.val == b.val
+    assert D.load_splits(root, val_split=0.3, seed=2).val != a.val
+    assert len(a.val) == 9 and len(a.train) == 21
+    assert set(a.val).isdisjoint(a.train)
+    assert [sum(1 for _, y in a.val if y == c) for c in range(3)] == [3, 3, 3]
+
+
+def test_train_val_folders_and_csv(tmp_path):
+    root = tmp_path / "tv"
+    _folder(root / "train"), _folder(root / "val", n=2)
+    s = D.load_splits(root)
+    assert (len(s.train), len(s.val), s.class_names) == (15, 6, ["a", "b", "c"])
+    _folder(tmp_path / "imgs", classes=("x", "y"), n=4)
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        for c in ("x", "y"):
+            for i in range(4):
+                w.writerow([f"imgs/{c}/{i}.png", f"label_{c}"])
+    s = D.load_splits(tmp_path / "labels.csv", val_split=0.25)
+    assert s.class_names == ["label_x", "label_y"] and len(s.train) == 6 and len(s.val) == 2
+    assert all(p.startswith(str(tmp_path / "imgs")) for p, _ in s.train)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing", "does not exist"),
+    ("one_class", "at least 2 class folders"),
+    ("empty_class", "holds no images"),
+    ("unsupported", "unsupported image type '.heic'"),
+    ("val_extra", "that .*train lacks"),
+    ("bad_csv", "expected 'path,label'"),
+])
+def test_bad_datasets_give_one_line_errors(tmp_path, case, match):
+    root = tmp_path / "d"
+    if case == "one_class":
+        _folder(root, classes=("only",))
+    elif case == "empty_class":
+        _folder(root)
+        (root / "empty").mkdir()
+    elif case == "unsupported":
+        _folder(root)
+        (root / "a" / "x.heic").write_bytes(b"\0" * 16)
+    elif case == "val_extra":
+        _folder(root / "train"), _folder(root / "val", classes=("a", "b", "zz"))
+    elif case == "bad_csv":
+        _folder(tmp_path / "imgs")
+        root = tmp_path / "l.csv"
+        root.write_text("imgs/a/0.png,a\nimgs/b/0.png\n")
+    with pytest.raises((ValueError, FileNotFoundError), match=match) as err:
+        D.load_splits(root)
+    assert "\n" not in str(err.value)
+
+
+def test_grayscale_palette_rgba_and_16bit_images_become_rgb(tmp_path):
+    gray = _png(tmp_path / "g.png", value=77, mode="L")
+    assert np.asarray(D.open_image(gray)).tolist()[0][0] == [77, 77, 77]
+    rgba = tmp_path / "t.png"
+    im = Image.new("RGBA", (4, 4), (10, 20, 30, 255))
+    im.putpixel((0, 0), (0, 0, 0, 0))  # fully transparent: shows the white background
+    im.putpixel((1, 0), (0, 0, 0, 128))  # half transparent black over white
+    im.save(rgba)
+    arr = np.asarray(D.open_image(rgba))
+    assert arr[0, 0].tolist() == [255, 255, 255] and arr[0, 2].tolist() == [10, 20, 30]
+    assert abs(int(arr[0, 1, 0]) - 127) <= 1
+    pal = tmp_path / "p.png"
+    Image.new("P", (4, 4), 0).save(pal, transparency=0)
+    assert np.asarray(D.open_image(pal))[0, 0].tolist() == [255, 255, 255]
+    deep = tmp_path / "d16.png"
+    Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16)).save(deep)
+    assert np.asarray(D.open_image(deep)).max() == 255
+    assert D.open_image(rgba, in_chans=1).mode == "L"
+
+
+def test_corrupt_images_are_reported_with_their_path(tmp_path):
+    good = _png(tmp_path / "a" / "ok.png")
+    garbage = tmp_path / "a" / "garbage.png"
+    garbage.write_bytes(b"this is not a png")
+    truncated = tmp_path / "a" / "trunc.png"
+    full = _png(tmp_path / "big.png", size=(64, 64)).read_bytes()
+    truncated.write_bytes(full[: len(full) // 2])
+    samples = [(str(good), 0), (str(garbage), 0), (str(truncated), 1)]
+    ok, bad = D.check_images(samples)
+    assert ok == [(str(good), 0)]
+    assert [p for p, _ in bad] == [str(garbage), str(truncated)]
+    with pytest.raises(ValueError, match="garbage.png: unreadable image"):
+        D.check_images(samples, strict=True)
+
+
+def test_preprocessing_defaults_and_weights_dicts():
+    pre = D.resolve_preprocessing(None, 32)
+    assert pre == {"size": 32, "crop_pct": 1.0, "interpolation": "bilinear", "mean": list(D.IMAGENET_MEAN), "std": list(D.IMAGENET_STD)}
+    timm_cfg = {"input_size": (3, 288, 288), "crop_pct": 0.95, "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    assert D.resolve_preprocessing(timm_cfg)["size"] == 288
+    assert D.resolve_preprocessing(timm_cfg, 64)["size"] == 64
+    gray = D.resolve_preprocessing(None, 16, in_chans=1)
+    assert gray["mean"] == [pytest.approx(sum(D.IMAGENET_MEAN) / 3)]
+    with pytest.raises(ValueError, match="interpolation"):
+        D.resolve_preprocessing({"interpolation": "lanczos9"}, 8)
+
+
+def test_eval_transform_matches_a_hand_written_reference(tmp_path):
+    path = tmp_path / "x.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(path)
+    pre = D.resolve_preprocessing({"crop_pct": 0.875, "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}, 16)
+    out = D.eval_transform(pre)(D.open_image(path))
+    x = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1)[None].float()
+    short = math.floor(16 / 0.875)  # 18: short side 30 -> 18, long side 40 -> 24
+    ref = F.interpolate(x, size=(short, int(40 * short / 30)), mode="bilinear", antialias=True, align_corners=False)
+    ref = ref.round().clamp(0, 255)[0]  # v2 resizes uint8 images and rounds
+    top, left = (short - 16) // 2, (ref.shape[-1] - 16) // 2
+    ref = ref[:, top:top + 16, left:left + 16] / 255
+    ref = (ref - torch.tensor(pre["mean"])[:, None, None]) / torch.tensor(pre["std"])[:, None, None]
+    assert out.shape == (3, 16, 16)
+    # torch's uint8 resize kernel may round a value to the other side: at most one grey level.
+    torch.testing.assert_close(out, ref, atol=1.01 / 255 / 0.2, rtol=0)
+    assert (out - ref).abs().lt(1e-5).float().mean() > 0.7
+
+
+def test_augmentation_is_seeded_per_sample_and_leaves_the_global_rng_alone(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        for i in range(4):  # textured images, so that different crops give different tensors
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "d" / c / f"{i}.png")
+    samples = D.load_splits(tmp_path / "d", val_split=0.25).train
+    pre = D.resolve_preprocessing(None, 8)
+    ds = D.ImageDataset(samples, D.train_transform(pre, "standard"), seed=3)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = [ds[i][0] for i in range(len(ds))]
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(999)  # another global state and another order: same tensors
+    for i in reversed(range(len(ds))):
+        assert torch.equal(ds[i][0], first[i])
+    ds.set_epoch(1)
+    assert any(not torch.equal(ds[i][0], first[i]) for i in range(len(ds)))
+    with pytest.raises(ValueError, match="augment"):
+        D.train_transform(pre, "heavy")
