@@ -22,7 +22,19 @@ from .model import (
 )
 from .train import TrainConfig, Trainer, finetune
 from .norm import list_norms, register_norm, resolve_norm
-from .weights import load_model, save_model
+from .weights import (
+    CheckpointError,
+    LoadReport,
+    WeightsEntry,
+    WeightsError,
+    convert_checkpoint,
+    get_weights,
+    list_weights,
+    load_model,
+    load_weights,
+    register_weights,
+    save_model,
+)
 
 __version__ = "0.1.0"
 
@@ -51,4 +63,13 @@ __all__ = [
     "Trainer",
     "TrainConfig",
     "save_model",
+    "CheckpointError",
+    "LoadReport",
+    "WeightsEntry",
+    "WeightsError",
+    "convert_checkpoint",
+    "get_weights",
+    "list_weights",
+    "load_weights",
+    "register_weights",
 ]

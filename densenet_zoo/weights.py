@@ -1,22 +1,44 @@
-"""Weights: safetensors I/O with metadata, and pretrained-model construction."""
+"""Weights: safetensors I/O with metadata, robust checkpoint loading and pretrained-model construction.
+
+The registry and download cache live in :mod:`densenet_zoo.hub`, checkpoint formats and key
+normalisation in :mod:`densenet_zoo.checkpoint`; this module joins them to models.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import urllib.parse
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
-from safetensors import safe_open
+import torch.nn as nn
 from safetensors.torch import save_file
 
-from .model import DenseNet
+from .checkpoint import (
+    METADATA_KEY,
+    CheckpointError,
+    LoadReport,
+    extract_state_dict,
+    infer_config,
+    load_state,
+    normalize_keys,
+    read_checkpoint,
+    read_safetensors,
+)
+from .hub import WeightsEntry, WeightsError, download, fetch, get_weights, list_weights, register_weights
+from .model import DenseNet, list_models, model_config
+
+__all__ = [
+    "METADATA_KEY", "CheckpointError", "LoadReport", "WeightsEntry", "WeightsError", "build_pretrained",
+    "convert_checkpoint", "get_weights", "list_weights", "load_model", "load_weights", "read_safetensors",
+    "register_weights", "save_model",
+]
 
 PathLike = Union[str, os.PathLike]
-
-#: Key of the safetensors metadata entry that holds our JSON metadata.
-METADATA_KEY = "densenet_zoo"
+WeightsSource = Union[str, os.PathLike, WeightsEntry, Mapping[str, torch.Tensor], nn.Module, Any]
+_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
 
 
 def _atomic_replace(tmp: Path, dest: Path) -> None:
@@ -28,10 +50,19 @@ def save_model(model: DenseNet, path: PathLike, **metadata: Any) -> Path:
 
     >>> save_model(model, "best.safetensors", class_names=["cat", "dog"], preprocessing={...})
 
-    ``metadata`` must be JSON-serialisable; ``arch`` and ``model_args`` are added from the model.
+    ``metadata`` must be JSON-serialisable; ``arch`` and ``model_args`` are added from the model,
+    and for a model built with pretrained weights, their ``preprocessing`` and (same number of
+    classes) ``class_names`` unless given.
     """
     path = Path(path)
     meta: Dict[str, Any] = {"arch": getattr(model, "arch", None), "model_args": dict(getattr(model, "model_args", {}))}
+    entry = getattr(model, "weights_entry", None)
+    if isinstance(entry, WeightsEntry):
+        meta["weights"] = entry.name
+        if entry.preprocessing:
+            meta["preprocessing"] = dict(entry.preprocessing)
+        if entry.categories_ref and getattr(model, "num_classes", None) == entry.num_classes:
+            meta["class_names"] = entry.categories
     meta.update(metadata)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,19 +76,10 @@ def save_model(model: DenseNet, path: PathLike, **metadata: Any) -> Path:
     return path
 
 
-def read_safetensors(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """State dict and our metadata (``{}`` when the file has none) of a safetensors file."""
-    state: Dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        raw = f.metadata() or {}
-        for key in f.keys():
-            state[key] = f.get_tensor(key)
-    meta = json.loads(raw[METADATA_KEY]) if METADATA_KEY in raw else {}
-    return state, meta
-
-
 def load_model(path: PathLike, **overrides: Any) -> Tuple[DenseNet, Dict[str, Any]]:
     """Rebuild a model saved by :func:`save_model`; returns ``(model, metadata)``.
+
+    >>> model, meta = load_model("best.safetensors", memory_efficient=True)
 
     ``overrides`` go to the constructor (``memory_efficient=True``, ``norm_layer="frozen_bn"``...).
     """
@@ -68,10 +90,112 @@ def load_model(path: PathLike, **overrides: Any) -> Tuple[DenseNet, Dict[str, An
     args.update(overrides)
     model = DenseNet(**args)
     model.arch = meta.get("arch")
-    model.load_state_dict(state, strict=True)
+    load_state(model, state, strict=True, source=str(path))
     return model, meta
 
 
+def _is_url(s: str) -> bool:
+    return urllib.parse.urlparse(s).scheme in ("http", "https", "file")
+
+
+def resolve_weights(weights: Any, arch: Optional[str] = None, *, progress: bool = True) -> Tuple[Any, Optional[WeightsEntry], str]:
+    """``(path or in-memory state, registry entry or None, description)`` for anything ``weights=`` accepts.
+
+    >>> path, entry, _ = resolve_weights("IMAGENET1K_V1", "densenet121")
+    """
+    if isinstance(weights, (Mapping, nn.Module)):
+        return weights, None, "state dict"
+    if isinstance(weights, os.PathLike) or (isinstance(weights, str) and not _is_url(weights) and (
+            os.path.exists(weights) or weights.lower().endswith(_SUFFIXES))):
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file {str(path)!r} does not exist; check the path")
+        return path, None, str(path)
+    if isinstance(weights, str) and _is_url(weights):
+        return download(weights, progress=progress), None, weights
+    entry = get_weights(weights, arch)
+    if arch is not None and entry.arch != arch:
+        raise WeightsError(f"weights {entry.name!r} are for {entry.arch}, not {arch}; build {entry.arch} instead")
+    return fetch(entry, progress=progress), entry, entry.name
+
+
+def load_weights(model: nn.Module, weights: WeightsSource, *, strict: bool = False, use_ema: bool = False,
+                 progress: bool = True) -> LoadReport:
+    """Load a checkpoint (path, URL, registered name, state dict) into ``model``; returns what happened.
+
+    >>> report = dz.load_weights(model, "someone_elses_checkpoint.pth")
+    >>> print(report)          # loaded / adapted / freshly initialised / missing / unexpected / shape mismatches
+
+    Keys are normalised (torchvision legacy names, ``module.``/``model.``/``backbone.`` prefixes,
+    wrapper dicts); a classifier of another size stays freshly initialised and a 3-channel first
+    conv is adapted to ``model.in_chans``. ``strict=True`` raises if anything else does not fit.
+    ``use_ema=True`` prefers EMA weights when the checkpoint holds both.
+    """
+    arch = getattr(model, "arch", None)
+    source, entry, desc = resolve_weights(weights, arch, progress=progress)
+    if isinstance(source, (Mapping, nn.Module)):
+        state, where = extract_state_dict(source, use_ema=use_ema)
+    else:
+        obj, _ = read_checkpoint(source)
+        state, where = extract_state_dict(obj, use_ema=use_ema)
+    report = load_state(model, state, strict=strict, source=desc, wrapper=where)
+    if entry is not None:
+        model.weights_entry = entry
+    return report
+
+
 def build_pretrained(arch: str, config: Dict[str, Any], *, weights: Any = None, progress: bool = True) -> DenseNet:
-    """Build ``arch`` with ``config`` and load pretrained weights into it."""
-    raise NotImplementedError("pretrained weights are not available yet")
+    """Build ``arch`` with ``config`` and load pretrained weights into it (what ``densenet121(pretrained=True)`` calls).
+
+    >>> model = build_pretrained("densenet121", model_config("densenet121"), weights="DEFAULT")
+
+    ``weights``: ``None``/``"DEFAULT"`` (the architecture's default), a tag (``"IMAGENET1K_V1"``,
+    ``"tv_in1k"``), a full name (``"densenet121.ra_in1k"``), a hub id (``"timm/densenet121.ra_in1k"``),
+    a torchvision Weights member, a :class:`WeightsEntry`, a local file or an http(s)/file URL.
+    Every backbone tensor must load; only the classifier (other ``num_classes``) and the first conv
+    (other ``in_chans``) may differ.
+    """
+    if weights is None or weights is True:
+        weights = "DEFAULT"
+    model = DenseNet(**config)
+    model.arch = arch
+    report = load_weights(model, weights, progress=progress)
+    if not report.ok:
+        raise WeightsError(f"{report.source} do not fit {arch} with these arguments: {report.problems()}")
+    model.load_report = report
+    return model
+
+
+def _match_arch(cfg: Mapping[str, Any]) -> Optional[str]:
+    for name in list_models():
+        ref = model_config(name)
+        if (ref["growth_rate"], tuple(ref["block_config"]), ref["num_init_features"], ref.get("small_inputs", False)) == (
+                cfg["growth_rate"], tuple(cfg["block_config"]), cfg["num_init_features"], cfg["small_inputs"]):
+            return name
+    return None
+
+
+def convert_checkpoint(src: WeightsSource, dest: PathLike, *, use_ema: bool = False, **metadata: Any) -> Path:
+    """Any supported DenseNet checkpoint -> a safetensors file that :func:`load_model` rebuilds.
+
+    >>> convert_checkpoint("densenet121-a639ec97.pth", "densenet121.safetensors")
+
+    The architecture is read off the tensor shapes; the result is checked by loading it strictly.
+    """
+    source, entry, desc = resolve_weights(src)
+    if isinstance(source, (Mapping, nn.Module)):
+        obj, meta = source, {}
+    else:
+        obj, meta = read_checkpoint(source)
+    state, _ = extract_state_dict(obj, use_ema=use_ema)
+    state, _ = normalize_keys(state)
+    cfg = infer_config(state)
+    model = DenseNet(**cfg)
+    model.arch = meta.get("arch") or _match_arch(cfg)
+    if entry is not None:
+        model.weights_entry = entry
+    load_state(model, state, strict=True, source=desc)
+    extra = {k: v for k, v in meta.items() if k not in ("arch", "model_args")}
+    extra.update(metadata)
+    extra.setdefault("converted_from", desc)
+    return save_model(model, dest, **extra)
