@@ -131,8 +131,12 @@ def load_weights(model: nn.Module, weights: WeightsSource, *, strict: bool = Fal
     conv is adapted to ``model.in_chans``. ``strict=True`` raises if anything else does not fit.
     ``use_ema=True`` prefers EMA weights when the checkpoint holds both.
     """
-    arch = getattr(model, "arch", None)
-    source, entry, desc = resolve_weights(weights, arch, progress=progress)
+    source, entry, desc = resolve_weights(weights, getattr(model, "arch", None), progress=progress)
+    return _load_resolved(model, source, entry, desc, strict=strict, use_ema=use_ema)
+
+
+def _load_resolved(model: nn.Module, source: Any, entry: Optional[WeightsEntry], desc: str, *, strict: bool = False,
+                   use_ema: bool = False) -> LoadReport:
     if isinstance(source, (Mapping, nn.Module)):
         state, where = extract_state_dict(source, use_ema=use_ema)
     else:
@@ -157,9 +161,11 @@ def build_pretrained(arch: str, config: Dict[str, Any], *, weights: Any = None, 
     """
     if weights is None or weights is True:
         weights = "DEFAULT"
+    # Resolve (and download) first: an unknown name or a failed download costs no model construction.
+    source, entry, desc = resolve_weights(weights, arch, progress=progress)
     model = DenseNet(**config)
     model.arch = arch
-    report = load_weights(model, weights, progress=progress)
+    report = _load_resolved(model, source, entry, desc)
     if not report.ok:
         raise WeightsError(f"{report.source} do not fit {arch} with these arguments: {report.problems()}")
     model.load_report = report

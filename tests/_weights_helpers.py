@@ -61,17 +61,28 @@ class LoopbackServer:
     """ThreadingHTTPServer on 127.0.0.1 serving byte routes with selectable misbehaviour.
 
     ``routes[path] = dict(body=bytes, status=200, ctype=..., mode="ok"|"drop", delay=seconds)``;
-    unknown paths answer 404 with an HTML page. ``requests`` lists every GET path.
+    ``headers`` adds response headers (to GET and HEAD); unknown paths answer 404 with an HTML page.
     """
 
     def __init__(self) -> None:
         self.routes: Dict[str, dict] = {}
-        self.requests: List[str] = []
+        self.requests: List[str] = []  # GET paths
+        self.heads: List[str] = []  # HEAD paths
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):  # keep test output clean
                 pass
+
+            def do_HEAD(self):
+                server.heads.append(self.path)
+                route = server.routes.get(self.path)
+                self.send_response(200 if route else 404)
+                if route:
+                    self.send_header("Content-Length", str(len(route["body"])))
+                    for k, v in route.get("headers", {}).items():
+                        self.send_header(k, v)
+                self.end_headers()
 
             def do_GET(self):
                 server.requests.append(self.path)
@@ -88,6 +99,8 @@ class LoopbackServer:
                 self.send_response(route.get("status", 200))
                 self.send_header("Content-Type", route.get("ctype", "application/octet-stream"))
                 self.send_header("Content-Length", str(len(body)))
+                for k, v in route.get("headers", {}).items():
+                    self.send_header(k, v)
                 self.end_headers()
                 time.sleep(route.get("delay", 0))
                 if route.get("mode") == "drop":

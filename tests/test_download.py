@@ -174,6 +174,30 @@ def test_timm_hub_weights_through_huggingface_hub(env, tmp_path, monkeypatch):
         dz.densenet121(weights="tv_in1k")  # not in that cache
 
 
+def test_timm_hub_weights_downloaded_by_huggingface_hub(env, server, tmp_path, monkeypatch):
+    """The online hub path: huggingface_hub talks to a loopback endpoint (HF_ENDPOINT) and caches the file."""
+    import hashlib
+
+    import huggingface_hub.constants as hfc
+
+    ref = randomize(timm.create_model("densenet121", pretrained=False), seed=8)
+    blob = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(blob))
+    body = blob.read_bytes()
+    digest = hashlib.sha256(body).hexdigest()
+    server.serve("/timm/densenet121.tv_in1k/resolve/main/model.safetensors", body,
+                 headers={"X-Repo-Commit": "b" * 40, "ETag": f'"{digest}"'})
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_ENDPOINT", server.base)
+    x = torch.randn(1, 3, 32, 32)
+    for _ in range(2):
+        model = dz.densenet121(weights="tv_in1k").eval()
+        with torch.no_grad():
+            assert (model(x) - ref(x)).abs().max().item() <= 1e-5
+    assert server.requests == ["/timm/densenet121.tv_in1k/resolve/main/model.safetensors"]  # one GET; HEADs check freshness
+    assert list((tmp_path / "hf").glob("models--timm--densenet121.tv_in1k/blobs/*"))[0].name == digest
+
+
 _CHILD = textwrap.dedent("""
     import sys, torch, densenet_zoo as dz
     torch.manual_seed(0)

@@ -63,6 +63,19 @@ def test_weights_names_resolve():
         dz.densenet121(weights="densenet161.tv_in1k")  # refused before any download
     with pytest.raises(dz.WeightsError, match="DenseNet169_Weights.IMAGENET1K_V1 are weights for densenet169"):
         dz.densenet121(weights=tv)
+    with pytest.raises(dz.WeightsError, match="no default weights registered for 'densenet264'"):
+        dz.densenet264(pretrained=True)
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("DENSENET_ZOO_CACHE", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    assert hub.cache_dir() == tmp_path / "th" / "densenet_zoo"
+    monkeypatch.delenv("TORCH_HOME")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert hub.cache_dir() == tmp_path / "xdg" / "torch" / "densenet_zoo"
+    monkeypatch.setenv("DENSENET_ZOO_CACHE", str(tmp_path / "mine"))
+    assert hub.cache_dir() == tmp_path / "mine"
 
 
 def test_transforms_equal_the_references():
