@@ -69,6 +69,32 @@ def _verify(path: Path, url: str, sha256: Optional[str], file_size: Optional[int
     return None
 
 
+def _unreadable(path: Path) -> Optional[str]:
+    """Why a file with no known hash is not a complete checkpoint (truncated, not weights), or None."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(9)
+    try:
+        if len(head) == 9 and head[8:9] == b"{":  # safetensors: header length, then JSON
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as st:  # checks that the data fills the file exactly
+                st.keys()
+        elif zipfile.is_zipfile(path):  # torch.save's format: every member's CRC
+            with zipfile.ZipFile(path) as z:
+                broken = z.testzip()
+            if broken:
+                return f"its member {broken} is corrupted"
+        else:  # torch's legacy format has no index to check: read it (weights_only, never runs code)
+            import torch
+
+            torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        return f"it is not a complete weights file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return None
+
+
 def download(url: str, filename: Optional[str] = None, *, sha256: Optional[str] = None, file_size: Optional[int] = None,
              progress: bool = True, cache: Optional[Path] = None, timeout: float = 60.0) -> Path:
     """A verified local copy of ``url`` in the cache, downloaded once across processes.
@@ -114,6 +140,8 @@ def download(url: str, filename: Optional[str] = None, *, sha256: Optional[str] 
         try:
             _fetch(url, tmp, dest, progress=progress, timeout=timeout)
             bad = _verify(tmp, url, sha256, file_size)
+            if bad is None and not expected_hash(url, sha256):
+                bad = _unreadable(tmp)
             if bad:
                 raise WeightsError(f"downloaded {url} but {bad}; nothing was cached, retry or check the mirror (DENSENET_ZOO_MIRROR)")
             os.replace(tmp, dest)

@@ -90,6 +90,11 @@ def test_pretrained_true_downloads_once_through_the_registry(env, server, tv121,
 
 
 @pytest.fixture(scope="module")
+def ref_tiny():
+    return tiny_torchvision()
+
+
+@pytest.fixture(scope="module")
 def tiny_file(tmp_path_factory):
     model = tiny_torchvision()
     return model, save_legacy(model, tmp_path_factory.mktemp("tiny"), "tiny")
@@ -126,6 +131,21 @@ def test_bad_downloads_fail_clearly_and_cache_nothing(env, server, tiny_file, fa
     with torch.no_grad():
         assert (model.eval()(x) - ref(x)).abs().max().item() <= 1e-5
     assert _cache_files(env) == [path.name]
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "safetensors"])
+def test_truncated_file_without_known_hash_is_not_cached(env, server, ref_tiny, tmp_path, fmt):
+    path = tmp_path / f"tiny.{'safetensors' if fmt == 'safetensors' else 'pth'}"
+    if fmt == "safetensors":
+        save_file(ref_tiny.state_dict(), str(path))
+    else:
+        torch.save(ref_tiny.state_dict(), path, _use_new_zipfile_serialization=fmt == "zip")
+    url = server.serve("/w/" + path.name, path.read_bytes()[:-300])  # honest Content-Length, cut file
+    with pytest.raises(dz.WeightsError, match="not a complete weights file|corrupted"):
+        dz.load_weights(dz.DenseNet(**TINY), url, progress=False)
+    assert _cache_files(env) == []
+    server.serve("/w/" + path.name, path.read_bytes())
+    assert dz.load_weights(dz.DenseNet(**TINY), url, progress=False, strict=True).ok
 
 
 def test_bad_file_in_cache_is_replaced(env, server, tiny_file):

@@ -220,8 +220,10 @@ def test_pretrained_entry_builds_with_other_head_and_input(tmp_path, monkeypatch
     m = dz.densenet_bc_100(pretrained=True, num_classes=3, in_chans=1)
     assert m.load_report.reinitialized == ["classifier.weight", "classifier.bias"] and len(m.load_report.adapted) == 1
     assert torch.allclose(m.features.conv0.weight, src.features.conv0.weight.sum(1, keepdim=True))
-    m2 = dz.create_model("densenet_bc_100.local", pretrained=True)
-    assert all(torch.equal(a, b) for a, b in zip(m2.state_dict().values(), src.state_dict().values()))
+    for weights in ("densenet_bc_100.local", path.as_uri(), str(path)):
+        m2 = dz.create_model("densenet_bc_100", weights=weights)
+        assert all(torch.equal(a, b) for a, b in zip(m2.state_dict().values(), src.state_dict().values()))
+    assert dz.create_model("densenet_bc_100.local", pretrained=True).weights_entry.name == "densenet_bc_100.local"
     with pytest.raises(dz.WeightsError, match="do not fit densenet_bc_100 with these arguments"):
         dz.densenet_bc_100(pretrained=True, growth_rate=8)
 
