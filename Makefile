@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 run: install
-	$(PY) examples/quickstart.py
+	$(PY) examples/main_job.py
 
 test: install
 	$(PY) -m pytest -q

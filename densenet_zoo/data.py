@@ -232,14 +232,17 @@ def resolve_preprocessing(preprocessing: Optional[Dict[str, Any]] = None, image_
 
     Keys missing from ``preprocessing`` (e.g. weights without metadata) default to ImageNet's
     mean/std, bilinear, crop_pct 1.0 (whole image, nothing cut) and ``image_size``; timm's
-    ``input_size`` (C, H, W) is accepted for ``size``. An explicit ``image_size`` wins.
+    ``input_size`` (C, H, W) and torchvision's ``crop_size``/``resize_size`` are accepted.
+    An explicit ``image_size`` wins.
     """
     pre = dict(preprocessing or {})
-    size = image_size or pre.get("size") or (pre.get("input_size") or [None, None, 224])[-1]
+    size = image_size or pre.get("size") or pre.get("crop_size") or (pre.get("input_size") or [None, None, 224])[-1]
     if isinstance(size, (list, tuple)):
         size = size[-1]
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"image size must be a positive integer, got {size!r}")
+    if not pre.get("crop_pct") and pre.get("crop_size") and pre.get("resize_size"):  # torchvision's form
+        pre["crop_pct"] = pre["crop_size"] / pre["resize_size"]
     crop_pct = float(pre.get("crop_pct") or 1.0)
     if not 0.0 < crop_pct <= 1.0:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")

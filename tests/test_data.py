@@ -162,6 +162,8 @@ def test_preprocessing_defaults_and_weights_dicts():
     timm_cfg = {"input_size": (3, 288, 288), "crop_pct": 0.95, "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
     assert D.resolve_preprocessing(timm_cfg)["size"] == 288
     assert D.resolve_preprocessing(timm_cfg, 64)["size"] == 64
+    tv_cfg = {"resize_size": 256, "crop_size": 224, "interpolation": "bilinear"}  # the weights manifest's form
+    assert D.resolve_preprocessing(tv_cfg)["size"] == 224 and D.resolve_preprocessing(tv_cfg)["crop_pct"] == 0.875
     gray = D.resolve_preprocessing(None, 16, in_chans=1)
     assert gray["mean"] == [pytest.approx(sum(D.IMAGENET_MEAN) / 3)]
     with pytest.raises(ValueError, match="interpolation"):
