@@ -17,7 +17,7 @@ def _cmd_sample_data(args: argparse.Namespace) -> int:
 
 #: finetune flags -> TrainConfig fields; defaults are None so that --resume sees what was given.
 _FLAGS = {
-    "data": str, "out": str, "model": str, "norm": str, "image_size": int, "val_split": float, "augment": str,
+    "data": str, "out": str, "model": str, "weights": str, "norm": str, "image_size": int, "val_split": float, "augment": str,
     "epochs": int, "batch_size": int, "accum_steps": int, "optimizer": str, "lr": float, "momentum": float,
     "weight_decay": float, "warmup_epochs": float, "label_smoothing": float, "amp": str, "freeze": str,
     "layer_decay": float, "seed": int, "workers": int, "patience": int, "save_every": int, "device": str,
@@ -81,6 +81,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     a("--model", help="architecture name (densenet121, densenet_bc_100, ...; default densenet121)")
     a("--model-args", help="JSON of extra DenseNet arguments, e.g. '{\"growth_rate\": 12, \"small_inputs\": true}'")
     a("--pretrained", action="store_true", help="start from the architecture's pretrained weights")
+    a("--weights", help="start from these weights: a registered name or tag, a .safetensors/.pth file or a URL")
     a("--norm", help="norm layer name (bn, frozen_bn, sync_bn, ...; see dz.list_norms())")
     a("--memory-efficient", nargs="?", const="", default=None, metavar="STRATEGY",
       help="recompute activations in backward (optionally a strategy name; see dz.list_memory_strategies())")

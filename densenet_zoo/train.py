@@ -51,6 +51,7 @@ class TrainConfig:
     model: str = "densenet121"
     model_args: Dict[str, Any] = field(default_factory=dict)
     pretrained: bool = False
+    weights: Optional[str] = None  # a weights name, tag, file or URL to start from (implies pretrained)
     norm: Optional[str] = None
     memory_efficient: Union[bool, str] = False
     image_size: Optional[int] = None
@@ -158,10 +159,12 @@ class Trainer:
                 kwargs["norm_layer"] = c.norm
             if c.memory_efficient:
                 kwargs["memory_efficient"] = c.memory_efficient
-            model = create_model(c.model, pretrained=c.pretrained, **kwargs)
+            if c.weights:
+                kwargs["weights"] = c.weights
+            model = create_model(c.model, pretrained=c.pretrained or bool(c.weights), **kwargs)
         torch.manual_seed(c.seed + d.rank)  # dropout differs between ranks
         in_chans = getattr(model, "in_chans", 3)
-        self.preprocessing = D.resolve_preprocessing(_weights_preprocessing(c) if c.pretrained else None, c.image_size, in_chans)
+        self.preprocessing = D.resolve_preprocessing(_weights_preprocessing(c) if (c.pretrained or c.weights) else None, c.image_size, in_chans)
         self.frozen = apply_freeze(model, c.freeze)
         self.model = model.to(d.device)
         self.optimizer = _make_optimizer(c, param_groups(model, c.lr, c.weight_decay, c.layer_decay))
@@ -374,19 +377,19 @@ def _make_optimizer(c: TrainConfig, groups: List[Dict[str, Any]]) -> torch.optim
 
 
 def _weights_preprocessing(c: TrainConfig) -> Optional[Dict[str, Any]]:
-    """Preprocessing of the pretrained weights of ``c.model``, when the weights registry has one."""
+    """Preprocessing of the weights a run starts from: the registry entry's, or the metadata of a
+    safetensors file written by :func:`~densenet_zoo.weights.save_model`; ``None`` when unknown."""
     from . import weights
 
+    if c.weights and Path(c.weights).is_file() and c.weights.endswith(".safetensors"):
+        pre = weights.read_safetensors(c.weights)[1].get("preprocessing")
+        return dict(pre) if pre else None
     get = getattr(weights, "get_weights", None)
-    if get is None:
-        return None
     try:
-        info = get(c.model)
-    except (KeyError, ValueError):
+        info = get(c.weights if c.weights and "." in c.weights else c.model) if get else None
+    except (LookupError, ValueError, RuntimeError):  # e.g. a URL: no registry entry to read
         return None
     pre = getattr(info, "preprocessing", None)
-    if pre is None and isinstance(info, dict):
-        pre = info.get("preprocessing")
     return dict(pre) if pre else None
 
 
@@ -419,7 +422,7 @@ def finetune(data: Optional[str] = None, out: Optional[str] = None, *, resume: U
         for key, value in options.items():
             if key in RESUMABLE or value is None or saved.get(key) == value:
                 continue
-            if key in ("model", "model_args", "norm", "pretrained"):
+            if key in ("model", "model_args", "norm", "pretrained", "weights"):
                 raise ValueError(f"{out} holds a run of model {saved['model']!r} {saved.get('model_args') or ''}; "
                                  f"cannot resume it as {key}={value!r}; start a new run with another --out")
             raise ValueError(f"cannot change {key} from {saved.get(key)!r} to {value!r} when resuming {out}; "

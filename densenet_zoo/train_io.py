@@ -120,8 +120,11 @@ def plot_curves(history: Sequence[Dict[str, Any]], path: PathLike) -> Path:
     ax2.plot(epochs, [r["train_acc1"] for r in history], "o-", label="train")
     ax2.plot(epochs, [r["val_acc1"] for r in history], "o-", label="val")
     ax2.set_xlabel("epoch"), ax2.set_ylabel("top-1 accuracy (%)"), ax2.legend()
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return _save_figure(fig, Path(path))
 
 

@@ -191,3 +191,12 @@ def test_unreadable_images_are_skipped_or_fatal_with_strict_data(data, tmp_path,
     with pytest.raises(ValueError, match="broken.png: unreadable image"):
         finetune(**base_options(copy, tmp_path / "strict", epochs=1, strict_data=True))
     assert not (tmp_path / "strict").exists()
+
+
+def test_start_from_a_finetuned_file_takes_its_weights_and_preprocessing(run, data, tmp_path):
+    src = run[0] / "best.safetensors"
+    opts = base_options(data, tmp_path / "again", epochs=1, freeze="features", lr=1e-12, image_size=None, weights=str(src))
+    finetune(**opts)
+    before, after = _weights(src), _weights(tmp_path / "again" / "last.safetensors")
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("features."))
+    assert load_model(tmp_path / "again" / "last.safetensors")[1]["preprocessing"]["size"] == 16  # from the file, not 224
