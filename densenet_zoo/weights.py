@@ -17,6 +17,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .checkpoint import (
+    FIRST_CONV,
     METADATA_KEY,
     CheckpointError,
     LoadReport,
@@ -135,14 +136,17 @@ def load_weights(model: nn.Module, weights: WeightsSource, *, strict: bool = Fal
     return _load_resolved(model, source, entry, desc, strict=strict, use_ema=use_ema)
 
 
-def _load_resolved(model: nn.Module, source: Any, entry: Optional[WeightsEntry], desc: str, *, strict: bool = False,
-                   use_ema: bool = False) -> LoadReport:
+def _read_state(source: Any, *, use_ema: bool = False) -> Tuple[Dict[str, torch.Tensor], str]:
     if isinstance(source, (Mapping, nn.Module)):
-        state, where = extract_state_dict(source, use_ema=use_ema)
-    else:
-        obj, _ = read_checkpoint(source)
-        state, where = extract_state_dict(obj, use_ema=use_ema)
-    report = load_state(model, state, strict=strict, source=desc, wrapper=where)
+        return extract_state_dict(source, use_ema=use_ema)
+    obj, _ = read_checkpoint(source)
+    return extract_state_dict(obj, use_ema=use_ema)
+
+
+def _load_resolved(model: nn.Module, source: Any, entry: Optional[WeightsEntry], desc: str, *, strict: bool = False,
+                   use_ema: bool = False, state: Optional[Tuple[Dict[str, torch.Tensor], str]] = None) -> LoadReport:
+    state_dict, where = state if state is not None else _read_state(source, use_ema=use_ema)
+    report = load_state(model, state_dict, strict=strict, source=desc, wrapper=where)
     if entry is not None:
         model.weights_entry = entry
     return report
@@ -157,15 +161,24 @@ def build_pretrained(arch: str, config: Dict[str, Any], *, weights: Any = None, 
     ``"tv_in1k"``), a full name (``"densenet121.ra_in1k"``), a hub id (``"timm/densenet121.ra_in1k"``),
     a torchvision Weights member, a :class:`WeightsEntry`, a local file or an http(s)/file URL.
     Every backbone tensor must load; only the classifier (other ``num_classes``) and the first conv
-    (other ``in_chans``) may differ.
+    (other ``in_chans``) may differ. When ``config`` sets neither, the checkpoint's are used, so a
+    fine-tuned 10-class file comes back with its own classifier.
     """
     if weights is None or weights is True:
         weights = "DEFAULT"
     # Resolve (and download) first: an unknown name or a failed download costs no model construction.
     source, entry, desc = resolve_weights(weights, arch, progress=progress)
+    state = _read_state(source)
+    # A fine-tuned checkpoint brings its own head and input channels unless the caller chose others.
+    normalised, _ = normalize_keys(state[0])
+    config = dict(config)
+    if "num_classes" not in config and "classifier.weight" in normalised:
+        config["num_classes"] = int(normalised["classifier.weight"].shape[0])
+    if "in_chans" not in config and FIRST_CONV in normalised and normalised[FIRST_CONV].dim() == 4:
+        config["in_chans"] = int(normalised[FIRST_CONV].shape[1])
     model = DenseNet(**config)
     model.arch = arch
-    report = _load_resolved(model, source, entry, desc)
+    report = _load_resolved(model, source, entry, desc, state=state)
     if not report.ok:
         raise WeightsError(f"{report.source} do not fit {arch} with these arguments: {report.problems()}")
     model.load_report = report

@@ -224,6 +224,11 @@ def test_pretrained_entry_builds_with_other_head_and_input(tmp_path, monkeypatch
         m2 = dz.create_model("densenet_bc_100", weights=weights)
         assert all(torch.equal(a, b) for a, b in zip(m2.state_dict().values(), src.state_dict().values()))
     assert dz.create_model("densenet_bc_100.local", pretrained=True).weights_entry.name == "densenet_bc_100.local"
+    tuned = randomize(dz.densenet121(num_classes=7, in_chans=1), seed=3)
+    tuned_path = dz.save_model(tuned, tmp_path / "tuned.safetensors")
+    back = dz.densenet121(weights=str(tuned_path))  # its own 7-class head and 1-channel stem
+    assert back.num_classes == 7 and back.in_chans == 1 and back.load_report.ok and not back.load_report.reinitialized
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), tuned.state_dict().values()))
     with pytest.raises(dz.WeightsError, match="do not fit densenet_bc_100 with these arguments"):
         dz.densenet_bc_100(pretrained=True, growth_rate=8)
 
