@@ -218,6 +218,7 @@ class LoadReport:
         return not (self.missing or self.unexpected or self.mismatched)
 
     def problems(self) -> str:
+        """One line listing missing, unexpected and shape-mismatched keys: ``report.problems()``."""
         parts = []
         if self.missing:
             parts.append(f"missing {len(self.missing)}: {_short(self.missing)}")

@@ -28,7 +28,11 @@ _HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,64})\.")  # torchvision's convention: 
 
 
 def cache_dir() -> Path:
-    """``DENSENET_ZOO_CACHE``, else ``$TORCH_HOME/densenet_zoo``, else ``~/.cache/torch/densenet_zoo``."""
+    """``DENSENET_ZOO_CACHE``, else ``$TORCH_HOME/densenet_zoo``, else ``~/.cache/torch/densenet_zoo``.
+
+    >>> cache_dir()
+    PosixPath('/root/.cache/torch/densenet_zoo')
+    """
     if os.environ.get("DENSENET_ZOO_CACHE"):
         return Path(os.environ["DENSENET_ZOO_CACHE"]).expanduser()
     torch_home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "torch")
@@ -36,12 +40,16 @@ def cache_dir() -> Path:
 
 
 def is_offline() -> bool:
-    """True when ``DENSENET_ZOO_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to 1/true/yes/on."""
+    """True when ``DENSENET_ZOO_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to 1/true/yes/on: ``is_offline()``."""
     return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("DENSENET_ZOO_OFFLINE", "HF_HUB_OFFLINE"))
 
 
 def expected_hash(url: str, sha256: Optional[str] = None) -> Optional[str]:
-    """The hash to check: the given one, else the prefix in a torchvision-style file name."""
+    """The hash to check: the given one, else the prefix in a torchvision-style file name.
+
+    >>> expected_hash("https://download.pytorch.org/models/densenet121-a639ec97.pth")
+    'a639ec97'
+    """
     if sha256:
         return sha256.lower()
     m = _HASH_IN_NAME.search(Path(urllib.parse.urlparse(url).path).name)
@@ -49,6 +57,7 @@ def expected_hash(url: str, sha256: Optional[str] = None) -> Optional[str]:
 
 
 def sha256_file(path: Union[str, os.PathLike]) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks: ``sha256_file("densenet121-a639ec97.pth")``."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
