@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from densenet_zoo import data as D
 from densenet_zoo.train import finetune

@@ -31,7 +31,8 @@ from . import data as D
 from . import train_io as io
 from .model import create_model
 from .train_loop import (
-    Dist, EpochBatchSampler, apply_freeze, evaluate_loader, lr_factor, param_groups, reduce_sum, set_train_mode,
+    Dist, EpochBatchSampler, apply_freeze, evaluate_loader, lr_factor, make_optimizer, param_groups, reduce_sum,
+    set_train_mode, weights_preprocessing,
 )
 from .weights import save_model
 
@@ -141,10 +142,10 @@ class Trainer:
         train_samples, bad = D.check_images(splits.train, strict=c.strict_data)
         val_samples, bad_val = D.check_images(splits.val, strict=c.strict_data)
         self.skipped = bad + bad_val
-        if self.skipped:
+        if self.skipped and self.is_main:
             path, reason = self.skipped[0]
             print(f"warning: skipped {len(self.skipped)} unreadable image(s), e.g. {path} ({reason}); "
-                  "--strict-data makes this an error", file=sys.stderr) if self.is_main else None
+                  "--strict-data makes this an error", file=sys.stderr)
         if not train_samples or not val_samples:
             raise ValueError(f"{c.data}: no readable images left in the train or val split")
         self.class_names = splits.class_names
@@ -164,10 +165,10 @@ class Trainer:
             model = create_model(c.model, pretrained=c.pretrained or bool(c.weights), **kwargs)
         torch.manual_seed(c.seed + d.rank)  # dropout differs between ranks
         in_chans = getattr(model, "in_chans", 3)
-        self.preprocessing = D.resolve_preprocessing(_weights_preprocessing(c) if (c.pretrained or c.weights) else None, c.image_size, in_chans)
+        self.preprocessing = D.resolve_preprocessing(weights_preprocessing(c.model, c.weights) if (c.pretrained or c.weights) else None, c.image_size, in_chans)
         self.frozen = apply_freeze(model, c.freeze)
         self.model = model.to(d.device)
-        self.optimizer = _make_optimizer(c, param_groups(model, c.lr, c.weight_decay, c.layer_decay))
+        self.optimizer = make_optimizer(c.optimizer, param_groups(model, c.lr, c.weight_decay, c.layer_decay), c.lr, c.momentum)
 
         self.train_set = D.ImageDataset(train_samples, D.train_transform(self.preprocessing, c.augment), in_chans=in_chans, seed=c.seed)
         self.val_set = D.ImageDataset(val_samples, D.eval_transform(self.preprocessing), in_chans=in_chans)
@@ -260,6 +261,8 @@ class Trainer:
             self.log(f"data: {self.config.data}: {len(self.train_set)} train / {len(self.val_set)} val images, "
                      f"{len(self.class_names)} classes; {self.dist.world_size} process(es) on {self.dist.device.type}")
             stopped = False
+            if self.epoch >= self.config.epochs:
+                self.log(f"{self.out}: all {self.config.epochs} epochs are done; pass a larger --epochs to train on")
             while self.epoch < self.config.epochs and not stopped:
                 stopped = self._run_epoch()
             return {
@@ -368,29 +371,6 @@ class Trainer:
         # Evaluation splits without padding (rank r takes r, r + world, ...): summed metrics are exact.
         idx = list(range(d.rank, len(self.val_set), d.world_size))
         return DataLoader(torch.utils.data.Subset(self.val_set, idx), batch_size=self.rank_batch, num_workers=self.workers)
-
-
-def _make_optimizer(c: TrainConfig, groups: List[Dict[str, Any]]) -> torch.optim.Optimizer:
-    if c.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0)
-    return torch.optim.AdamW(groups, lr=c.lr)
-
-
-def _weights_preprocessing(c: TrainConfig) -> Optional[Dict[str, Any]]:
-    """Preprocessing of the weights a run starts from: the registry entry's, or the metadata of a
-    safetensors file written by :func:`~densenet_zoo.weights.save_model`; ``None`` when unknown."""
-    from . import weights
-
-    if c.weights and Path(c.weights).is_file() and c.weights.endswith(".safetensors"):
-        pre = weights.read_safetensors(c.weights)[1].get("preprocessing")
-        return dict(pre) if pre else None
-    get = getattr(weights, "get_weights", None)
-    try:
-        info = get(c.weights if c.weights and "." in c.weights else c.model) if get else None
-    except (LookupError, ValueError, RuntimeError):  # e.g. a URL: no registry entry to read
-        return None
-    pre = getattr(info, "preprocessing", None)
-    return dict(pre) if pre else None
 
 
 def _config_from(options: Dict[str, Any]) -> TrainConfig:

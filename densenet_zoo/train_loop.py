@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch
@@ -217,3 +218,31 @@ def evaluate_loader(model: nn.Module, loader: Any, num_classes: int, d: Optional
     if confusion:
         out["confusion"] = reduce_sum(matrix, d).long()
     return out
+
+
+def make_optimizer(name: str, groups: List[Dict[str, Any]], lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:
+    """``"sgd"`` (Nesterov when ``momentum`` > 0) or ``"adamw"`` over ``groups``: ``make_optimizer("sgd", param_groups(model, 0.1, 1e-4), 0.1)``."""
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def weights_preprocessing(model: str, source: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """Preprocessing of the weights a run starts from: the registry entry's, or the metadata of a
+    safetensors file written by :func:`~densenet_zoo.weights.save_model`; ``None`` when unknown.
+
+    >>> weights_preprocessing("densenet121")["crop_size"]
+    224
+    """
+    from . import weights
+
+    if source and Path(source).is_file() and source.endswith(".safetensors"):
+        pre = weights.read_safetensors(source)[1].get("preprocessing")
+        return dict(pre) if pre else None
+    get = getattr(weights, "get_weights", None)
+    try:
+        info = get(source if source and "." in source else model) if get else None
+    except (LookupError, ValueError, RuntimeError):  # e.g. a URL: no registry entry to read
+        return None
+    pre = getattr(info, "preprocessing", None)
+    return dict(pre) if pre else None

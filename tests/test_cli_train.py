@@ -18,7 +18,7 @@ from densenet_zoo.cli import main
 from densenet_zoo.train import finetune
 from densenet_zoo.weights import read_safetensors
 
-from _train_helpers import TINY, base_options, digits_subset
+from _train_helpers import base_options, digits_subset
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))

@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 
 import densenet_zoo as dz
-from densenet_zoo import train_io
 from densenet_zoo.train import finetune
 from densenet_zoo.train_loop import EpochBatchSampler, apply_freeze, lr_factor, param_groups
 from densenet_zoo.weights import load_model, read_safetensors
