@@ -35,10 +35,17 @@ from .weights import (
     register_weights,
     save_model,
 )
+from .export import export
+from .inference import FastDenseNet, fold_bn, optimize_for_inference
+from . import timm_models as _timm_models  # registers dz_<model> names in timm's factory
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FastDenseNet",
+    "export",
+    "fold_bn",
+    "optimize_for_inference",
     "DenseNet",
     "MemoryStrategy",
     "create_model",

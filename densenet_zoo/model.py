@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .memory import MemoryStrategy, get_memory_strategy
+from .features import Indices, forward_intermediates as _forward_intermediates, take_indices
 from .norm import NormSpec, resolve_norm
 
 __all__ = [
@@ -204,6 +205,8 @@ class DenseNet(nn.Module):
         head_drop_rate: float = 0.0,
         norm_layer: NormSpec = None,
         strict_norm: bool = False,
+        features_only: bool = False,
+        out_indices: Indices = None,
     ) -> None:
         super().__init__()
         block_config = tuple(block_config) if isinstance(block_config, list) else block_config
@@ -269,6 +272,14 @@ class DenseNet(nn.Module):
 
         self.features.add_module("norm5", make_norm("features.norm5", num_features))
         self.feature_info[-1]["module"] = "features.norm5"
+        # Tap 0 is the stem, as in timm: feature indices 1..n are the dense blocks.
+        stem_tap = "features.conv0" if small_inputs else "features.relu0"
+        self.feature_info.insert(0, dict(num_chs=num_init_features, reduction=1 if small_inputs else 2, module=stem_tap))
+        #: With ``features_only=True`` forward returns the list of feature maps ``out_indices``.
+        self.features_only = bool(features_only)
+        self.out_indices = take_indices(len(self.feature_info), out_indices)
+        if features_only:
+            self.model_args.update(features_only=True, out_indices=list(self.out_indices))
         make_norm.check_unused()  # type: ignore[attr-defined]
 
         self.num_features = num_features
@@ -352,7 +363,15 @@ class DenseNet(nn.Module):
             x = F.dropout(x, p=self.head_drop_rate, training=self.training)
         return x if pre_logits else self.classifier(x)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_intermediates(
+        self, x: Tensor, indices: Indices = None, *, stop_early: bool = False, intermediates_only: bool = False
+    ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
+        """Final features and the feature maps ``indices`` (0 stem, 1..n blocks); see :mod:`densenet_zoo.features`."""
+        return _forward_intermediates(self, x, indices, stop_early=stop_early, intermediates_only=intermediates_only)
+
+    def forward(self, x: Tensor) -> Union[Tensor, List[Tensor]]:
+        if self.features_only:
+            return self.forward_intermediates(x, self.out_indices, stop_early=True, intermediates_only=True)
         return self.forward_head(self.forward_features(x))
 
     # -- classifier ----------------------------------------------------------------------------

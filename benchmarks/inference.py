@@ -1,0 +1,170 @@
+"""Inference throughput of DenseNet-121: torchvision, timm and densenet_zoo's optimized network.
+
+    .venv/bin/python benchmarks/inference.py                     # batch 16, 224x224, the full table
+    .venv/bin/python benchmarks/inference.py --compile           # adds torch.compile rows (slow to warm up)
+    .venv/bin/python benchmarks/inference.py --batch-size 2 --image-size 64 --rounds 1 --gemm-size 256 --agree-images 4  # smoke test
+
+All candidates run in the same process, interleaved round by round (so a burst of load elsewhere
+hits every row), and the median over rounds is reported. GFLOP/s use the FLOPs of the reference
+network counted by ``torch.utils.flop_counter`` (5.67 GFLOP per 224x224 image), so a row that
+does less work (our transitions pool before their 1x1 conv) is credited with the nominal work.
+"GEMM peak" is the best fp32 matmul rate measured here, the ceiling a convolution network can
+approach. Top-1 agreement compares bf16 and fp32 predictions of our network on fixed random
+inputs (random weights unless ``--pretrained`` finds published weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torchvision
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import densenet_zoo as dz  # noqa: E402
+from densenet_zoo.info import count_flops  # noqa: E402
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        flags = " ".join(x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {x}" in text)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}, {flags}); {gpu}; "
+            f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+            f"oneDNN {'on' if torch.backends.mkldnn.is_available() else 'off'}")
+
+
+def gemm_peak(size: int, repeats: int = 5) -> float:
+    """Best fp32 GFLOP/s of ``size`` x ``size`` matmuls (and of 2x that size when it is quick)."""
+    best = 0.0
+    for n in (size, 2 * size):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        with torch.inference_mode():
+            a @ b
+            for _ in range(repeats):
+                t = time.perf_counter()
+                a @ b
+                dt = time.perf_counter() - t
+                best = max(best, 2 * n ** 3 / dt / 1e9)
+        if dt > 1.0:
+            break
+    return best
+
+
+def timed_rounds(cands: Dict[str, Tuple[Callable, torch.Tensor]], rounds: int, warmup: int) -> Dict[str, List[float]]:
+    times: Dict[str, List[float]] = {k: [] for k in cands}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for fn, x in cands.values():
+                fn(x)
+        for _ in range(rounds):
+            for name, (fn, x) in cands.items():
+                t = time.perf_counter()
+                fn(x)
+                times[name].append(time.perf_counter() - t)
+    return times
+
+
+def top1_agreement(fp32: torch.nn.Module, bf16: torch.nn.Module, n: int, image_size: int, batch: int) -> float:
+    g = torch.Generator().manual_seed(1234)
+    agree = 0
+    with torch.inference_mode():
+        for start in range(0, n, batch):
+            x = torch.randn(min(batch, n - start), 3, image_size, image_size, generator=g)
+            agree += int((fp32(x).argmax(1) == bf16(x.bfloat16()).argmax(1)).sum())
+    return agree / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--gemm-size", type=int, default=2048)
+    ap.add_argument("--agree-images", type=int, default=256)
+    ap.add_argument("--compile", action="store_true", help="add torch.compile rows")
+    ap.add_argument("--pretrained", action="store_true", help="use published weights (must be cached or downloadable)")
+    ap.add_argument("--json", help="also write the results to this JSON file")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+
+    print(f"machine: {machine()}")
+    peak = gemm_peak(args.gemm_size)
+    print(f"fp32 GEMM peak: {peak:.1f} GFLOP/s")
+
+    tv = torchvision.models.densenet121().eval()
+    ours = dz.densenet121(pretrained=args.pretrained).eval()
+    if not args.pretrained:
+        ours.load_state_dict(tv.state_dict())  # the same random weights everywhere
+    else:
+        tv.load_state_dict(ours.state_dict())
+    import timm
+
+    tm = timm.create_model("densenet121").eval()
+    tm.load_state_dict(tv.state_dict())
+    flops = count_flops(tv, args.image_size) / 1e9
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    tv_cl = torchvision.models.densenet121().eval().to(memory_format=torch.channels_last)
+    tv_cl.load_state_dict(tv.state_dict())
+    fast = dz.optimize_for_inference(ours)
+    fast16 = dz.optimize_for_inference(ours, dtype=torch.bfloat16)
+
+    def tv_autocast(inp: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return tv_cl(inp)
+
+    cands: Dict[str, Tuple[Callable, torch.Tensor]] = {
+        "torchvision fp32 eager": (tv, x),
+        "timm fp32 eager": (tm, x),
+        "torchvision fp32 channels_last": (tv_cl, xcl),
+        "densenet_zoo optimized fp32": (fast, x),
+        "torchvision bf16 autocast channels_last": (tv_autocast, xcl),
+        "densenet_zoo optimized bf16": (fast16, x.bfloat16()),
+    }
+    if args.compile:
+        cands["torchvision fp32 channels_last + torch.compile"] = (torch.compile(tv_cl), xcl)
+        cands["densenet_zoo optimized fp32 + torch.compile"] = (dz.optimize_for_inference(ours, compile=True), x)
+    times = timed_rounds(cands, args.rounds, args.warmup)
+    base = args.batch_size / statistics.median(times["torchvision fp32 eager"])
+
+    print(f"\nDenseNet-121, batch {args.batch_size}, {args.image_size}x{args.image_size}, {flops:.2f} GFLOP/image, "
+          f"median of {args.rounds} interleaved rounds")
+    print(f"| {'configuration':46s} | {'img/s':>7s} | {'vs torchvision fp32':>19s} | {'GFLOP/s':>8s} | {'% of GEMM peak':>14s} |")
+    print(f"|{'-' * 48}|{'-' * 9}|{'-' * 21}|{'-' * 10}|{'-' * 16}|")
+    rows = []
+    for name, ts in times.items():
+        ips = args.batch_size / statistics.median(ts)
+        rows.append(dict(name=name, img_s=ips, ratio=ips / base, gflop_s=ips * flops, peak_pct=100 * ips * flops / peak))
+        print(f"| {name:46s} | {ips:7.1f} | {ips / base:18.2f}x | {ips * flops:8.1f} | {100 * ips * flops / peak:13.0f}% |")
+    agree = top1_agreement(fast, fast16, args.agree_images, args.image_size, args.batch_size)
+    print(f"\ntop-1 agreement, densenet_zoo bf16 vs fp32, {args.agree_images} fixed random inputs "
+          f"({'published' if args.pretrained else 'random'} weights): {100 * agree:.1f}%")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(machine=machine(), gemm_peak=peak, gflop_per_image=flops, rows=rows, top1_agreement=agree,
+                           batch_size=args.batch_size, image_size=args.image_size, rounds=args.rounds), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

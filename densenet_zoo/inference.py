@@ -1,0 +1,368 @@
+"""Inference: BN folding and a fast evaluation-only DenseNet.
+
+Which norms fold, and why the others do not
+-------------------------------------------
+In eval mode a BatchNorm with running statistics is a per-channel affine map ``y = s * x + b``.
+
+* ``conv0 -> norm0`` and ``conv1 -> norm2``: the norm directly follows a convolution, so
+  ``norm(conv(x)) = conv'(x)`` with ``W' = s * W`` and bias ``b`` (exact, :func:`fold_bn`).
+* ``norm1`` (dense layers), ``transition.norm`` and ``norm5`` follow a concatenation and precede
+  ReLU. They cannot go into the following convolution (the ReLU sits in between) nor into the
+  producers of their input: every channel of a concatenation comes from one earlier convolution
+  but is read by all later layers, each with its own ``norm1`` statistics.
+
+:func:`optimize_for_inference` still removes their cost. For ``s > 0``,
+``relu(s * x + b) = s * max(x, t) + b`` with ``t = -b / s`` (``min`` for ``s < 0``), so
+``conv(relu(norm(x))) = conv''(clamp(x, lo, hi))`` where ``conv''`` has weights ``W * s`` and bias
+``W @ b``: one clamp pass instead of normalise + ReLU. Dense blocks write every layer's output
+into one preallocated buffer instead of concatenating again at every layer (quadratic copying),
+transitions average-pool before their 1x1 convolution (both linear, 4x fewer FLOPs) and the stem
+max-pools before its ReLU (both monotone). Norms that are not a per-channel affine in eval
+(GroupNorm, BN without running statistics) are kept and run as they are.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .model import DenseNet, _DenseBlock, _DenseLayer, _Transition
+
+__all__ = ["FastDenseNet", "fold_bn", "norm_as_affine", "optimize_for_inference"]
+
+
+def _require_eval(model: nn.Module, what: str) -> None:
+    if model.training:
+        raise ValueError(f"{what} needs a model in eval mode (it uses running statistics); call model.eval() first")
+
+
+def norm_as_affine(norm: nn.Module, num_features: int) -> Optional[Tuple[Tensor, Tensor]]:
+    """Per-channel ``(scale, shift)`` in float64 with ``norm(x) == scale * x + shift`` in eval, or None.
+
+    >>> scale, shift = norm_as_affine(model.features.norm0, 64)
+
+    BatchNorm-like modules (running statistics, ``eps``) are read directly; otherwise, or when
+    that reading does not reproduce the module, the module is probed. Either way the result is
+    checked against the module's own output on a random input, so a norm whose eval output is
+    not a per-channel affine map (GroupNorm, BN using batch statistics) gives None.
+    """
+    if norm.training:
+        return None
+    if isinstance(norm, nn.Identity):
+        return torch.ones(num_features, dtype=torch.float64), torch.zeros(num_features, dtype=torch.float64)
+    ref = next(iter(list(norm.parameters()) + list(norm.buffers())), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    x = torch.randn(3, num_features, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    with torch.no_grad():
+        try:
+            got = norm(x.to(device, dtype)).double().cpu()
+        except Exception:  # a module that cannot run on this input is not usable as an affine map
+            return None
+        tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+        for candidate in (_read_bn, _probe):
+            affine = candidate(norm, num_features, device, dtype)
+            if affine is None:
+                continue
+            scale, shift = affine[0].cpu(), affine[1].cpu()
+            expected = x * scale[:, None, None] + shift[:, None, None]
+            if got.shape == expected.shape and torch.allclose(got, expected, rtol=tol, atol=tol * float(expected.abs().max().clamp_min(1))):
+                return scale, shift
+    return None
+
+
+def _read_bn(norm: nn.Module, num_features: int, device: torch.device, dtype: torch.dtype) -> Optional[Tuple[Tensor, Tensor]]:
+    """BatchNorm semantics read from ``running_mean``/``running_var``/``eps``/``weight``/``bias``."""
+    mean, var, eps = (getattr(norm, k, None) for k in ("running_mean", "running_var", "eps"))
+    if not (isinstance(mean, Tensor) and isinstance(var, Tensor) and eps is not None and getattr(norm, "track_running_stats", True)):
+        return None
+    scale = (var.double() + float(eps)).rsqrt()
+    shift = -mean.double() * scale
+    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    if isinstance(weight, Tensor):
+        scale, shift = scale * weight.double(), shift * weight.double()
+    if isinstance(bias, Tensor):
+        shift = shift + bias.double()
+    return scale, shift
+
+
+def _probe(norm: nn.Module, num_features: int, device: torch.device, dtype: torch.dtype) -> Optional[Tuple[Tensor, Tensor]]:
+    """The module's outputs for constant inputs 0 and 1 (an affine map is determined by those)."""
+    probe = torch.stack([torch.zeros(num_features), torch.ones(num_features)]).to(device, dtype)
+    try:
+        out = norm(probe[:, :, None, None].expand(2, num_features, 2, 2).contiguous()).double()
+    except Exception:
+        return None
+    return out[1, :, 0, 0] - out[0, :, 0, 0], out[0, :, 0, 0]
+
+
+def _fold_into_conv(conv: nn.Conv2d, norm: nn.Module) -> Optional[nn.Conv2d]:
+    """A conv equal to ``norm(conv(x))`` (eval), or None when ``norm`` is not a per-channel affine."""
+    affine = norm_as_affine(norm, conv.out_channels)
+    if affine is None:
+        return None
+    scale, shift = affine
+    w = conv.weight
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=True, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(w.double() * scale.to(w.device)[:, None, None, None])
+        bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(shift).to(w.device)
+        fused.bias.copy_(bias * scale.to(w.device) + shift.to(w.device))
+    return fused
+
+
+def fold_bn(model: DenseNet, inplace: bool = False) -> DenseNet:
+    """Fold ``norm0`` into ``conv0`` and every ``norm2`` into its ``conv1`` (exact in eval).
+
+    >>> folded = fold_bn(densenet121().eval())   # same outputs, 59 fewer norm layers
+
+    The folded norms become ``nn.Identity`` and the convolutions get a bias; the model stays a
+    :class:`DenseNet` in eval mode. A norm that is not a per-channel affine in eval (GroupNorm...)
+    is left in place. See the module docstring for why ``norm1``, transition norms and ``norm5``
+    cannot be folded.
+    """
+    _require_eval(model, "fold_bn")
+    if not inplace:
+        model = copy.deepcopy(model)
+    feats = model.features
+    if hasattr(feats, "norm0") and not isinstance(feats.norm0, nn.Identity):
+        fused = _fold_into_conv(feats.conv0, feats.norm0)
+        if fused is not None:
+            feats.conv0, feats.norm0 = fused, nn.Identity()
+    for layer in model.modules():
+        if isinstance(layer, _DenseLayer) and not isinstance(layer.norm2, nn.Identity):
+            fused = _fold_into_conv(layer.conv1, layer.norm2)
+            if fused is not None:
+                layer.conv1, layer.norm2 = fused, nn.Identity()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast evaluation-only network
+# ---------------------------------------------------------------------------------------------
+
+
+_CONV_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
+
+
+def _can_fuse_relu(x: Tensor) -> bool:
+    """Eager CPU only: tracing, export and torch.compile see the plain conv + ReLU."""
+    if _CONV_POINTWISE is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
+        return False
+    return torch.backends.mkldnn.is_available() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+class _NormReluConv(nn.Module):
+    """``conv(relu(norm(x)))`` with an optional average pool between ReLU and a 1x1 conv.
+
+    When ``norm`` is a per-channel affine map this runs as ``conv''(clamp(x, lo, hi))`` (one
+    elementwise pass, norm folded into the conv weights); otherwise the norm module is kept.
+    ``out_norm`` (a norm right after the conv) is folded into the conv when it is affine.
+    """
+
+    def __init__(
+        self, norm: nn.Module, conv: nn.Conv2d, pool: bool = False, out_norm: Optional[nn.Module] = None, relu: bool = False
+    ) -> None:
+        super().__init__()
+        self.pool, self.relu = pool, relu
+        self.post_norm: Optional[nn.Module] = None
+        if out_norm is not None:
+            fused = _fold_into_conv(conv, out_norm)
+            conv, self.post_norm = (fused, None) if fused is not None else (conv, out_norm)
+        self.stride, self.padding = conv.stride, conv.padding
+        affine = norm_as_affine(norm, conv.in_channels)
+        w = conv.weight.detach().double()
+        bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64, device=w.device)
+        self.norm: Optional[nn.Module] = None
+        if affine is None:
+            self.norm = norm
+            lo = hi = torch.zeros(1)
+        else:
+            s, b = (t.to(w.device) for t in affine)
+            zero = s == 0
+            inf = torch.full_like(s, float("inf"))
+            with torch.no_grad():
+                t = torch.where(zero, torch.zeros_like(s), -b / torch.where(zero, torch.ones_like(s), s))
+            lo = torch.where(s > 0, t, -inf)  # relu(s x + b) = s * max(x, t) + b      for s > 0
+            hi = torch.where(s < 0, t, inf)   #                = s * min(x, t) + b      for s < 0
+            b_eff = torch.where(zero, b.clamp_min(0), b)  # s == 0: the constant relu(b)
+            wsum = w.sum(dim=(2, 3))  # a constant input channel reaches each output via the sum of its taps
+            if conv.padding != (0, 0):
+                raise ValueError("folding a norm before a padded convolution is not exact at the borders")
+            bias = bias + wsum @ b_eff
+            w = w * s[None, :, None, None]
+        dtype = conv.weight.dtype
+        self.register_buffer("weight", w.to(dtype).contiguous(memory_format=torch.channels_last))
+        self.register_buffer("bias", bias.to(dtype))
+        self.register_buffer("lo", lo.to(dtype).reshape(1, -1, 1, 1))
+        self.register_buffer("hi", hi.to(dtype).reshape(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.norm(x)) if self.norm is not None else torch.clamp(x, self.lo, self.hi)
+        if self.pool:
+            x = F.avg_pool2d(x, 2, 2)
+        if self.relu and self.post_norm is None and _can_fuse_relu(x):
+            # one oneDNN primitive for conv + bias + ReLU: saves a pass over the output
+            return _CONV_POINTWISE(x, self.weight, self.bias, list(self.padding), list(self.stride), [1, 1], 1, "relu", [], "")
+        x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        x = self.post_norm(x) if self.post_norm is not None else x
+        return F.relu_(x) if self.relu else x
+
+
+class _FastLayer(nn.Module):
+    def __init__(self, layer: _DenseLayer) -> None:
+        super().__init__()
+        self.first = _NormReluConv(layer.norm1, layer.conv1, out_norm=layer.norm2, relu=True)
+        self.conv2 = layer.conv2
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv2(self.first(x))
+
+
+class _FastBlock(nn.Module):
+    """A dense block writing every layer's output into one preallocated buffer."""
+
+    def __init__(self, block: _DenseBlock) -> None:
+        super().__init__()
+        layers = list(block.values())
+        self.in_channels = layers[0].conv1.in_channels
+        self.growth = [layer.conv2.out_channels for layer in layers]
+        self.memory_format = torch.channels_last
+        self.layers = nn.ModuleList(_FastLayer(layer) for layer in layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        total = c + sum(self.growth)
+        buf = torch.empty((n, total, h, w), dtype=x.dtype, device=x.device, memory_format=self.memory_format)
+        buf[:, :c].copy_(x)
+        for layer, g in zip(self.layers, self.growth):
+            buf[:, c:c + g].copy_(layer(buf[:, :c]))
+            c = c + g
+        return buf
+
+
+class FastDenseNet(nn.Module):
+    """Evaluation-only DenseNet with the same outputs as the :class:`DenseNet` it was built from.
+
+    >>> fast = FastDenseNet(densenet121().eval())   # usually through optimize_for_inference()
+
+    Holds its own folded weights (a snapshot: later changes to the source model are not seen).
+    ``forward``, ``forward_features`` and ``forward_head`` mean what they mean on DenseNet.
+    """
+
+    def __init__(self, model: DenseNet) -> None:
+        super().__init__()
+        _require_eval(model, "FastDenseNet")
+        feats = model.features
+        self.in_chans, self.min_input_size = model.in_chans, model.min_input_size
+        self.num_features, self.num_classes = model.num_features, model.num_classes
+        self.feature_info = copy.deepcopy(model.feature_info)
+        self.arch, self.model_args = model.arch, dict(model.model_args)
+        self.memory_format = torch.channels_last
+        self.stem_relu = hasattr(feats, "norm0")
+        conv0 = feats.conv0
+        self.stem_norm: Optional[nn.Module] = None
+        if self.stem_relu:
+            fused = _fold_into_conv(conv0, feats.norm0)
+            conv0, self.stem_norm = (fused, None) if fused is not None else (copy.deepcopy(conv0), feats.norm0)
+        self.conv0 = conv0
+        stages: List[nn.Module] = []
+        for name, module in feats.named_children():
+            if isinstance(module, _DenseBlock):
+                stages.append(_FastBlock(module))
+            elif isinstance(module, _Transition):
+                stages.append(_NormReluConv(module.norm, module.conv, pool=True))
+        self.stages = nn.ModuleList(stages)
+        self.norm5 = feats.norm5
+        affine = norm_as_affine(feats.norm5, model.num_features)
+        self.fold5 = affine is not None
+        if affine is not None:
+            dtype = next(model.parameters()).dtype
+            self.register_buffer("scale5", affine[0].to(dtype).reshape(1, -1, 1, 1))
+            self.register_buffer("shift5", affine[1].to(dtype).reshape(1, -1, 1, 1))
+        self.global_pool = model.global_pool
+        self.classifier = model.classifier
+        self.eval()
+
+    check_input = DenseNet.check_input
+    pool = DenseNet.pool
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Feature map after ``norm5`` and ReLU, as :meth:`DenseNet.forward_features`."""
+        self.check_input(x)
+        x = self.conv0(x.contiguous(memory_format=self.memory_format))
+        if self.stem_relu:
+            if self.stem_norm is not None:
+                x = self.stem_norm(x)
+            # max-pool and ReLU commute (both monotone): pool first, ReLU on 4x fewer values
+            x = F.relu_(F.max_pool2d(x, 3, 2, 1))
+        for stage in self.stages:
+            x = stage(x)
+        if self.fold5:
+            return F.relu_(torch.addcmul(self.shift5, x, self.scale5))
+        return F.relu(self.norm5(x))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.pool(x)
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def optimize_for_inference(
+    model: DenseNet,
+    dtype: Optional[torch.dtype] = None,
+    channels_last: bool = True,
+    compile: bool = False,
+) -> nn.Module:
+    """An evaluation-only copy of ``model`` that computes the same outputs faster.
+
+    >>> fast = optimize_for_inference(densenet121(pretrained=True))
+    >>> fast16 = optimize_for_inference(model, dtype=torch.bfloat16)   # bf16 weights and activations
+
+    Folds every norm into the convolutions where that is exact (see the module docstring),
+    writes dense blocks into one buffer, uses channels_last (``channels_last=False`` keeps the
+    folding but not the layout), casts to ``dtype`` (``torch.bfloat16``; ``torch.float16`` on CUDA
+    only) and wraps the result in ``torch.compile`` when ``compile=True``. Inputs are cast to
+    ``dtype`` by the caller: ``fast16(x.to(torch.bfloat16))``. The source model is not modified;
+    it may be in training mode (a copy is put in eval mode).
+    """
+    if not isinstance(model, DenseNet):
+        raise TypeError(f"optimize_for_inference expects a densenet_zoo DenseNet, got {type(model).__name__}")
+    allowed = (None, torch.float32, torch.bfloat16, torch.float16)
+    if dtype not in allowed:
+        raise ValueError(f"dtype must be one of None, torch.float32, torch.bfloat16, torch.float16; got {dtype!r}")
+    device = next(model.parameters()).device
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ValueError("dtype=torch.float16 is for CUDA models; on CPU use dtype=torch.bfloat16")
+    source = copy.deepcopy(model).eval()
+    if dtype is not None and dtype != torch.float32:
+        # Fold in fp32 (float64 inside), then cast: rounding happens once, on the folded weights.
+        fast = FastDenseNet(source.float()).to(dtype)
+    else:
+        fast = FastDenseNet(source)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fast = fast.to(memory_format=fmt) if channels_last else _to_contiguous(fast)
+    for m in fast.modules():
+        if hasattr(m, "memory_format"):
+            m.memory_format = fmt
+    fast.eval()
+    for p in fast.parameters():
+        p.requires_grad_(False)
+    return torch.compile(fast) if compile else fast
+
+
+def _to_contiguous(module: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            t.data = t.data.contiguous()
+    return module
