@@ -5,7 +5,7 @@ normalisation, exact memory-efficient training, pretrained weights, fine-tuning 
 >>> model = dz.densenet121(num_classes=10, memory_efficient=True)
 """
 
-from .memory import MemoryStrategy, get_memory_strategy, list_memory_strategies, register_memory_strategy
+from .memory import AutoStrategy, MemoryStrategy, get_memory_strategy, list_memory_strategies, register_memory_strategy
 from .model import (
     DenseNet,
     create_model,
@@ -21,6 +21,7 @@ from .model import (
     model_config,
 )
 from .train import TrainConfig, Trainer, finetune
+from .profile import depth_sweep, max_batch, profile
 from .norm import list_norms, register_norm, resolve_norm
 from .weights import (
     CheckpointError,
@@ -46,6 +47,10 @@ __all__ = [
     "export",
     "fold_bn",
     "optimize_for_inference",
+    "AutoStrategy",
+    "depth_sweep",
+    "max_batch",
+    "profile",
     "DenseNet",
     "MemoryStrategy",
     "create_model",

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import threading
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -57,6 +59,46 @@ def checkpoint_once(fn: Callable[..., Tensor], *inputs: Tensor, norms: Iterable[
     return checkpoint(
         fn, *inputs, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), preserved_buffers(norms))
     )
+
+
+class SavedTensorBytes:
+    """Count the bytes autograd keeps for backward: unique storages of saved tensors.
+
+    ``exclude`` (e.g. the model's parameters) is left out. Deterministic, unlike peak memory.
+
+    >>> with SavedTensorBytes(exclude=model.parameters()) as saved:
+    ...     loss = model(x).sum()
+    >>> saved.bytes
+    """
+
+    def __init__(self, exclude: Iterable[Tensor] = ()) -> None:
+        self._excluded = {self._key(t) for t in exclude}
+        self._storages: Dict[tuple, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    @staticmethod
+    def _key(t: Tensor) -> tuple:
+        return (t.device, t.untyped_storage().data_ptr())
+
+    def _pack(self, t: Tensor) -> Tensor:
+        try:
+            key, size = self._key(t), t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, fake)
+            return t
+        if key not in self._excluded:
+            self._storages[key] = max(size, self._storages.get(key, 0))
+        return t
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._storages.values())
+
+    def __enter__(self) -> "SavedTensorBytes":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
 
 
 def any_requires_grad(tensors: Iterable[Tensor]) -> bool:
@@ -102,6 +144,126 @@ class BottleneckCheckpoint(MemoryStrategy):
         return layer.composite(bottleneck)
 
 
+def _needs_graph(tensors: Iterable[Tensor], module: nn.Module) -> bool:
+    return any_requires_grad(tensors) or any(p.requires_grad for p in module.parameters())
+
+
+def _custom_functions_unavailable() -> bool:
+    """``torch.compile`` does not trace the recompute functions and they do not replay autocast."""
+    if torch.compiler.is_compiling():
+        return True
+    return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+
+
+def _layer_checkpoint(layer: "_DenseLayer", features: List[Tensor]) -> Tensor:
+    return checkpoint_once(lambda *xs: layer.composite(layer.bottleneck(list(xs))), *features, norms=[layer.norm1, layer.norm2])
+
+
+class RecomputedNorms(MemoryStrategy):
+    """Keep the earlier features; recompute concat + norm1 + relu1 in backward, not conv1.
+
+    Checkpointing (``"bottleneck"``) runs conv1 forward again in backward although conv1's backward
+    needs only its input; here conv1's backward runs directly on the recomputed activation. Options
+    (used by the registered subclasses): ``shared`` writes every feature into one pre-allocated
+    buffer per block, which is also the block's output (no separate concatenation copies);
+    ``second_stage`` also recomputes norm2 + relu2 (keeping only conv1's output);
+    ``whole_layer`` keeps only the layer's input and recomputes conv1 as well (not conv2).
+    """
+
+    name = "efficient"
+    description = "recompute concat+norm1+relu1 in backward; conv1 is not run twice"
+    shared = False
+    second_stage = False
+    whole_layer = False
+
+    def _fallback(self, layer: "_DenseLayer", features: List[Tensor]) -> Tensor:
+        if self.whole_layer:
+            return _layer_checkpoint(layer, features)
+        return _BOTTLENECK.layer_forward(layer, features)
+
+    def layer_forward(self, layer: "_DenseLayer", features: List[Tensor]) -> Tensor:
+        from .recompute import Stage, run_stages
+
+        if not _needs_graph(features, layer):
+            return super().layer_forward(layer, features)
+        if _custom_functions_unavailable() or not (Stage.supported(layer.conv1) and Stage.supported(layer.conv2)):
+            return self._fallback(layer, features)
+        holder = getattr(_LOCAL, "buffer", None)
+        channels = sum(f.shape[1] for f in features)
+        shared = (holder, channels) if holder is not None and holder.filled == channels else None
+        first = Stage(layer.norm1, layer.relu1, layer.conv1)
+        second = Stage(layer.norm2, layer.relu2, layer.conv2)
+        if self.whole_layer:
+            out = run_stages([first, second], features, shared)
+        else:
+            bottleneck = run_stages([first], features, shared)
+            if not self.second_stage:
+                return layer.composite(bottleneck)
+            out = run_stages([second], [bottleneck])
+        if layer.drop_rate > 0:
+            out = F.dropout(out, p=layer.drop_rate, training=layer.training)
+        return out
+
+    def block_forward(self, block: "_DenseBlock", x: Tensor) -> Tensor:
+        from .recompute import SharedBuffer, SharedConcat
+
+        if not self.shared or not _needs_graph([x], block) or _custom_functions_unavailable():
+            return super().block_forward(block, x)
+        layers = list(block.values())
+        total = x.shape[1] + sum(layer.conv2.out_channels for layer in layers)
+        holder = SharedBuffer(x.new_empty((x.shape[0], total) + tuple(x.shape[2:])))
+        with torch.no_grad():
+            holder.buffer[:, : x.shape[1]].copy_(x)
+        holder.filled = x.shape[1]
+        features = [x]
+        previous, _LOCAL.buffer = getattr(_LOCAL, "buffer", None), holder
+        try:
+            for layer in layers:
+                out = layer(features)
+                with torch.no_grad():
+                    holder.buffer[:, holder.filled : holder.filled + out.shape[1]].copy_(out)
+                holder.filled += out.shape[1]
+                features.append(out)
+        finally:
+            _LOCAL.buffer = previous
+        holder.version = holder.buffer._version
+        return SharedConcat.apply(holder, *features)
+
+
+class SharedRecomputedNorms(RecomputedNorms):
+    name = "shared"
+    description = "'efficient' + features written into one shared buffer per block (Pleiss et al. 2017)"
+    shared = True
+
+
+class RecomputedBothNorms(RecomputedNorms):
+    name = "norms"
+    description = "'shared' + norm2/relu2 recomputed too: keeps only conv1's output per layer"
+    shared = True
+    second_stage = True
+
+
+class RecomputedLayer(RecomputedNorms):
+    name = "layer"
+    description = "keep only each layer's k new channels (shared buffer); recompute norms, relus and conv1"
+    shared = True
+    whole_layer = True
+
+
+class BlockCheckpoint(MemoryStrategy):
+    """Segment checkpointing: keep each block's input only; the whole block runs again in backward."""
+
+    name = "block"
+    description = "checkpoint each dense block: keep its input, rerun the block (normal mode) in backward"
+
+    def block_forward(self, block: "_DenseBlock", x: Tensor) -> Tensor:
+        if not _needs_graph([x], block):
+            return super().block_forward(block, x)
+        return checkpoint_once(lambda t: MemoryStrategy.block_forward(self, block, t), x, norms=[block])
+
+
+_LOCAL = threading.local()
+_BOTTLENECK = BottleneckCheckpoint()
 _STRATEGIES: Dict[str, MemoryStrategy] = {}
 
 #: What the boolean flag of torchvision's API maps to.
@@ -138,4 +300,10 @@ def get_memory_strategy(spec: Union[bool, str, MemoryStrategy, None]) -> MemoryS
 
 
 register_memory_strategy(MemoryStrategy())
-register_memory_strategy(BottleneckCheckpoint())
+register_memory_strategy(_BOTTLENECK)
+for _strategy in (RecomputedNorms(), SharedRecomputedNorms(), RecomputedBothNorms(), RecomputedLayer(), BlockCheckpoint()):
+    register_memory_strategy(_strategy)
+
+from .memory_auto import AutoStrategy, parse_bytes  # noqa: E402  (it builds on the strategies above)
+
+register_memory_strategy(AutoStrategy())

@@ -43,20 +43,33 @@ def _assert_models_equal(a, b, atol=1e-6):
             assert torch.allclose(x, y, atol=atol, rtol=0), name
 
 
+_NORMAL_RUNS = {}
+
+
+def _normal_run(arch):
+    """Normal mode trained for three steps, once per architecture (every strategy compares against it)."""
+    if arch not in _NORMAL_RUNS:
+        torch.manual_seed(0)
+        if arch == "bc":
+            initial = dz.DenseNet(growth_rate=12, block_config=(4, 4, 4), num_init_features=24, small_inputs=True, num_classes=10, drop_rate=0.2)
+            shape, classes = (4, 3, 32, 32), 10
+        else:
+            initial = dz.densenet121(num_classes=10, drop_rate=0.2)
+            shape, classes = (2, 3, 32, 32), 10
+        g = torch.Generator().manual_seed(3)
+        xs = [torch.randn(shape, generator=g) for _ in range(3)]
+        ys = [torch.randint(0, classes, (shape[0],), generator=g) for _ in range(3)]
+        normal = copy.deepcopy(initial)
+        _NORMAL_RUNS[arch] = (initial, xs, ys, normal, _train_steps(normal, xs, ys))
+    return _NORMAL_RUNS[arch]
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("arch", ["densenet121", "bc"])
 def test_strategy_equals_normal_mode_over_steps(strategy, arch):
-    if arch == "bc":
-        normal = dz.DenseNet(growth_rate=12, block_config=(4, 4, 4), num_init_features=24, small_inputs=True, num_classes=10, drop_rate=0.2)
-        shape, classes = (4, 3, 32, 32), 10
-    else:
-        normal = dz.densenet121(num_classes=10, drop_rate=0.2)
-        shape, classes = (2, 3, 32, 32), 10
-    efficient = copy.deepcopy(normal).set_memory_efficient(strategy)
-    g = torch.Generator().manual_seed(3)
-    xs = [torch.randn(shape, generator=g) for _ in range(3)]
-    ys = [torch.randint(0, classes, (shape[0],), generator=g) for _ in range(3)]
-    for o1, o2 in zip(_train_steps(normal, xs, ys), _train_steps(efficient, xs, ys)):
+    initial, xs, ys, normal, normal_outs = _normal_run(arch)
+    efficient = copy.deepcopy(initial).set_memory_efficient(strategy)
+    for o1, o2 in zip(normal_outs, _train_steps(efficient, xs, ys)):
         assert torch.allclose(o1, o2, atol=1e-5, rtol=0)
     _assert_models_equal(efficient, normal)
     assert efficient.features.denseblock1.denselayer1.norm1.num_batches_tracked.item() == 3
@@ -161,3 +174,90 @@ def test_inside_distributed_data_parallel(strategy):
     # DDP averaged the gradients: both ranks hold the same ones.
     for a, b in zip(efficient[0]["grads"], efficient[1]["grads"]):
         assert torch.allclose(a, b)
+
+
+# -- strategies that recompute inside custom autograd functions, and "auto" ----------------------
+RECOMPUTING = ["efficient", "shared", "norms", "layer"]
+
+
+def test_saved_bytes_shrink_in_the_documented_order():
+    """What each strategy keeps (see memory.py) shows in the exact count of bytes saved for backward."""
+    from densenet_zoo.memory import SavedTensorBytes
+
+    x = torch.randn(2, 3, 32, 32)
+    saved = {}
+    for strategy in ["none", "bottleneck", "efficient", "shared", "norms", "layer"]:
+        model = dz.densenet121(num_classes=10, memory_efficient=strategy).train()
+        with SavedTensorBytes(exclude=model.parameters()) as counter:
+            model(x)
+        saved[strategy] = counter.bytes
+    assert saved["efficient"] == saved["bottleneck"] < 0.6 * saved["none"]
+    assert saved["layer"] < saved["norms"] < saved["shared"] < saved["efficient"]
+    assert saved["layer"] < 0.25 * saved["none"]
+
+
+@pytest.mark.parametrize("strategy", RECOMPUTING)
+@pytest.mark.parametrize("case", ["frozen_norms", "input_without_grad", "frozen_batchnorm_module"])
+def test_recomputing_strategies_with_frozen_parts(strategy, case):
+    """Norm parameters that need no gradient, or a stem that does not, still give normal mode's gradients."""
+    if case == "frozen_batchnorm_module":
+        normal = _tiny(norm_layer=torchvision.ops.FrozenBatchNorm2d)
+    else:
+        normal = _tiny()
+    if case == "frozen_norms":
+        for m in normal.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.requires_grad_(False)
+    if case == "input_without_grad":
+        normal.features.conv0.requires_grad_(False)
+    efficient = copy.deepcopy(normal).set_memory_efficient(strategy)
+    x = torch.randn(3, 3, 16, 16)
+    for model in (normal, efficient):
+        model.train()(x).square().sum().backward()
+    for (name, p), q in zip(normal.named_parameters(), efficient.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+    for (name, a), b in zip(normal.named_buffers(), efficient.buffers()):
+        assert torch.equal(a, b), name
+
+
+def test_shared_buffer_modified_in_place_is_reported():
+    model = _tiny(memory_efficient="shared").train()
+    feats = model.features.denseblock1(torch.randn(2, 16, 8, 8, requires_grad=True))
+    feats.mul_(2)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        feats.sum().backward()
+
+
+def test_auto_measures_once_then_keeps_a_plan_within_budget():
+    auto = dz.AutoStrategy(budget=0.3)
+    model = _tiny(memory_efficient=auto).train()
+    x = torch.randn(2, 3, 16, 16)
+    model(x).sum().backward()
+    measured = auto.measurements()
+    assert len(measured) == 2 and set(measured[0]) == set(dz.AutoStrategy.default_candidates)
+    model(x).sum().backward()
+    assert auto.measurements() == []
+    plan = [next(iter(auto.plan(b).values())) for b in (model.features.denseblock1, model.features.denseblock2)]
+    used = sum(m[name][0] for m, name in zip(measured, plan))
+    normal = sum(m["none"][0] for m in measured)
+    assert used <= 0.3 * normal
+    assert "none" not in plan
+
+
+def test_auto_with_impossible_budget_warns_and_takes_the_smallest():
+    auto = dz.AutoStrategy(budget=1)
+    model = _tiny(memory_efficient=auto).train()
+    x = torch.randn(2, 3, 16, 16)
+    model(x).sum().backward()
+    with pytest.warns(UserWarning, match="raise the budget"):
+        model(x).sum().backward()
+    assert next(iter(auto.plan(model.features.denseblock1).values())) == "layer"
+
+
+def test_auto_rejects_bad_budgets():
+    with pytest.raises(ValueError, match="fraction"):
+        dz.AutoStrategy(budget=1.5)
+    with pytest.raises(ValueError, match="8GiB"):
+        dz.AutoStrategy(budget="lots")

@@ -1,0 +1,84 @@
+"""Memory and time of one SGD training step per memory strategy, against torchvision, on CPU or CUDA.
+
+    python benchmarks/memory.py                                   # densenet121, batch 16, 224x224, all modes
+    python benchmarks/memory.py --device cuda --out benchmarks/results/memory_cuda
+    python benchmarks/memory.py --saved-only                      # exact saved-for-backward bytes only (fast, any machine)
+    python benchmarks/memory.py --batch-size 2 --image-size 32 --modes none,efficient --steps 1   # smoke run
+
+Each CPU configuration runs in its own fresh process; see densenet_zoo/profile.py for what the
+peak and the baseline are. Run it on a quiet machine: the times are only meaningful then.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import densenet_zoo as dz
+from densenet_zoo.memory import SavedTensorBytes
+from densenet_zoo.profile import resolve_modes
+
+
+def saved_only(args: argparse.Namespace) -> int:
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    rows = []
+    for mode in resolve_modes(args.modes):
+        model = dz.create_model(args.model, memory_efficient=mode).train()
+        if mode == "auto":
+            model(x).sum().backward()  # "auto" measures on its first forward and decides on the second
+        with SavedTensorBytes(exclude=model.parameters()) as saved:
+            out = model(x)
+        out.sum().backward()
+        rows.append((mode, saved.bytes))
+    normal = rows[0][1]
+    print(f"# {args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}: bytes saved for backward "
+          f"(unique storages, parameters excluded; exact), torch {torch.__version__}")
+    print(f"{'mode':12s} {'saved MB':>9s} {'vs normal':>10s}")
+    for mode, n in rows:
+        print(f"{mode:12s} {n / 2**20:9.1f} {n / normal:10.3f}")
+    return 0
+
+
+def check_targets(report: "dz.ProfileReport") -> None:
+    rows = [r for r in report.rows if "error" not in r and not r["mode"].startswith("torchvision") and r["mode"] != "none"]
+    for mem, time_ in ((0.45, 1.10), (0.25, 1.25)):
+        hits = [r["mode"] for r in rows if r["mem_ratio"] <= mem and r["time_ratio"] <= time_]
+        print(f"target <= {mem:.2f}x memory and <= {time_:.2f}x time: {', '.join(hits) if hits else 'not met'}")
+    try:
+        ours, tv = report.row("none"), report.row("torchvision")
+        print(f"normal mode vs torchvision: {tv['step_s'] / ours['step_s']:.2f}x its speed at "
+              f"{ours['peak_bytes'] / tv['peak_bytes']:.2f}x its memory")
+    except KeyError:
+        pass
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="densenet121")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--modes", default="all")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-reference", action="store_true", help="leave out the torchvision rows")
+    p.add_argument("--saved-only", action="store_true", help="only the exact saved-for-backward bytes, in this process")
+    p.add_argument("--out", default="benchmarks/results/memory", help="folder for profile.json/.csv/.png")
+    args = p.parse_args()
+    if args.saved_only:
+        return saved_only(args)
+    report = dz.profile(args.model, batch_size=args.batch_size, image_size=args.image_size, modes=args.modes,
+                        device=args.device, reference=None if args.no_reference else "torchvision",
+                        steps=args.steps, warmup=args.warmup, threads=args.threads)
+    print(report.table())
+    check_targets(report)
+    out = Path(args.out)
+    for path in (report.to_json(out / "profile.json"), report.to_csv(out / "profile.csv"), report.plot(out / "profile.png")):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""``densenet-zoo profile``: memory and time per memory strategy, max batch per budget, depth sweep."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def _write_all(report: Any, out: str, stem: str) -> None:
+    if not out:
+        return
+    folder = Path(out)
+    for suffix, write in (("json", report.to_json), ("csv", report.to_csv), ("png", report.plot)):
+        print(f"wrote {write(folder / f'{stem}.{suffix}')}")
+
+
+def _ints(text: str) -> list:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 40,100,160,250, got {text!r}") from None
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from .profile import depth_sweep, max_batch, profile
+
+    if args.depth_sweep:
+        report = depth_sweep(args.depth_sweep, growth_rate=args.growth_rate, image_size=args.image_size or 32,
+                             batch_size=args.batch_size, modes=args.modes)
+        print(report.table())
+        _write_all(report, args.out, "depth_sweep")
+        return 0
+    image_size = args.image_size or 224
+    if args.max_batch:
+        if not args.budget:
+            raise ValueError("--max-batch needs --budget, e.g. --budget 8GiB")
+        report = max_batch(args.model, budget=args.budget, image_size=image_size, modes=args.modes,
+                           device=args.device, threads=args.threads)
+        print(report.table())
+        _write_all(report, args.out, "max_batch")
+        return 0
+    report = profile(args.model, batch_size=args.batch_size, image_size=image_size, modes=args.modes,
+                     device=args.device, reference=args.reference, steps=args.steps, warmup=args.warmup, threads=args.threads)
+    print(report.table())
+    _write_all(report, args.out, "profile")
+    return 0
+
+
+def add_profile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profile", help="peak memory, saved-for-backward bytes and step time per memory strategy")
+    p.add_argument("--model", default="densenet121", help="model name (default densenet121)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=None, help="pixels (default 224; 32 for --depth-sweep)")
+    p.add_argument("--modes", default="all", help="'all' or comma-separated strategy names, e.g. none,efficient,layer")
+    p.add_argument("--reference", choices=["torchvision"], default=None, help="add torchvision's normal and memory_efficient rows")
+    p.add_argument("--device", default="cpu", help="cpu (one fresh process per configuration) or cuda[:N]")
+    p.add_argument("--steps", type=int, default=3, help="measured steps after warm-up (time is their median)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch threads in each worker")
+    p.add_argument("--max-batch", action="store_true", help="largest batch per mode within --budget")
+    p.add_argument("--budget", default=None, help="memory budget for --max-batch, e.g. 8GiB")
+    p.add_argument("--depth-sweep", type=_ints, default=None, metavar="DEPTHS", help="DenseNet-BC depths, e.g. 40,100,160,250")
+    p.add_argument("--growth-rate", type=int, default=12, help="growth rate for --depth-sweep")
+    p.add_argument("--out", default="", help="folder for JSON, CSV and PNG")
+    p.set_defaults(func=_cmd_profile)

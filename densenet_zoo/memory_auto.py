@@ -1,0 +1,163 @@
+"""``memory_efficient="auto"``: the fastest strategy whose memory fits a budget, chosen by measuring.
+
+On its first training forward with a given input shape, each dense block measures every candidate
+strategy once on the real input: the bytes kept for backward (unique saved storages, exact) and
+the time of a forward + backward of the block. These probe runs restore the norm buffers and the
+random number generator state and leave no gradients behind. That first forward runs every block
+with its smallest candidate. When a block sees a measured shape again (the next step), the plan is
+fixed: the per-block choice that minimises the summed time with summed bytes within the budget.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import threading
+import time
+import warnings
+import weakref
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .memory import MemoryStrategy, SavedTensorBytes, _needs_graph, get_memory_strategy, preserved_buffers
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import _DenseBlock, _DenseLayer
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(value: Union[int, float, str]) -> int:
+    """``"8GiB"``, ``"512MB"``, ``"1.5g"`` or a number of bytes -> bytes: ``parse_bytes("8GiB")``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"memory size {value!r} is not understood; write it like '8GiB', '512MB' or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+Measurement = Dict[str, Tuple[int, float]]  # candidate name -> (bytes kept for backward, seconds)
+
+
+class AutoStrategy(MemoryStrategy):
+    """Fastest candidate per block whose summed saved bytes fit ``budget``.
+
+    ``budget``: a float in (0, 1] is a fraction of normal mode's bytes; an int or a string such as
+    ``"2GiB"`` is an absolute number of bytes for the dense blocks' saved tensors.
+
+    >>> model = dz.densenet121(memory_efficient=dz.AutoStrategy(budget="1GiB"))
+    >>> model.memory_strategy.plan(model.features.denseblock1)   # after two training steps
+    """
+
+    name = "auto"
+    description = "per block, the fastest strategy whose measured bytes fit a budget (default: half of normal mode)"
+    default_candidates = ("none", "efficient", "shared", "norms", "layer")
+
+    def __init__(self, budget: Union[float, int, str] = 0.5, candidates: Optional[Sequence[str]] = None, name: str = "auto") -> None:
+        if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+            raise ValueError(f"budget as a fraction of normal mode must be in (0, 1], got {budget}; give bytes as '2GiB'")
+        self.budget = budget if isinstance(budget, float) else parse_bytes(budget)
+        self.candidates = [get_memory_strategy(c) for c in (candidates or self.default_candidates)]
+        if any(isinstance(c, AutoStrategy) for c in self.candidates):
+            raise ValueError("the candidates of an AutoStrategy cannot include another AutoStrategy")
+        self.name = name
+        self._plans: "weakref.WeakKeyDictionary[_DenseBlock, Dict[tuple, MemoryStrategy]]" = weakref.WeakKeyDictionary()
+        self._pending: List[Tuple["weakref.ref[_DenseBlock]", tuple, Measurement]] = []
+        self._local = threading.local()
+
+    # -- inspection ----------------------------------------------------------------------------
+    def plan(self, block: "_DenseBlock") -> Dict[tuple, str]:
+        """The chosen strategy name of ``block`` per input signature (shape, dtype, device)."""
+        return {key: s.name for key, s in self._plans.get(block, {}).items()}
+
+    def measurements(self) -> List[Measurement]:
+        """Measurements not yet turned into a plan (bytes, seconds per candidate)."""
+        return [m for _, _, m in self._pending]
+
+    # -- forward -------------------------------------------------------------------------------
+    def layer_forward(self, layer: "_DenseLayer", features: List[Tensor]) -> Tensor:
+        active = getattr(self._local, "active", None)
+        return (active or MemoryStrategy()).layer_forward(layer, features)
+
+    def block_forward(self, block: "_DenseBlock", x: Tensor) -> Tensor:
+        if not _needs_graph([x], block):
+            return super().block_forward(block, x)
+        key = (tuple(x.shape), x.dtype, x.device)
+        chosen = self._plans.get(block, {}).get(key)
+        if chosen is None:
+            if any(ref() is block and k == key for ref, k, _ in self._pending):
+                self._solve()
+                chosen = self._plans[block][key]
+            else:
+                measured = self._measure(block, x)
+                self._pending.append((weakref.ref(block), key, measured))
+                chosen = get_memory_strategy(min(measured, key=lambda n: measured[n][0]))
+        return self._run(chosen, block, x)
+
+    def _run(self, strategy: MemoryStrategy, block: "_DenseBlock", x: Tensor) -> Tensor:
+        previous, self._local.active = getattr(self._local, "active", None), strategy
+        try:
+            return strategy.block_forward(block, x)
+        finally:
+            self._local.active = previous
+
+    def _measure(self, block: "_DenseBlock", x: Tensor) -> Measurement:
+        params = [p for p in block.parameters() if p.requires_grad]
+        devices = [x.device] if x.device.type == "cuda" else []
+        result: Measurement = {}
+        for strategy in self.candidates:
+            with torch.random.fork_rng(devices=devices), preserved_buffers([block]):
+                probe = x.detach().requires_grad_(x.requires_grad)
+                _synchronize(x)
+                start = time.perf_counter()
+                with SavedTensorBytes(exclude=list(block.parameters()) + [x]) as saved:
+                    out = self._run(strategy, block, probe)
+                targets = ([probe] if probe.requires_grad else []) + params
+                torch.autograd.grad(out, targets, torch.ones_like(out), allow_unused=True)
+                _synchronize(x)
+                result[strategy.name] = (saved.bytes, time.perf_counter() - start)
+                del out
+        return result
+
+    def _solve(self) -> None:
+        entries = [(ref(), key, m) for ref, key, m in self._pending if ref() is not None]
+        self._pending = []
+        if not entries:
+            return
+        budget = self.budget
+        if isinstance(budget, float):
+            budget = budget * sum(m["none"][0] if "none" in m else max(v[0] for v in m.values()) for _, _, m in entries)
+        names = [list(m) for _, _, m in entries]
+        best: Optional[Tuple[float, Tuple[str, ...]]] = None
+        combos = itertools.product(*names) if _product_size(names) <= 200_000 else [tuple(min(m, key=lambda n: m[n][0]) for _, _, m in entries)]
+        for combo in combos:
+            used = sum(m[c][0] for (_, _, m), c in zip(entries, combo))
+            seconds = sum(m[c][1] for (_, _, m), c in zip(entries, combo))
+            if used <= budget and (best is None or seconds < best[0]):
+                best = (seconds, combo)
+        if best is None:
+            smallest = tuple(min(m, key=lambda n: m[n][0]) for _, _, m in entries)
+            need = sum(m[c][0] for (_, _, m), c in zip(entries, smallest))
+            warnings.warn(
+                f"memory strategy {self.name!r}: no choice keeps the dense blocks within {budget / 2**20:.0f} MiB "
+                f"(the smallest needs {need / 2**20:.0f} MiB); using the smallest. Lower the batch size or raise the budget"
+            )
+            best = (0.0, smallest)
+        for (block, key, _), choice in zip(entries, best[1]):
+            self._plans.setdefault(block, {})[key] = get_memory_strategy(choice)
+
+
+def _product_size(names: List[List[str]]) -> int:
+    size = 1
+    for n in names:
+        size *= len(n)
+    return size
+
+
+def _synchronize(x: Tensor) -> None:
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)

@@ -1,0 +1,113 @@
+"""Profiler: every mode measured in its own process, exact saved-bytes counts, reports and bad input."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+import densenet_zoo as dz
+from densenet_zoo.cli import main
+from densenet_zoo.memory import SavedTensorBytes
+from densenet_zoo.profile import _PeakRss, largest_fitting, resolve_modes
+
+TINY = dict(growth_rate=8, block_config=[2, 2, 2], num_init_features=16)
+
+
+@pytest.mark.timeout(600)
+def test_profile_every_mode_in_subprocesses(tmp_path):
+    report = dz.profile("densenet_bc_100", batch_size=2, image_size=16, modes="all", steps=1, threads=1, model_kwargs=TINY)
+    assert report.meta["subprocess"] is True and report.meta["torch"] == torch.__version__
+    assert report.modes == dz.list_memory_strategies()
+    for row in report.rows:
+        assert "error" not in row, row
+        assert row["peak_bytes"] > 0 and row["step_s"] > 0 and row["baseline_bytes"] > 0
+    normal = report.row("none")["saved_bytes"]
+    for mode in ("bottleneck", "efficient", "shared", "norms", "layer", "block"):
+        assert report.row(mode)["saved_bytes"] < normal, mode
+    table = report.table()
+    assert all(mode in table for mode in report.modes) and "threads=1" in table
+
+    rows = json.loads(report.to_json(tmp_path / "p.json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == report.modes
+    csv_lines = report.to_csv(tmp_path / "p.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("mode,") and len(csv_lines) == 1 + len(report.modes)
+    assert report.plot(tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_torchvision_reference_rows_match_our_modes():
+    """torchvision's normal and memory_efficient networks keep exactly what our none/bottleneck keep."""
+    report = dz.profile("densenet121", batch_size=2, image_size=32, modes="none,bottleneck", reference="torchvision",
+                        steps=1, warmup=0, subprocess_mode=False)
+    assert report.modes == ["none", "bottleneck", "torchvision", "torchvision_memory_efficient"]
+    assert report.row("torchvision")["saved_bytes"] == report.row("none")["saved_bytes"]
+    assert report.row("torchvision_memory_efficient")["saved_bytes"] == report.row("bottleneck")["saved_bytes"]
+
+
+def test_saved_tensor_bytes_counts_unique_storages():
+    x = torch.randn(1000, requires_grad=True)
+    with SavedTensorBytes() as saved:
+        y = x * x  # saves x twice: one storage
+    assert saved.bytes == 4000
+    with SavedTensorBytes(exclude=[x]) as saved:
+        z = (x * x).sigmoid()  # x excluded; sigmoid saves its output
+    assert saved.bytes == 4000
+    y.sum().backward(), z.sum().backward()
+
+
+def test_peak_rss_sees_a_large_temporary():
+    with _PeakRss() as peak:
+        start = peak.peak
+        t = torch.ones(64 * 2**20 // 4)  # 64 MiB, written so the pages are resident
+        del t
+    assert (peak.peak - start) * 1024 >= 60 * 2**20
+
+
+@pytest.mark.parametrize("threshold", [1, 5, 8, 13, 64, 100])
+def test_largest_fitting_by_doubling_then_bisection(threshold):
+    probes = []
+
+    def fits(n):
+        probes.append(n)
+        return n <= threshold
+
+    assert largest_fitting(fits, start=1, limit=100) == threshold
+    assert len(probes) <= 2 * (threshold.bit_length() + 1)
+    assert largest_fitting(lambda n: False) == 0
+
+
+def test_depth_sweep_quadratic_vs_linear():
+    report = dz.depth_sweep([16, 40, 64, 100], growth_rate=12, image_size=8, batch_size=1, modes="none,efficient,layer")
+    exps = report.exponents()
+    # Small depths mix the quadratic term with linear ones (stem, transitions), so normal mode's fit is
+    # below 2 here; the gap to the strategies that keep only linear storage is the point.
+    assert exps["none"] > 1.4 and exps["none"] - exps["layer"] > 0.4
+    assert exps["layer"] < 1.15 and exps["efficient"] < 1.3
+    assert "L=100" in report.table()
+
+
+def test_bad_input_gives_one_line_errors(capsys):
+    with pytest.raises(ValueError, match="unknown mode 'fast'"):
+        resolve_modes("none,fast")
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        dz.profile("densenet_bc_100", batch_size=0, image_size=16, model_kwargs=TINY)
+    with pytest.raises(ValueError, match="too small"):
+        dz.profile("densenet121", batch_size=2, image_size=16)
+    with pytest.raises(ValueError, match="below the model's own size"):
+        dz.max_batch("densenet121", budget="10MB", image_size=224)
+    with pytest.raises(ValueError, match="6n \\+ 4"):
+        dz.depth_sweep([41])
+    with pytest.raises(ValueError, match="cannot be rebuilt"):
+        dz.profile(lambda: None, batch_size=1, image_size=32)
+    assert main(["profile", "--modes", "none,fast", "--model", "densenet_bc_100"]) == 1
+    assert main(["profile", "--max-batch", "--budget", "1MiB"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "unknown mode" in err[0] and "below the model's own size" in err[1]
+
+
+def test_cli_depth_sweep_writes_files(tmp_path, capsys):
+    assert main(["profile", "--depth-sweep", "16,28", "--image-size", "8", "--batch-size", "1", "--modes", "none,layer", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "L=28" in out
+    for suffix in ("json", "csv", "png"):
+        assert (tmp_path / f"depth_sweep.{suffix}").stat().st_size > 0
