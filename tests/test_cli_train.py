@@ -149,11 +149,13 @@ def test_a_kill_during_a_state_write_never_leaves_a_broken_file(tmp_path):
 def test_torchrun_two_processes_match_one_process(small, tmp_path):
     # sync_bn normalises with the statistics of the global batch, the two ranks' batches together
     # are the single process's batch (same permutation), and DDP averages the ranks' mean losses:
-    # each step is the single-process step up to float summation order.
+    # each step is the single-process step up to float summation order. The DDP run also uses the
+    # memory-efficient mode (recomputation re-runs sync_bn's collectives in backward).
     common = dict(epochs=1, norm="sync_bn", weight_decay=1e-3)
     finetune(**base_options(small, tmp_path / "one", **common))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "densenet_zoo",
-           *map(str, _tiny_flags(small, tmp_path / "ddp", "--epochs", "1", "--norm", "sync_bn", "--weight-decay", "1e-3"))]
+           *map(str, _tiny_flags(small, tmp_path / "ddp", "--epochs", "1", "--norm", "sync_bn", "--weight-decay", "1e-3",
+                                 "--memory-efficient"))]
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=220)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout and r.stdout.count("epoch 1:") == 1  # rank 0 prints, once
