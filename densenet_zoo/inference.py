@@ -151,11 +151,21 @@ def fold_bn(model: DenseNet, inplace: bool = False) -> DenseNet:
 _CONV_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
 
 
+def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, relu: bool = False) -> Tensor:
+    """``conv2d`` (+ ReLU); on CPU one oneDNN primitive that takes channels_last as it is and fuses the ReLU."""
+    if _can_fuse_relu(x):
+        return _CONV_POINTWISE(x, weight, bias, list(padding), list(stride), [1, 1], 1, "relu" if relu else "none", [], "")
+    x = F.conv2d(x, weight, bias, stride, padding)
+    return F.relu_(x) if relu else x
+
+
 def _can_fuse_relu(x: Tensor) -> bool:
-    """Eager CPU only: tracing, export and torch.compile see the plain conv + ReLU."""
+    """Eager CPU only: tracing, export and torch.compile see plain conv2d + ReLU."""
     if _CONV_POINTWISE is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
+        return False
+    if getattr(torch.compiler, "is_exporting", lambda: False)():
         return False
     return torch.backends.mkldnn.is_available() and x.is_contiguous(memory_format=torch.channels_last)
 
@@ -209,11 +219,9 @@ class _NormReluConv(nn.Module):
         x = F.relu(self.norm(x)) if self.norm is not None else torch.clamp(x, self.lo, self.hi)
         if self.pool:
             x = F.avg_pool2d(x, 2, 2)
-        if self.relu and self.post_norm is None and _can_fuse_relu(x):
-            # one oneDNN primitive for conv + bias + ReLU: saves a pass over the output
-            return _CONV_POINTWISE(x, self.weight, self.bias, list(self.padding), list(self.stride), [1, 1], 1, "relu", [], "")
-        x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
-        x = self.post_norm(x) if self.post_norm is not None else x
+        if self.post_norm is None:
+            return _conv(x, self.weight, self.bias, self.stride, self.padding, relu=self.relu)
+        x = self.post_norm(F.conv2d(x, self.weight, self.bias, self.stride, self.padding))
         return F.relu_(x) if self.relu else x
 
 
@@ -224,7 +232,8 @@ class _FastLayer(nn.Module):
         self.conv2 = layer.conv2
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv2(self.first(x))
+        c = self.conv2
+        return _conv(self.first(x), c.weight, c.bias, c.stride, c.padding)
 
 
 class _FastBlock(nn.Module):
@@ -298,12 +307,14 @@ class FastDenseNet(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """Feature map after ``norm5`` and ReLU, as :meth:`DenseNet.forward_features`."""
         self.check_input(x)
-        x = self.conv0(x.contiguous(memory_format=self.memory_format))
-        if self.stem_relu:
-            if self.stem_norm is not None:
-                x = self.stem_norm(x)
-            # max-pool and ReLU commute (both monotone): pool first, ReLU on 4x fewer values
-            x = F.relu_(F.max_pool2d(x, 3, 2, 1))
+        x, c = x.contiguous(memory_format=self.memory_format), self.conv0
+        if not self.stem_relu:  # small_inputs stem: a bare conv
+            x = _conv(x, c.weight, c.bias, c.stride, c.padding)
+        elif self.stem_norm is None:
+            # ReLU and max-pool commute (both monotone); the ReLU rides along in the conv primitive
+            x = F.max_pool2d(_conv(x, c.weight, c.bias, c.stride, c.padding, relu=True), 3, 2, 1)
+        else:
+            x = F.max_pool2d(F.relu_(self.stem_norm(c(x))), 3, 2, 1)
         for stage in self.stages:
             x = stage(x)
         if self.fold5:

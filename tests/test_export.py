@@ -46,7 +46,7 @@ def test_onnx_tiny_two_batch_sizes(tmp_path):
 def test_onnx_densenet121_dynamic_batch(tmp_path):
     torch.manual_seed(0)
     model = dz.densenet121().eval()
-    out = export(model, tmp_path / "d121.onnx", "onnx", image_size=64)
+    out = export(model, tmp_path / "d121.onnx", "onnx", image_size=64, check=False)  # checked here instead
     _onnx_vs_torch(model, out, (1, 3), 64)
 
 
