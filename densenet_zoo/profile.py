@@ -21,7 +21,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from .memory import SavedTensorBytes, get_memory_strategy, list_memory_strategies, parse_bytes
-from .profile_report import DepthSweepReport, MaxBatchReport, ProfileReport
+from .profile_report import DepthSweepReport, MaxBatchReport, ProfileReport, environment
 
 __all__ = ["profile", "max_batch", "depth_sweep", "resolve_modes", "ProfileReport", "MaxBatchReport", "DepthSweepReport"]
 
@@ -236,26 +235,6 @@ def _run_config(config: Dict[str, Any], subprocess_mode: bool, timeout: Optional
         last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
         return {"mode": config["mode"], "batch_size": config["batch_size"], "error": last}
     return json.loads(lines[-1])
-
-
-def environment(device: str, threads: Optional[int]) -> Dict[str, Any]:
-    """Machine, threads and versions that a report states."""
-    import torchvision
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {
-        "machine": platform.node(), "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-        "threads": threads or torch.get_num_threads(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "python": platform.python_version(), "device": device,
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
 
 
 # -- public entry points ---------------------------------------------------------------------------

@@ -5,11 +5,35 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import platform
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+import torch
+
 PathLike = Union[str, Path]
 MB = 2**20
+
+
+def environment(device: str, threads: Optional[int]) -> Dict[str, Any]:
+    """Machine, threads and versions that a report states."""
+    import torchvision
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {
+        "machine": platform.node(), "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+        "threads": threads or torch.get_num_threads(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "python": platform.python_version(), "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
 
 
 def _write(path: PathLike, text: str) -> Path:
