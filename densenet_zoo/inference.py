@@ -179,7 +179,8 @@ class _NormReluConv(nn.Module):
     """
 
     def __init__(
-        self, norm: nn.Module, conv: nn.Conv2d, pool: bool = False, out_norm: Optional[nn.Module] = None, relu: bool = False
+        self, norm: nn.Module, conv: nn.Conv2d, pool: bool = False, out_norm: Optional[nn.Module] = None, relu: bool = False,
+        out_dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         self.pool, self.relu = pool, relu
@@ -196,17 +197,22 @@ class _NormReluConv(nn.Module):
             self.norm = norm
             lo = hi = torch.zeros(1)
         else:
-            s, b = (t.to(w.device) for t in affine)
-            zero = s == 0
-            inf = torch.full_like(s, float("inf"))
-            with torch.no_grad():
-                t = torch.where(zero, torch.zeros_like(s), -b / torch.where(zero, torch.ones_like(s), s))
-            lo = torch.where(s > 0, t, -inf)  # relu(s x + b) = s * max(x, t) + b      for s > 0
-            hi = torch.where(s < 0, t, inf)   #                = s * min(x, t) + b      for s < 0
-            b_eff = torch.where(zero, b.clamp_min(0), b)  # s == 0: the constant relu(b)
-            wsum = w.sum(dim=(2, 3))  # a constant input channel reaches each output via the sum of its taps
             if conv.padding != (0, 0):
                 raise ValueError("folding a norm before a padded convolution is not exact at the borders")
+            s, b = (t.to(w.device) for t in affine)
+            inf = torch.full_like(s, float("inf"))
+            t = -b / torch.where(s == 0, torch.ones_like(s), s)
+            # A threshold beyond the dtype's range (fp16): the ReLU is always on or always off there.
+            far = t.abs() > torch.finfo(out_dtype or conv.weight.dtype).max / 2
+            off = far & (t * s > 0)  # s x + b < 0 for every representable x: the output is 0
+            s, b = torch.where(off, torch.zeros_like(s), s), torch.where(off, torch.zeros_like(b), b)
+            zero = s == 0
+            t = torch.where(zero | far, torch.zeros_like(s), t)
+            s_sign = torch.where(far, torch.zeros_like(s), s)  # far & on: no clamp at all
+            lo = torch.where(s_sign > 0, t, -inf)  # relu(s x + b) = s * max(x, t) + b      for s > 0
+            hi = torch.where(s_sign < 0, t, inf)   #                = s * min(x, t) + b      for s < 0
+            b_eff = torch.where(zero, b.clamp_min(0), b)  # s == 0: the constant relu(b)
+            wsum = w.sum(dim=(2, 3))  # a constant input channel reaches each output via the sum of its taps
             bias = bias + wsum @ b_eff
             w = w * s[None, :, None, None]
         dtype = conv.weight.dtype
@@ -226,9 +232,9 @@ class _NormReluConv(nn.Module):
 
 
 class _FastLayer(nn.Module):
-    def __init__(self, layer: _DenseLayer) -> None:
+    def __init__(self, layer: _DenseLayer, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
-        self.first = _NormReluConv(layer.norm1, layer.conv1, out_norm=layer.norm2, relu=True)
+        self.first = _NormReluConv(layer.norm1, layer.conv1, out_norm=layer.norm2, relu=True, out_dtype=dtype)
         self.conv2 = layer.conv2
 
     def forward(self, x: Tensor) -> Tensor:
@@ -239,13 +245,13 @@ class _FastLayer(nn.Module):
 class _FastBlock(nn.Module):
     """A dense block writing every layer's output into one preallocated buffer."""
 
-    def __init__(self, block: _DenseBlock) -> None:
+    def __init__(self, block: _DenseBlock, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         layers = list(block.values())
         self.in_channels = layers[0].conv1.in_channels
         self.growth = [layer.conv2.out_channels for layer in layers]
         self.memory_format = torch.channels_last
-        self.layers = nn.ModuleList(_FastLayer(layer) for layer in layers)
+        self.layers = nn.ModuleList(_FastLayer(layer, dtype) for layer in layers)
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
@@ -264,10 +270,11 @@ class FastDenseNet(nn.Module):
     >>> fast = FastDenseNet(densenet121().eval())   # usually through optimize_for_inference()
 
     Holds its own folded weights (a snapshot: later changes to the source model are not seen).
+    ``dtype`` is the dtype the network will be cast to (thresholds outside its range are resolved).
     ``forward``, ``forward_features`` and ``forward_head`` mean what they mean on DenseNet.
     """
 
-    def __init__(self, model: DenseNet) -> None:
+    def __init__(self, model: DenseNet, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         _require_eval(model, "FastDenseNet")
         feats = model.features
@@ -286,17 +293,17 @@ class FastDenseNet(nn.Module):
         stages: List[nn.Module] = []
         for name, module in feats.named_children():
             if isinstance(module, _DenseBlock):
-                stages.append(_FastBlock(module))
+                stages.append(_FastBlock(module, dtype))
             elif isinstance(module, _Transition):
-                stages.append(_NormReluConv(module.norm, module.conv, pool=True))
+                stages.append(_NormReluConv(module.norm, module.conv, pool=True, out_dtype=dtype))
         self.stages = nn.ModuleList(stages)
         self.norm5 = feats.norm5
         affine = norm_as_affine(feats.norm5, model.num_features)
         self.fold5 = affine is not None
         if affine is not None:
-            dtype = next(model.parameters()).dtype
-            self.register_buffer("scale5", affine[0].to(dtype).reshape(1, -1, 1, 1))
-            self.register_buffer("shift5", affine[1].to(dtype).reshape(1, -1, 1, 1))
+            pdtype = next(model.parameters()).dtype
+            self.register_buffer("scale5", affine[0].to(pdtype).reshape(1, -1, 1, 1))
+            self.register_buffer("shift5", affine[1].to(pdtype).reshape(1, -1, 1, 1))
         self.global_pool = model.global_pool
         self.classifier = model.classifier
         self.eval()
@@ -358,7 +365,7 @@ def optimize_for_inference(
     source = copy.deepcopy(model).eval()
     if dtype is not None and dtype != torch.float32:
         # Fold in fp32 (float64 inside), then cast: rounding happens once, on the folded weights.
-        fast = FastDenseNet(source.float()).to(dtype)
+        fast = FastDenseNet(source.float(), dtype=dtype).to(dtype)
     else:
         fast = FastDenseNet(source)
     fmt = torch.channels_last if channels_last else torch.contiguous_format

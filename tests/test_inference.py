@@ -143,3 +143,20 @@ def test_bad_arguments():
     fast = optimize_for_inference(_tiny())
     with pytest.raises(ValueError, match="channels"):
         fast(torch.randn(1, 1, 32, 32))
+
+
+def test_thresholds_beyond_float16_range_are_resolved():
+    # gamma tiny and beta large: relu(s x + b) switches at |x| ~ 1e6, beyond fp16's range
+    model = _tiny()
+    layer = model.features.denseblock1.denselayer1
+    with torch.no_grad():
+        layer.norm1.weight[:4] = 1e-4
+        layer.norm1.bias[:2], layer.norm1.bias[2:4] = 100.0, -100.0  # always on / always off
+        layer.norm1.running_mean.zero_()
+        layer.norm1.running_var.fill_(1.0)
+    fast = FastDenseNet(model, dtype=torch.float16)
+    lo, hi = fast.stages[0].layers[0].first.lo.flatten(), fast.stages[0].layers[0].first.hi.flatten()
+    assert torch.isinf(lo[:4]).all() and torch.isinf(hi[:4]).all()  # no finite threshold left to overflow
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _rel(fast(x), model(x)) <= 1e-4
