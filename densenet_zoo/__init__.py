@@ -20,9 +20,11 @@ from .model import (
     list_models,
     model_config,
 )
+from .batchnorm import BatchNorm2d, FrozenBatchNorm2d, SyncBatchNorm
+from .caffe_bn import CaffeBatchNorm2d, caffe_blobs_to_state_dict
 from .train import TrainConfig, Trainer, finetune
 from .profile import depth_sweep, max_batch, profile
-from .norm import list_norms, register_norm, resolve_norm
+from .norm import convert_norm, group_norm, is_norm_layer, list_norms, register_norm, resolve_norm
 from .weights import (
     CheckpointError,
     LoadReport,
@@ -66,6 +68,14 @@ __all__ = [
     "list_memory_strategies",
     "list_models",
     "list_norms",
+    "BatchNorm2d",
+    "CaffeBatchNorm2d",
+    "FrozenBatchNorm2d",
+    "SyncBatchNorm",
+    "caffe_blobs_to_state_dict",
+    "convert_norm",
+    "group_norm",
+    "is_norm_layer",
     "load_model",
     "model_config",
     "register_memory_strategy",

@@ -9,7 +9,14 @@ A *norm spec* says which normalisation every norm layer of a DenseNet gets. It c
   the first matching pattern wins.
 
 Every form resolves to one function ``make(name, num_features) -> nn.Module``, which the model
-calls once per norm layer with its state-dict name.
+calls once per norm layer with its state-dict name. :func:`convert_norm` applies a spec to the
+norm layers of a model that is already built, keeping its weights and running statistics.
+
+Registered norms: ``bn`` (``nn.BatchNorm2d``), ``custom_bn`` (:class:`~densenet_zoo.batchnorm.BatchNorm2d`,
+written from tensor operations), ``sync_bn`` (:class:`~densenet_zoo.batchnorm.SyncBatchNorm`, any
+``torch.distributed`` backend), ``frozen_bn`` (:class:`~densenet_zoo.batchnorm.FrozenBatchNorm2d`),
+``group_norm`` (``nn.GroupNorm``, groups chosen per layer by :func:`group_norm`) and ``caffe_bn``
+(:class:`~densenet_zoo.caffe_bn.CaffeBatchNorm2d`, Caffe's BatchNorm + Scale).
 """
 
 from __future__ import annotations
@@ -17,9 +24,13 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
-from typing import Callable, Dict, Mapping, Optional, Union
+from typing import Callable, Dict, List, Mapping, Optional, Union
 
+import torch
 import torch.nn as nn
+
+from .batchnorm import BatchNorm2d, FrozenBatchNorm2d, SyncBatchNorm, _NormBase
+from .caffe_bn import CaffeBatchNorm2d
 
 NormFactory = Callable[[int], nn.Module]
 NormSpec = Union[None, str, NormFactory, Callable[[str, int], object], Mapping[str, object]]
@@ -74,15 +85,30 @@ def _positional_arity(fn: Callable) -> Optional[int]:
 def _build(value: object, name: str, num_features: int, *, depth: int = 0) -> nn.Module:
     """Turn what a spec gave for one layer (a module, a name or a factory) into a module."""
     if isinstance(value, nn.Module):
+        if depth == 0:  # one instance in the spec itself would be shared by every layer it matches
+            raise TypeError(
+                f"norm spec for layer {name!r} is a module instance ({type(value).__name__}); give a factory "
+                f"instead, e.g. lambda c: {type(value).__name__}(c), so that each layer gets its own"
+            )
+        channels = getattr(value, "num_features", getattr(value, "num_channels", num_features))
+        if isinstance(channels, int) and channels != num_features:
+            raise ValueError(
+                f"norm for layer {name!r} has {channels} channels but the layer has {num_features}; "
+                "build it from the num_features the factory receives"
+            )
         return value
     if value is None:
         value = "bn"
     if isinstance(value, str):
         value = get_norm_factory(value, layer=name)
     if callable(value) and depth < 2:
-        if _positional_arity(value) == 2:
-            return _build(value(name, num_features), name, num_features, depth=depth + 1)
-        return _build(value(num_features), name, num_features, depth=depth + 1)
+        try:
+            made = value(name, num_features) if _positional_arity(value) == 2 else value(num_features)
+        except (ValueError, TypeError) as e:
+            if repr(name) in str(e):
+                raise
+            raise type(e)(f"norm for layer {name!r} ({num_features} channels) could not be built: {e}") from e
+        return _build(made, name, num_features, depth=depth + 1)
     raise TypeError(
         f"norm spec for layer {name!r} gave {type(value).__name__}, expected an nn.Module, "
         "a registered norm name or a factory f(num_features) -> nn.Module"
@@ -138,4 +164,138 @@ def resolve_norm(spec: NormSpec = None, *, strict: bool = False) -> NormMaker:
     return make
 
 
+def group_norm(num_groups: Optional[int] = None, *, eps: float = 1e-5, affine: bool = True) -> NormFactory:
+    """A factory of ``nn.GroupNorm`` layers: ``densenet121(norm_layer=group_norm(16))``.
+
+    With ``num_groups`` every layer gets that many groups, and a layer whose channels it does not
+    divide is an error naming the layer. With ``None`` (the registered ``"group_norm"``) the groups
+    are chosen per layer: 32 (Wu & He's default) when 32 divides the channels, as in every layer of
+    densenet121/161/169/201/264, otherwise the largest divisor of the channels not above 32
+    (e.g. 24 channels -> 24 groups, 36 -> 18, 60 -> 30).
+    """
+    if num_groups is not None and (isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1):
+        raise ValueError(f"num_groups must be a positive integer or None (choose per layer), got {num_groups!r}")
+
+    def make(num_channels: int) -> nn.Module:
+        if num_groups is None:
+            groups = max(g for g in range(1, 33) if num_channels % g == 0)
+        elif num_channels % num_groups:
+            raise ValueError(
+                f"GroupNorm with {num_groups} groups cannot split {num_channels} channels; "
+                f"pick a divisor of {num_channels} or use group_norm() to choose the groups per layer"
+            )
+        else:
+            groups = num_groups
+        return nn.GroupNorm(groups, num_channels, eps=eps, affine=affine)
+
+    return make
+
+
+# ---------------------------------------------------------------------------------------------
+# Converting the norm layers of a built model
+# ---------------------------------------------------------------------------------------------
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, _NormBase, FrozenBatchNorm2d, CaffeBatchNorm2d)
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """Whether :func:`convert_norm` treats ``module`` as a norm layer (BatchNorm, GroupNorm, ours, registered classes).
+
+    >>> is_norm_layer(nn.GroupNorm(4, 8)), is_norm_layer(nn.ReLU())
+    (True, False)
+    """
+    registered = tuple(f for f in _REGISTRY.values() if isinstance(f, type))
+    return isinstance(module, _NORM_TYPES + registered)
+
+
+def _num_channels(module: nn.Module) -> int:
+    for attr in ("num_features", "num_channels"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return value
+    raise TypeError(f"cannot tell the number of channels of {type(module).__name__}: it has no num_features/num_channels")
+
+
+def _norm_layers(module: nn.Module, prefix: str = ""):
+    """(qualified name, parent, attribute, layer) of every outermost norm layer, in module order."""
+    for name, child in module.named_children():
+        qualified = f"{prefix}{name}"
+        if is_norm_layer(child):
+            yield qualified, module, name, child
+        else:
+            yield from _norm_layers(child, qualified + ".")
+
+
+def _transfer(old: nn.Module, new: nn.Module, name: str, allow_lossy: bool) -> nn.Module:
+    """Put ``old``'s shared state into ``new`` on old's device/dtype and mode; refuse silent loss."""
+    floats = [t for t in old.state_dict().values() if t.is_floating_point()]
+    if floats:
+        new.to(device=floats[0].device, dtype=floats[0].dtype)
+    old_sd, new_sd = old.state_dict(), new.state_dict()
+    dropped = [k for k in old_sd if k not in new_sd]
+    if dropped and not allow_lossy:
+        raise ValueError(
+            f"converting layer {name!r} from {type(old).__name__} to {type(new).__name__} would drop "
+            f"{', '.join(dropped)}; pass allow_lossy=True to convert anyway"
+        )
+    for key in (k for k in old_sd if k in new_sd):
+        if old_sd[key].shape != new_sd[key].shape:
+            raise ValueError(
+                f"layer {name!r}: {key} has shape {tuple(old_sd[key].shape)} in {type(old).__name__} but "
+                f"{tuple(new_sd[key].shape)} in {type(new).__name__}; build the new norm with matching options"
+            )
+    for attr in ("eps", "momentum"):  # keep the numerics of the layer, not the defaults of the new class
+        if hasattr(old, attr) and hasattr(new, attr):
+            setattr(new, attr, getattr(old, attr))
+    with torch.no_grad():
+        for key, value in old_sd.items():
+            if key in new_sd:
+                new_sd[key].copy_(value)
+    for attr in ("weight", "bias"):
+        p_old, p_new = getattr(old, attr, None), getattr(new, attr, None)
+        if isinstance(p_old, nn.Parameter) and isinstance(p_new, nn.Parameter):
+            p_new.requires_grad_(p_old.requires_grad)
+    return new.train(old.training)
+
+
+def convert_norm(model: nn.Module, spec: NormSpec, *, strict: bool = False, allow_lossy: bool = False) -> nn.Module:
+    """Replace the norm layers of ``model`` (in place) by those a norm spec gives, keeping their state.
+
+    Parameters and buffers the old and new layer share (``weight``, ``bias``, ``running_mean``,
+    ``running_var``, ``num_batches_tracked``) are copied, as are ``eps`` and ``momentum``; the new
+    layer gets the old one's device, dtype, train/eval mode and ``requires_grad``. A conversion that
+    would drop state (e.g. BatchNorm -> GroupNorm loses the running statistics) is an error unless
+    ``allow_lossy=True``. With a dict spec, layers no pattern matches are left as they are, and
+    ``strict=True`` makes a pattern that matches no layer an error. Returns ``model``.
+
+    >>> model = convert_norm(densenet121(pretrained=True), "sync_bn")
+    >>> model = convert_norm(model, {"features.denseblock4.*": "frozen_bn"})
+    """
+    make = resolve_norm(spec, strict=strict)
+    patterns: Optional[List[str]] = list(spec) if isinstance(spec, Mapping) else None
+    if is_norm_layer(model):
+        if patterns is not None and not any(fnmatch.fnmatchcase("", p) for p in patterns):
+            return model
+        return _transfer(model, make("", _num_channels(model)), "", allow_lossy)
+    for name, parent, attr, old in list(_norm_layers(model)):
+        if patterns is not None and not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            continue
+        new = make(name, _num_channels(old))
+        setattr(parent, attr, _transfer(old, new, name, allow_lossy))
+    make.check_unused()  # type: ignore[attr-defined]
+    model_args = getattr(model, "model_args", None)
+    if isinstance(model_args, dict):
+        # A checkpoint of the converted model rebuilds with the new norm when it has one name.
+        if isinstance(spec, str):
+            model_args["norm_layer"] = spec
+        else:
+            model_args.pop("norm_layer", None)
+    return model
+
+
 register_norm("bn", nn.BatchNorm2d)
+register_norm("custom_bn", BatchNorm2d)
+register_norm("sync_bn", SyncBatchNorm)
+register_norm("frozen_bn", FrozenBatchNorm2d)
+register_norm("group_norm", group_norm())
+register_norm("caffe_bn", CaffeBatchNorm2d)
