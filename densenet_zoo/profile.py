@@ -2,13 +2,13 @@
 
 What is measured, per configuration (model, mode, batch size, image size):
 
-* CPU: a fresh ``python -m densenet_zoo.profile_worker`` process per configuration. The *baseline* is
-  the process's resident memory (VmRSS) after the model, the SGD optimizer (with its momentum
-  state), the input and the targets are allocated and the warm-up steps have run, with gradients
-  freed. Before each measured step the kernel's high-water mark is reset (``5`` written to
-  ``/proc/self/clear_refs``); the peak is VmHWM after forward, backward and optimizer step. The
-  worker runs with ``MALLOC_MMAP_THRESHOLD_`` fixed so freed tensors go back to the system and
-  resident memory follows live memory. Reported: the largest peak above baseline over the steps.
+* CPU: two fresh ``python -m densenet_zoo.profile_worker`` processes per configuration. The first
+  times the steps with the default allocator. The second runs with glibc returning every freed
+  block of 64 KiB or more at once (``MALLOC_MMAP_THRESHOLD_``), so resident memory follows live
+  tensors; its *baseline* is VmRSS with the model, the SGD optimizer (momentum state included), the
+  input and the targets allocated after a warm-up step, gradients freed. The high-water mark is
+  reset (``5`` written to ``/proc/self/clear_refs``), one step (forward, backward, optimizer step)
+  runs, and the peak is VmHWM after it. Reported: peak minus baseline.
 * CUDA: ``torch.cuda.reset_peak_memory_stats`` before and ``max_memory_allocated`` after each
   step, minus ``memory_allocated`` at the same baseline.
 * Saved for backward: unique storages packed by ``saved_tensors_hooks`` during one forward
@@ -24,7 +24,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -32,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from .memory import SavedTensorBytes, get_memory_strategy, list_memory_strategies, parse_bytes
+from .profile_rss import _PeakRss, _return_freed_memory, _rss_kib
 from .profile_report import DepthSweepReport, MaxBatchReport, ProfileReport, environment
 
 __all__ = ["profile", "max_batch", "depth_sweep", "resolve_modes", "ProfileReport", "MaxBatchReport", "DepthSweepReport"]
@@ -116,49 +116,6 @@ def _check_sizes(ref: str, kwargs: Dict[str, Any], batch_size: int, image_size: 
 
 
 # -- one configuration (runs inside the worker, or in-process on CUDA) ----------------------------
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-class _PeakRss:
-    """Peak resident memory during a step: VmHWM after a reset, or a 1 ms sampling thread."""
-
-    def __init__(self) -> None:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.method = "VmHWM after writing 5 to /proc/self/clear_refs"
-        except OSError:
-            self.method = "VmRSS sampled every 1 ms by a thread"
-
-    def __enter__(self) -> "_PeakRss":
-        self.peak = _rss_kib("VmRSS")
-        if self.method.startswith("VmHWM"):
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        else:
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, _rss_kib("VmRSS"))
-
-    def __exit__(self, *exc: object) -> None:
-        if self.method.startswith("VmHWM"):
-            self.peak = max(self.peak, _rss_kib("VmHWM"))
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, _rss_kib("VmRSS"))
-
-
 def measure(config: Dict[str, Any]) -> Dict[str, Any]:
     """Measure one configuration in this process (see the module docstring): a dict of results."""
     device = torch.device(config.get("device", "cpu"))
@@ -185,31 +142,43 @@ def measure(config: Dict[str, Any]) -> Dict[str, Any]:
     gc.collect()
     sync()
     cuda = device.type == "cuda"
-    baseline = torch.cuda.memory_allocated(device) if cuda else _rss_kib("VmRSS") * 1024
     times, peaks, method = [], [], None
-    for _ in range(config.get("steps", 3)):
-        if cuda:
+    if cuda:
+        baseline = torch.cuda.memory_allocated(device)
+        for _ in range(config.get("steps", 3)):
             torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
             step()
             sync()
             times.append(time.perf_counter() - start)
             peaks.append(torch.cuda.max_memory_allocated(device) - baseline)
-            method = "torch.cuda.max_memory_allocated after reset_peak_memory_stats"
-        else:
-            with _PeakRss() as peak:
+            opt.zero_grad(set_to_none=True)
+        method = "torch.cuda.max_memory_allocated after reset_peak_memory_stats"
+    else:
+        phase = config.get("phase", "both")
+        if phase != "memory":
+            for _ in range(config.get("steps", 3)):
                 start = time.perf_counter()
                 step()
                 times.append(time.perf_counter() - start)
+                opt.zero_grad(set_to_none=True)
+        if phase == "time":
+            return {"step_s": statistics.median(times), "step_times_s": times}
+        allocator = "allocator set by the environment" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else _return_freed_memory()
+        gc.collect()
+        baseline = _rss_kib("VmRSS") * 1024
+        for _ in range(config.get("memory_steps", 1)):
+            with _PeakRss() as peak:
+                step()
             peaks.append(peak.peak * 1024 - baseline)
-            method = peak.method
-        opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
+        method = f"{peak.method} ({allocator})"
     with SavedTensorBytes(exclude=model.parameters()) as saved:
         out = model(x)
     del out
     return {
         "mode": config["mode"], "batch_size": n, "image_size": s, "peak_bytes": max(peaks),
-        "step_s": statistics.median(times), "step_times_s": times, "saved_bytes": saved.bytes,
+        "step_s": statistics.median(times) if times else None, "step_times_s": times, "saved_bytes": saved.bytes,
         "baseline_bytes": baseline, "absolute_peak_bytes": baseline + max(peaks), "peak_method": method,
         "params": sum(p.numel() for p in model.parameters()),
     }
@@ -219,7 +188,22 @@ def _run_config(config: Dict[str, Any], subprocess_mode: bool, timeout: Optional
     """One configuration: in a fresh worker process (CPU) or here (CUDA, or subprocess_mode=False)."""
     if not subprocess_mode:
         return measure(config)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    # Two fresh processes: time with the default allocator, memory with glibc returning every freed
+    # block of 64 KiB or more at once (MALLOC_MMAP_THRESHOLD_), so resident memory follows live tensors.
+    # With separate_timing=False one process does both (times then include the page faults).
+    separate = config.get("separate_timing", True)
+    timed = _worker(dict(config, phase="time"), {}, timeout) if separate else {}
+    if "error" in timed:
+        return timed
+    phase = "memory" if separate else "both"
+    result = _worker(dict(config, phase=phase), {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}, timeout)
+    if "error" not in result:
+        result.update(timed)
+    return result
+
+
+def _worker(config: Dict[str, Any], extra_env: Dict[str, str], timeout: Optional[float]) -> Dict[str, Any]:
+    env = dict(os.environ, **extra_env)
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     threads = config.get("threads")
@@ -250,6 +234,7 @@ def profile(
     warmup: int = 1,
     threads: Optional[int] = None,
     subprocess_mode: Optional[bool] = None,
+    separate_timing: bool = True,
     model_kwargs: Optional[Dict[str, Any]] = None,
 ) -> ProfileReport:
     """Peak memory, saved-for-backward bytes and step time of each mode; ratios against normal mode.
@@ -265,7 +250,7 @@ def profile(
     rows = []
     for mode in names:
         config = dict(model=ref, model_kwargs=kwargs, mode=mode, batch_size=batch_size, image_size=image_size,
-                      device=device, steps=steps, warmup=warmup, threads=threads)
+                      device=device, steps=steps, warmup=warmup, threads=threads, separate_timing=separate_timing)
         rows.append(_run_config(config, subprocess_mode))
     return ProfileReport(rows, dict(environment(device, threads), model=ref, subprocess=subprocess_mode, steps=steps, warmup=warmup))
 

@@ -16,7 +16,8 @@ TINY = dict(growth_rate=8, block_config=[2, 2, 2], num_init_features=16)
 
 @pytest.mark.timeout(600)
 def test_profile_every_mode_in_subprocesses(tmp_path):
-    report = dz.profile("densenet_bc_100", batch_size=2, image_size=16, modes="all", steps=1, threads=1, model_kwargs=TINY)
+    report = dz.profile("densenet_bc_100", batch_size=2, image_size=16, modes="all", steps=1, threads=1,
+                        separate_timing=False, model_kwargs=TINY)
     assert report.meta["subprocess"] is True and report.meta["torch"] == torch.__version__
     assert report.modes == dz.list_memory_strategies()
     for row in report.rows:
@@ -33,6 +34,14 @@ def test_profile_every_mode_in_subprocesses(tmp_path):
     csv_lines = report.to_csv(tmp_path / "p.csv").read_text().splitlines()
     assert csv_lines[0].startswith("mode,") and len(csv_lines) == 1 + len(report.modes)
     assert report.plot(tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.timeout(300)
+def test_profile_times_and_measures_memory_in_separate_processes():
+    report = dz.profile("densenet_bc_100", batch_size=8, image_size=16, modes="none,layer", steps=2, threads=1, model_kwargs=TINY)
+    for row in report.rows:
+        assert len(row["step_times_s"]) == 2 and "allocator set by the environment" in row["peak_method"]
+    assert 0 < report.row("layer")["peak_bytes"] < report.row("none")["peak_bytes"]
 
 
 def test_torchvision_reference_rows_match_our_modes():

@@ -1,0 +1,61 @@
+"""Resident memory of this process: current, peak during a block of code, and returning freed memory."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+class _PeakRss:
+    """Peak resident memory during a step: VmHWM after a reset, or a 1 ms sampling thread."""
+
+    def __init__(self) -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.method = "VmHWM after writing 5 to /proc/self/clear_refs"
+        except OSError:
+            self.method = "VmRSS sampled every 1 ms by a thread"
+
+    def __enter__(self) -> "_PeakRss":
+        self.peak = _rss_kib("VmRSS")
+        if self.method.startswith("VmHWM"):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        else:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _rss_kib("VmRSS"))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.method.startswith("VmHWM"):
+            self.peak = max(self.peak, _rss_kib("VmHWM"))
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss_kib("VmRSS"))
+
+
+def _return_freed_memory() -> str:
+    """Make glibc hand freed blocks back to the system, so resident memory follows live tensors."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: blocks of 64 KiB and more are mmap-ed, unmapped on free
+        libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD: give back the top of the heap at once
+        libc.malloc_trim(0)
+        return "glibc mmap threshold 64 KiB, heap trimmed"
+    except (OSError, AttributeError):
+        return "allocator left as is"
