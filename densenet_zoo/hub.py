@@ -14,6 +14,7 @@ import json
 import os
 import re
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
@@ -84,9 +85,15 @@ class WeightsEntry:
         return self.hf_filename
 
     def resolved_url(self) -> Optional[str]:
-        """``url``, with its base replaced by ``DENSENET_ZOO_MIRROR`` when that is set."""
+        """``url``, with its base replaced by ``DENSENET_ZOO_MIRROR`` when that is set.
+
+        A relative ``file:NAME`` names a file shipped in the package's data folder.
+        """
         mirror = os.environ.get("DENSENET_ZOO_MIRROR", "").strip()
-        if self.url and mirror and not self.url.startswith("file:"):
+        if self.url and self.url.startswith("file:"):
+            path = urllib.request.url2pathname(urllib.parse.urlparse(self.url).path)
+            return self.url if os.path.isabs(path) else (data_dir() / path).as_uri()
+        if self.url and mirror:
             return mirror.rstrip("/") + "/" + self.filename
         return self.url
 

@@ -52,7 +52,6 @@ def test_stated_accuracy_on_the_held_out_digits(tmp_path):
     assert report["acc1"] > 99.0
 
 
-@pytest.mark.xfail(strict=True, reason="the weights registry does not resolve a 'file:' URL relative to the package data folder yet")
 def test_create_model_pretrained_loads_the_file_offline(monkeypatch):
     monkeypatch.setenv("DENSENET_ZOO_OFFLINE", "1")
     model = dz.create_model("densenet_bc_100.digits", pretrained=True).eval()
