@@ -59,7 +59,7 @@ def test_matches_torchvision(arch):
     _assert_same_training_step(ours, ref, x)
 
 
-@pytest.mark.parametrize("arch", ["densenet121", "densenet161"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_matches_timm(arch):
     ref = timm.create_model(arch, pretrained=False)
     _randomize_bn(ref)
