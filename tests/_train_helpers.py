@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 #: A DenseNet small enough for CPU tests (two blocks of two layers, 3x3 stem).
@@ -31,3 +33,12 @@ def base_options(data: Path, out: Path, **kw) -> dict:
                 epochs=2, batch_size=8, lr=0.05, augment="light", deterministic=True, progress=False)
     opts.update(kw)
     return opts
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread for the module's tests: exactness does not depend on it, speed on a 2-core machine does."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

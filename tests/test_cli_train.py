@@ -18,7 +18,7 @@ from densenet_zoo.cli import main
 from densenet_zoo.train import finetune
 from densenet_zoo.weights import read_safetensors
 
-from _train_helpers import base_options, digits_subset
+from _train_helpers import base_options, digits_subset, one_thread  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -36,12 +36,6 @@ def _tiny_flags(data, out, *extra):
             "--threads", "1", "--no-progress", *extra]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

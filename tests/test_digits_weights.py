@@ -12,16 +12,12 @@ from densenet_zoo import hub
 from densenet_zoo.data import write_sample_data
 from densenet_zoo.evaluate import evaluate_checkpoint
 
+from _train_helpers import one_thread  # noqa: F401 (autouse fixture)
+
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 FILE = WEIGHTS / "densenet_bc_100_digits.safetensors"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _registered_path() -> Path:

@@ -14,16 +14,9 @@ from densenet_zoo.train import finetune
 from densenet_zoo.train_loop import EpochBatchSampler, apply_freeze, lr_factor, param_groups
 from densenet_zoo.weights import load_model, read_safetensors
 
-from _train_helpers import TINY, base_options, digits_subset
+from _train_helpers import TINY, base_options, digits_subset, one_thread  # noqa: F401 (autouse fixture)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Exactness does not depend on it; speed on a shared 2-core machine does.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
