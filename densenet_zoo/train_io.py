@@ -7,37 +7,16 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Sequence, Union
 
 import torch
+
+from .fileio import atomic_write
 
 PathLike = Union[str, os.PathLike]
 
 STATE_FILE = "state.pt"
 STATE_FORMAT = 1
-
-
-def atomic_write(path: PathLike, write: Callable[[Any], None], *, binary: bool = True) -> Path:
-    """Write a file through ``write(fileobj)`` into a temporary sibling, fsync, then rename.
-
-    >>> atomic_write("runs/x/metrics.csv", lambda f: f.write("epoch,loss\\n"), binary=False)
-
-    ``os.replace`` is atomic on POSIX and Windows: a reader (or a process killed mid-write) sees
-    the old file or the new one, never a half-written one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def save_state(state: Dict[str, Any], path: PathLike) -> Path:
@@ -155,11 +134,6 @@ def plot_confusion(matrix: torch.Tensor, class_names: Sequence[str], path: PathL
 
 def write_json(path: PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), binary=False)
-
-
-def read_json(path: PathLike) -> Optional[Dict[str, Any]]:
-    path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def summarize(history: List[Dict[str, Any]]) -> str:

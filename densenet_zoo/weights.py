@@ -14,7 +14,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from .checkpoint import (
     FIRST_CONV,
@@ -29,6 +29,7 @@ from .checkpoint import (
     read_safetensors,
 )
 from .hub import WeightsEntry, WeightsError, download, fetch, get_weights, list_weights, register_weights
+from .fileio import atomic_write
 from .model import DenseNet, list_models, model_config
 
 __all__ = [
@@ -40,10 +41,6 @@ __all__ = [
 PathLike = Union[str, os.PathLike]
 WeightsSource = Union[str, os.PathLike, WeightsEntry, Mapping[str, torch.Tensor], nn.Module, Any]
 _SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
-
-
-def _atomic_replace(tmp: Path, dest: Path) -> None:
-    os.replace(tmp, dest)
 
 
 def save_model(model: DenseNet, path: PathLike, **metadata: Any) -> Path:
@@ -66,15 +63,8 @@ def save_model(model: DenseNet, path: PathLike, **metadata: Any) -> Path:
             meta["class_names"] = entry.categories
     meta.update(metadata)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
-        _atomic_replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    blob = safetensors_bytes(state, metadata={METADATA_KEY: json.dumps(meta)})
+    return atomic_write(path, lambda f: f.write(blob))
 
 
 def load_model(path: PathLike, **overrides: Any) -> Tuple[DenseNet, Dict[str, Any]]:
