@@ -41,7 +41,7 @@ def saved_only(args: argparse.Namespace) -> int:
 
 
 def check_targets(report: "dz.ProfileReport") -> None:
-    rows = [r for r in report.rows if "error" not in r and not r["mode"].startswith("torchvision") and r["mode"] != "none"]
+    rows = [r for r in report.rows if "error" not in r and not r["mode"].startswith(("torchvision", "none"))]
     for mem, time_ in ((0.45, 1.10), (0.25, 1.25)):
         hits = [r["mode"] for r in rows if r["mem_ratio"] <= mem and r["time_ratio"] <= time_]
         print(f"target <= {mem:.2f}x memory and <= {time_:.2f}x time: {', '.join(hits) if hits else 'not met'}")
@@ -51,6 +51,13 @@ def check_targets(report: "dz.ProfileReport") -> None:
               f"{ours['peak_bytes'] / tv['peak_bytes']:.2f}x its memory")
     except KeyError:
         pass
+    try:
+        cl = report.row("none:channels_last")
+        for r in rows:
+            print(f"{r['mode']} vs normal mode on channels-last tensors: {r['step_s'] / cl['step_s']:.2f}x its time at "
+                  f"{r['peak_bytes'] / cl['peak_bytes']:.2f}x its memory")
+    except KeyError:
+        pass
 
 
 def main() -> int:
@@ -58,10 +65,12 @@ def main() -> int:
     p.add_argument("--model", default="densenet121")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--modes", default="all")
+    p.add_argument("--modes", default="all,none:channels_last",
+                   help="strategy names; ':channels_last' runs a mode on channels-last tensors (the fused strategies' layout)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=2, help="timing processes per mode, modes taking turns")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-reference", action="store_true", help="leave out the torchvision rows")
     p.add_argument("--saved-only", action="store_true", help="only the exact saved-for-backward bytes, in this process")
@@ -71,7 +80,8 @@ def main() -> int:
         return saved_only(args)
     report = dz.profile(args.model, batch_size=args.batch_size, image_size=args.image_size, modes=args.modes,
                         device=args.device, reference=None if args.no_reference else "torchvision",
-                        steps=args.steps, warmup=args.warmup, threads=args.threads)
+                        steps=args.steps, warmup=args.warmup, threads=args.threads,
+                        rounds=args.rounds)
     print(report.table())
     check_targets(report)
     out = Path(args.out)

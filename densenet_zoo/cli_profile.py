@@ -41,7 +41,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         _write_all(report, args.out, "max_batch")
         return 0
     report = profile(args.model, batch_size=args.batch_size, image_size=image_size, modes=args.modes,
-                     device=args.device, reference=args.reference, steps=args.steps, warmup=args.warmup, threads=args.threads)
+                     device=args.device, reference=args.reference, steps=args.steps, warmup=args.warmup, threads=args.threads, rounds=args.rounds)
     print(report.table())
     _write_all(report, args.out, "profile")
     return 0
@@ -52,11 +52,13 @@ def add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="densenet121", help="model name (default densenet121)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=None, help="pixels (default 224; 32 for --depth-sweep)")
-    p.add_argument("--modes", default="all", help="'all' or comma-separated strategy names, e.g. none,efficient,layer")
+    p.add_argument("--modes", default="all", help="'all' or comma-separated strategy names, e.g. none,efficient,layer; "
+                   "append ':channels_last' to run a mode on channels-last tensors")
     p.add_argument("--reference", choices=["torchvision"], default=None, help="add torchvision's normal and memory_efficient rows")
     p.add_argument("--device", default="cpu", help="cpu (one fresh process per configuration) or cuda[:N]")
     p.add_argument("--steps", type=int, default=3, help="measured steps after warm-up (time is their median)")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1, help="CPU: time each mode in this many fresh processes, modes taking turns")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each worker")
     p.add_argument("--max-batch", action="store_true", help="largest batch per mode within --budget")
     p.add_argument("--budget", default=None, help="memory budget for --max-batch, e.g. 8GiB")

@@ -114,6 +114,24 @@ class MemoryStrategy:
 
     name: str = "none"
     description: str = "store everything for backward (fastest, quadratic memory)"
+    #: Also keep only the inputs of the stem (conv0 .. pool0) and of each transition; rerun them in backward.
+    recompute_stem_and_transitions: bool = False
+
+    def prefers_channels_last(self, blocks: List["_DenseBlock"]) -> bool:
+        """Whether the network should run on channels-last tensors while training (the strategy's own layout)."""
+        return False
+
+    def sequence_forward(self, modules: List[nn.Module], x: Tensor) -> Tensor:
+        """The stem or a transition: ``modules`` applied in order (checkpointed if the strategy says so)."""
+
+        def run(t: Tensor) -> Tensor:
+            for m in modules:
+                t = m(t)
+            return t
+
+        if not self.recompute_stem_and_transitions or not any(_needs_graph([x], m) for m in modules):
+            return run(x)
+        return checkpoint_once(run, x, norms=modules)
 
     def block_forward(self, block: "_DenseBlock", x: Tensor) -> Tensor:
         features: List[Tensor] = [x]
@@ -250,6 +268,42 @@ class RecomputedLayer(RecomputedNorms):
     whole_layer = True
 
 
+class FusedBlock(RecomputedBothNorms):
+    """The whole block as one autograd function (see :mod:`densenet_zoo.fused`), keeping conv1's outputs.
+
+    Blocks it cannot run exactly (other norms, dropout, autocast, ``torch.compile``) run ``"norms"``.
+    """
+
+    name = "fused"
+    description = "one function per block: channels-last shared buffer, 1x1 convs as matrix products, keeps conv1's outputs"
+    keep_bottleneck = True
+
+    def prefers_channels_last(self, blocks: List["_DenseBlock"]) -> bool:
+        # Only when every block runs fused: elsewhere channels-last would change nothing but the
+        # order in which dropout draws its random numbers.
+        from .fused import fused_supported
+
+        return all(fused_supported(b) for b in blocks)
+
+    def block_forward(self, block: "_DenseBlock", x: Tensor) -> Tensor:
+        from .fused import fused_block_forward, fused_supported
+
+        if _needs_graph([x], block) and fused_supported(block, x):
+            return fused_block_forward(block, x, self.keep_bottleneck)
+        return super().block_forward(block, x)
+
+
+class FusedBlockLean(FusedBlock):
+    """``"fused"`` that keeps only the block buffers and recomputes conv1 in backward; falls back to ``"layer"``."""
+
+    name = "fused_lean"
+    description = "'fused' keeping only each block's output; recomputes conv1, the stem and the transitions in backward"
+    recompute_stem_and_transitions = True
+    keep_bottleneck = False
+    second_stage = False
+    whole_layer = True
+
+
 class BlockCheckpoint(MemoryStrategy):
     """Segment checkpointing: keep each block's input only; the whole block runs again in backward."""
 
@@ -301,7 +355,8 @@ def get_memory_strategy(spec: Union[bool, str, MemoryStrategy, None]) -> MemoryS
 
 register_memory_strategy(MemoryStrategy())
 register_memory_strategy(_BOTTLENECK)
-for _strategy in (RecomputedNorms(), SharedRecomputedNorms(), RecomputedBothNorms(), RecomputedLayer(), BlockCheckpoint()):
+for _strategy in (RecomputedNorms(), SharedRecomputedNorms(), RecomputedBothNorms(), RecomputedLayer(), FusedBlock(),
+                  FusedBlockLean(), BlockCheckpoint()):
     register_memory_strategy(_strategy)
 
 from .memory_auto import AutoStrategy, parse_bytes  # noqa: E402  (it builds on the strategies above)

@@ -140,6 +140,7 @@ class _Transition(nn.Sequential):
         *,
         make_norm: Optional[Callable[[str, int], nn.Module]] = None,
         name: str = "",
+        memory_efficient: MemorySpec = False,
     ) -> None:
         super().__init__()
         make_norm = make_norm or resolve_norm(None)
@@ -148,6 +149,12 @@ class _Transition(nn.Sequential):
         self.relu = nn.ReLU(inplace=True)
         self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+        self.strategy = get_memory_strategy(memory_efficient)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and torch.is_grad_enabled():
+            return self.strategy.sequence_forward(list(self), x)
+        return super().forward(x)
 
 
 _POOLS = ("avg", "max", "avgmax", "")
@@ -265,7 +272,8 @@ class DenseNet(nn.Module):
             self.feature_info.append(dict(num_chs=num_features, reduction=reduction, module=f"features.{name}"))
             if i != len(block_config) - 1:
                 out_features = int(math.floor(num_features * compression))
-                trans = _Transition(num_features, out_features, make_norm=make_norm, name=f"features.transition{i + 1}")
+                trans = _Transition(num_features, out_features, make_norm=make_norm, name=f"features.transition{i + 1}",
+                                    memory_efficient=strategy)
                 self.features.add_module(f"transition{i + 1}", trans)
                 num_features = out_features
                 reduction *= 2
@@ -313,7 +321,7 @@ class DenseNet(nn.Module):
         """Switch every dense block to ``strategy`` (``True``, ``False`` or a strategy name)."""
         strategy = get_memory_strategy(strategy)
         for m in self.modules():
-            if isinstance(m, (_DenseBlock, _DenseLayer)):
+            if isinstance(m, (_DenseBlock, _DenseLayer, _Transition)):
                 m.strategy = strategy
         return self
 
@@ -345,7 +353,16 @@ class DenseNet(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """Feature map after ``norm5`` and ReLU, shape (N, num_features, H/32, W/32)."""
         self.check_input(x)
-        return F.relu(self.features(x), inplace=True)
+        if not (self.training and torch.is_grad_enabled()):
+            return F.relu(self.features(x), inplace=True)
+        modules, strategy = list(self.features), self.memory_strategy
+        if x.dim() == 4 and strategy.prefers_channels_last([m for m in modules if isinstance(m, _DenseBlock)]):
+            x = x.contiguous(memory_format=torch.channels_last)
+        stem = 1 if self.small_inputs else 4  # conv0 (norm0, relu0, pool0)
+        x = strategy.sequence_forward(modules[:stem], x)
+        for module in modules[stem:]:
+            x = module(x)
+        return F.relu(x, inplace=True)
 
     def pool(self, x: Tensor) -> Tensor:
         if self.global_pool == "avg":

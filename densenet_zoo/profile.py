@@ -37,6 +37,8 @@ from .profile_report import DepthSweepReport, MaxBatchReport, ProfileReport, env
 __all__ = ["profile", "max_batch", "depth_sweep", "resolve_modes", "ProfileReport", "MaxBatchReport", "DepthSweepReport"]
 
 REFERENCE_MODES = {"torchvision": ["torchvision", "torchvision_memory_efficient"]}
+#: ``"none:channels_last"``: a mode run with the model and the input in channels-last memory format.
+CHANNELS_LAST = ":channels_last"
 _TORCHVISION_ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201")
 ModelSpec = Union[str, Callable[..., nn.Module]]
 
@@ -44,18 +46,15 @@ ModelSpec = Union[str, Callable[..., nn.Module]]
 # -- arguments -------------------------------------------------------------------------------------
 def resolve_modes(modes: Union[str, Sequence[str], None], reference: Optional[str] = None) -> List[str]:
     """``"all"``, ``"none,efficient"`` or a list -> validated mode names (normal mode always first)."""
-    if modes is None or modes == "all":
-        names = list_memory_strategies()
-    else:
-        names = [m.strip() for m in (modes.split(",") if isinstance(modes, str) else modes) if str(m).strip()]
+    tokens = ["all"] if modes is None else [str(m).strip() for m in (modes.split(",") if isinstance(modes, str) else modes)]
+    names = [n for t in tokens if t for n in (list_memory_strategies() if t == "all" else [t])]
     out = ["none"]
     for name in names:
-        if name in REFERENCE_MODES["torchvision"]:
-            out.append(name)
-            continue
-        if name not in list_memory_strategies():
+        base = name[: -len(CHANNELS_LAST)] if name.endswith(CHANNELS_LAST) else name
+        if base not in list_memory_strategies() + REFERENCE_MODES["torchvision"]:
             known = ", ".join(list_memory_strategies() + REFERENCE_MODES["torchvision"])
-            raise ValueError(f"unknown mode {name!r}; expected 'all' or comma-separated names from: {known}")
+            raise ValueError(f"unknown mode {name!r}; expected 'all' or comma-separated names from: {known} "
+                             f"(each may end in {CHANNELS_LAST!r})")
         out.append(name)
     if reference is not None:
         if reference not in REFERENCE_MODES:
@@ -79,6 +78,8 @@ def _model_ref(model: ModelSpec) -> str:
 
 
 def _build(ref: str, mode: str, kwargs: Dict[str, Any]) -> nn.Module:
+    if mode.endswith(CHANNELS_LAST):
+        return _build(ref, mode[: -len(CHANNELS_LAST)], kwargs).to(memory_format=torch.channels_last)
     if mode.startswith("torchvision"):
         import torchvision
 
@@ -124,6 +125,8 @@ def measure(config: Dict[str, Any]) -> Dict[str, Any]:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     n, s = config["batch_size"], config["image_size"]
     x = torch.randn(n, 3, s, s, device=device)
+    if config["mode"].endswith(CHANNELS_LAST):
+        x = x.contiguous(memory_format=torch.channels_last)
     classes = getattr(model, "num_classes", 1000) or 1
     y = torch.randint(0, classes, (n,), device=device)
 
@@ -192,14 +195,33 @@ def _run_config(config: Dict[str, Any], subprocess_mode: bool, timeout: Optional
     # block of 64 KiB or more at once (MALLOC_MMAP_THRESHOLD_), so resident memory follows live tensors.
     # With separate_timing=False one process does both (times then include the page faults).
     separate = config.get("separate_timing", True)
-    timed = _worker(dict(config, phase="time"), {}, timeout) if separate else {}
+    timed = _worker(dict(config, phase="time"), {}, timeout) if separate and config.get("timed", True) else {}
     if "error" in timed:
         return timed
     phase = "memory" if separate else "both"
-    result = _worker(dict(config, phase=phase), {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}, timeout)
+    result = _worker(dict(config, phase=phase), _MEMORY_ENV, timeout)
     if "error" not in result:
         result.update(timed)
     return result
+
+
+_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def _interleaved_times(configs: List[Dict[str, Any]], rounds: int) -> Dict[str, Any]:
+    """Step times per mode from ``rounds`` rounds of fresh timing processes, modes taking turns.
+
+    Taking turns spreads slow phases of a shared machine over every mode instead of one.
+    """
+    times: Dict[str, Any] = {c["mode"]: [] for c in configs}
+    for _ in range(rounds):
+        for config in configs:
+            mode = config["mode"]
+            if isinstance(times[mode], dict):  # failed in an earlier round
+                continue
+            result = _worker(dict(config, phase="time"), {}, None)
+            times[mode] = result if "error" in result else times[mode] + result["step_times_s"]
+    return times
 
 
 def _worker(config: Dict[str, Any], extra_env: Dict[str, str], timeout: Optional[float]) -> Dict[str, Any]:
@@ -235,9 +257,13 @@ def profile(
     threads: Optional[int] = None,
     subprocess_mode: Optional[bool] = None,
     separate_timing: bool = True,
+    rounds: int = 1,
     model_kwargs: Optional[Dict[str, Any]] = None,
 ) -> ProfileReport:
     """Peak memory, saved-for-backward bytes and step time of each mode; ratios against normal mode.
+
+    On CPU, ``rounds > 1`` times every mode in that many fresh processes, the modes taking turns,
+    and reports the median over all their steps.
 
     >>> report = profile("densenet121", batch_size=16, image_size=224, modes="all", reference="torchvision")
     >>> print(report.table()); report.to_json("p.json"); report.to_csv("p.csv"); report.plot("p.png")
@@ -247,12 +273,25 @@ def profile(
     _check_sizes(ref, kwargs, batch_size, image_size)
     names = resolve_modes(modes, reference)
     subprocess_mode = not device.startswith("cuda") if subprocess_mode is None else subprocess_mode
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
+    configs = [dict(model=ref, model_kwargs=kwargs, mode=mode, batch_size=batch_size, image_size=image_size,
+                    device=device, steps=steps, warmup=warmup, threads=threads, separate_timing=separate_timing)
+               for mode in names]
+    interleaved = subprocess_mode and separate_timing
+    times = _interleaved_times(configs, rounds) if interleaved else {}
     rows = []
-    for mode in names:
-        config = dict(model=ref, model_kwargs=kwargs, mode=mode, batch_size=batch_size, image_size=image_size,
-                      device=device, steps=steps, warmup=warmup, threads=threads, separate_timing=separate_timing)
-        rows.append(_run_config(config, subprocess_mode))
-    return ProfileReport(rows, dict(environment(device, threads), model=ref, subprocess=subprocess_mode, steps=steps, warmup=warmup))
+    for config in configs:
+        timed = times.get(config["mode"])
+        if isinstance(timed, dict):  # the timing process failed: report its error
+            rows.append(timed)
+            continue
+        row = _run_config(dict(config, timed=not interleaved), subprocess_mode)
+        if interleaved and "error" not in row:
+            row.update(step_s=statistics.median(timed), step_times_s=timed)
+        rows.append(row)
+    return ProfileReport(rows, dict(environment(device, threads), model=ref, subprocess=subprocess_mode, steps=steps,
+                                    warmup=warmup, rounds=rounds))
 
 
 def largest_fitting(fits: Callable[[int], bool], start: int = 1, limit: int = 4096) -> int:

@@ -107,7 +107,8 @@ class ProfileReport:
         first = self.rows[0] if self.rows else {}
         lines = [_header(self.meta),
                  f"# batch {first.get('batch_size')}, {first.get('image_size')}x{first.get('image_size')}, one SGD step; "
-                 f"peak = {first.get('peak_method', 'n/a')} minus the loaded baseline; time = median of {self.meta.get('steps')} steps",
+                 f"peak = {first.get('peak_method', 'n/a')} minus the loaded baseline; time = median of {self.meta.get('steps')} steps"
+                 + (f" x {self.meta['rounds']} interleaved rounds (fresh processes)" if self.meta.get("rounds", 1) > 1 else ""),
                  f"{'mode':30s} {'peak MB':>9s} {'saved MB':>9s} {'step s':>8s} {'img/s':>8s} {'mem x':>6s} {'saved x':>8s} {'time x':>7s}"]
         for r in self.rows:
             if "error" in r:

@@ -11,6 +11,9 @@ import densenet_zoo as dz
 from _dist import run_distributed
 
 STRATEGIES = [s for s in dz.list_memory_strategies() if s != "none"]
+# Computed with other kernels (channels-last, matrix products, shared batch statistics): equal to
+# normal mode up to rounding, so compared in float64 where rounding is far below the tolerances.
+FUSED = ("fused", "fused_lean")
 
 
 def _tiny(**kwargs):
@@ -46,9 +49,9 @@ def _assert_models_equal(a, b, atol=1e-6):
 _NORMAL_RUNS = {}
 
 
-def _normal_run(arch):
+def _normal_run(arch, dtype=torch.float32):
     """Normal mode trained for three steps, once per architecture (every strategy compares against it)."""
-    if arch not in _NORMAL_RUNS:
+    if (arch, dtype) not in _NORMAL_RUNS:
         torch.manual_seed(0)
         if arch == "bc":
             initial = dz.DenseNet(growth_rate=12, block_config=(4, 4, 4), num_init_features=24, small_inputs=True, num_classes=10, drop_rate=0.2)
@@ -57,17 +60,18 @@ def _normal_run(arch):
             initial = dz.densenet121(num_classes=10, drop_rate=0.2)
             shape, classes = (2, 3, 32, 32), 10
         g = torch.Generator().manual_seed(3)
-        xs = [torch.randn(shape, generator=g) for _ in range(3)]
+        xs = [torch.randn(shape, generator=g).to(dtype) for _ in range(3)]
         ys = [torch.randint(0, classes, (shape[0],), generator=g) for _ in range(3)]
+        initial = initial.to(dtype)
         normal = copy.deepcopy(initial)
-        _NORMAL_RUNS[arch] = (initial, xs, ys, normal, _train_steps(normal, xs, ys))
-    return _NORMAL_RUNS[arch]
+        _NORMAL_RUNS[arch, dtype] = (initial, xs, ys, normal, _train_steps(normal, xs, ys))
+    return _NORMAL_RUNS[arch, dtype]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("arch", ["densenet121", "bc"])
 def test_strategy_equals_normal_mode_over_steps(strategy, arch):
-    initial, xs, ys, normal, normal_outs = _normal_run(arch)
+    initial, xs, ys, normal, normal_outs = _normal_run(arch, torch.float64 if strategy in FUSED else torch.float32)
     efficient = copy.deepcopy(initial).set_memory_efficient(strategy)
     for o1, o2 in zip(normal_outs, _train_steps(efficient, xs, ys)):
         assert torch.allclose(o1, o2, atol=1e-5, rtol=0)
@@ -96,9 +100,10 @@ def test_torchvision_checkpointing_counts_twice():
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_cumulative_average_momentum_none(strategy):
-    normal = _tiny(norm_layer=lambda c: nn.BatchNorm2d(c, momentum=None))
+    dtype = torch.float64 if strategy in FUSED else torch.float32
+    normal = _tiny(norm_layer=lambda c: nn.BatchNorm2d(c, momentum=None)).to(dtype)
     efficient = copy.deepcopy(normal).set_memory_efficient(strategy)
-    xs = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    xs = [torch.randn(4, 3, 16, 16, dtype=dtype) for _ in range(3)]
     ys = [torch.randint(0, 5, (4,)) for _ in range(3)]
     _train_steps(normal, xs, ys), _train_steps(efficient, xs, ys)
     _assert_models_equal(efficient, normal)
@@ -196,14 +201,96 @@ def test_saved_bytes_shrink_in_the_documented_order():
     assert saved["layer"] < 0.25 * saved["none"]
 
 
-@pytest.mark.parametrize("strategy", RECOMPUTING)
+# -- the fused strategies: one autograd function per block ----------------------------------------
+def _count_fused_calls(monkeypatch):
+    from densenet_zoo import fused
+
+    calls = []
+    real = fused.FusedDenseBlock.apply
+    monkeypatch.setattr(fused.FusedDenseBlock, "apply", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def _compare_one_step(normal, strategy, x, y, out_atol, grad_atol, grad_rtol, buffer_atol):
+    efficient = copy.deepcopy(normal).set_memory_efficient(strategy)
+    outs = [_train_steps(m, [x], [y])[0] for m in (normal, efficient)]
+    assert torch.allclose(outs[0], outs[1], atol=out_atol, rtol=0)
+    for (name, p), q in zip(normal.named_parameters(), efficient.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=grad_atol, rtol=grad_rtol), name
+    for (name, a), b in zip(normal.named_buffers(), efficient.buffers()):
+        assert torch.allclose(a.double(), b.double(), atol=buffer_atol, rtol=0), name
+    return efficient
+
+
+@pytest.mark.parametrize("strategy", FUSED)
+def test_fused_float32_matches_normal_mode_to_rounding(strategy, monkeypatch):
+    calls = _count_fused_calls(monkeypatch)
+    torch.manual_seed(0)
+    normal = dz.densenet121(num_classes=10)
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+    _compare_one_step(normal, strategy, x, y, out_atol=1e-4, grad_atol=1e-5, grad_rtol=1e-3, buffer_atol=1e-5)
+    assert len(calls) == 4  # every dense block ran fused
+
+
+@pytest.mark.parametrize("strategy", FUSED)
+@pytest.mark.parametrize("norm", ["custom_bn", "no_affine", "no_running_stats", "momentum_none"])
+def test_fused_norm_options_in_float64(strategy, norm, monkeypatch):
+    calls = _count_fused_calls(monkeypatch)
+    layer = {"custom_bn": "custom_bn", "no_affine": lambda c: nn.BatchNorm2d(c, affine=False),
+             "no_running_stats": lambda c: nn.BatchNorm2d(c, track_running_stats=False),
+             "momentum_none": lambda c: nn.BatchNorm2d(c, momentum=None)}[norm]
+    torch.manual_seed(0)
+    normal = _tiny(norm_layer=layer).double()
+    x, y = torch.randn(4, 3, 16, 16, dtype=torch.float64), torch.randint(0, 5, (4,))
+    for _ in range(2):
+        normal = _compare_one_step(normal, strategy, x, y, out_atol=1e-10, grad_atol=1e-10, grad_rtol=1e-8, buffer_atol=1e-10)
+        normal.set_memory_efficient(False)
+    assert len(calls) == 4  # two blocks, two steps
+
+
+@pytest.mark.parametrize("spec", ["dropout", "group_norm", "autocast"])
+def test_fused_falls_back_where_it_cannot_be_exact(spec, monkeypatch):
+    calls = _count_fused_calls(monkeypatch)
+    kwargs = {"dropout": dict(drop_rate=0.2), "group_norm": dict(norm_layer="group_norm"), "autocast": {}}[spec]
+    model = _tiny(memory_efficient="fused", **kwargs).train()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec == "autocast"):
+        out = model(x)
+    out.float().sum().backward()
+    assert calls == [] and model.features.conv0.weight.grad is not None
+
+
+def test_fused_block_output_modified_in_place_is_reported():
+    model = _tiny(memory_efficient="fused").train()
+    feats = model.features.denseblock1(torch.randn(2, 16, 8, 8, requires_grad=True))
+    feats.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        feats.sum().backward()
+
+
+def test_fused_saves_less_than_its_per_layer_counterparts():
+    from densenet_zoo.memory import SavedTensorBytes
+
+    x = torch.randn(2, 3, 64, 64)
+    saved = {}
+    for strategy in ["none", "norms", "layer", "fused", "fused_lean"]:
+        model = dz.densenet121(num_classes=10, memory_efficient=strategy).train()
+        with SavedTensorBytes(exclude=model.parameters()) as counter:
+            model(x)
+        saved[strategy] = counter.bytes
+    assert saved["fused"] < 1.01 * saved["norms"] and saved["norms"] < 0.4 * saved["none"]  # both keep conv1 outputs
+    assert saved["fused_lean"] < 0.5 * saved["layer"] and saved["fused_lean"] < 0.1 * saved["none"]
+
+
+@pytest.mark.parametrize("strategy", RECOMPUTING + list(FUSED))
 @pytest.mark.parametrize("case", ["frozen_norms", "input_without_grad", "frozen_batchnorm_module"])
 def test_recomputing_strategies_with_frozen_parts(strategy, case):
     """Norm parameters that need no gradient, or a stem that does not, still give normal mode's gradients."""
+    dtype = torch.float64 if strategy in FUSED else torch.float32
     if case == "frozen_batchnorm_module":
-        normal = _tiny(norm_layer=torchvision.ops.FrozenBatchNorm2d)
+        normal = _tiny(norm_layer=torchvision.ops.FrozenBatchNorm2d).to(dtype)
     else:
-        normal = _tiny()
+        normal = _tiny().to(dtype)
     if case == "frozen_norms":
         for m in normal.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -211,7 +298,7 @@ def test_recomputing_strategies_with_frozen_parts(strategy, case):
     if case == "input_without_grad":
         normal.features.conv0.requires_grad_(False)
     efficient = copy.deepcopy(normal).set_memory_efficient(strategy)
-    x = torch.randn(3, 3, 16, 16)
+    x = torch.randn(3, 3, 16, 16, dtype=dtype)
     for model in (normal, efficient):
         model.train()(x).square().sum().backward()
     for (name, p), q in zip(normal.named_parameters(), efficient.parameters()):
@@ -219,7 +306,7 @@ def test_recomputing_strategies_with_frozen_parts(strategy, case):
         if p.grad is not None:
             assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
     for (name, a), b in zip(normal.named_buffers(), efficient.buffers()):
-        assert torch.equal(a, b), name
+        assert torch.equal(a, b) if strategy not in FUSED else torch.allclose(a, b, atol=1e-12, rtol=0), name
 
 
 def test_shared_buffer_modified_in_place_is_reported():

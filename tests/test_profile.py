@@ -16,7 +16,8 @@ TINY = dict(growth_rate=8, block_config=[2, 2, 2], num_init_features=16)
 
 @pytest.mark.timeout(600)
 def test_profile_every_mode_in_subprocesses(tmp_path):
-    report = dz.profile("densenet_bc_100", batch_size=2, image_size=16, modes="all", steps=1, threads=1,
+    # 48 px: activations above glibc's 64 KiB mmap threshold, so every step raises resident memory
+    report = dz.profile("densenet_bc_100", batch_size=2, image_size=48, modes="all", steps=1, threads=1,
                         separate_timing=False, model_kwargs=TINY)
     assert report.meta["subprocess"] is True and report.meta["torch"] == torch.__version__
     assert report.modes == dz.list_memory_strategies()
@@ -24,7 +25,7 @@ def test_profile_every_mode_in_subprocesses(tmp_path):
         assert "error" not in row, row
         assert row["peak_bytes"] > 0 and row["step_s"] > 0 and row["baseline_bytes"] > 0
     normal = report.row("none")["saved_bytes"]
-    for mode in ("bottleneck", "efficient", "shared", "norms", "layer", "block"):
+    for mode in ("bottleneck", "efficient", "shared", "norms", "layer", "fused", "fused_lean", "block"):
         assert report.row(mode)["saved_bytes"] < normal, mode
     table = report.table()
     assert all(mode in table for mode in report.modes) and "threads=1" in table
@@ -120,3 +121,19 @@ def test_cli_depth_sweep_writes_files(tmp_path, capsys):
     assert "L=28" in out
     for suffix in ("json", "csv", "png"):
         assert (tmp_path / f"depth_sweep.{suffix}").stat().st_size > 0
+
+
+@pytest.mark.timeout(300)
+def test_interleaved_rounds_and_channels_last_rows():
+    report = dz.profile("densenet_bc_100", batch_size=2, image_size=48, modes="fused,none:channels_last", steps=2,
+                        rounds=2, threads=1, model_kwargs=TINY)
+    assert report.modes == ["none", "fused", "none:channels_last"]
+    for row in report.rows:
+        assert "error" not in row, row
+        assert len(row["step_times_s"]) == 4 and row["peak_bytes"] >= 0
+    assert "2 interleaved rounds" in report.table()
+    assert resolve_modes("all,layer:channels_last")[-1] == "layer:channels_last"
+    with pytest.raises(ValueError, match="rounds must be an integer >= 1"):
+        dz.profile("densenet_bc_100", modes="none", rounds=0, model_kwargs=TINY, image_size=48)
+    with pytest.raises(ValueError, match="unknown mode 'fusd:channels_last'"):
+        resolve_modes("fusd:channels_last")
