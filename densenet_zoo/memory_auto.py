@@ -55,7 +55,7 @@ class AutoStrategy(MemoryStrategy):
 
     name = "auto"
     description = "per block, the fastest strategy whose measured bytes fit a budget (default: half of normal mode)"
-    default_candidates = ("none", "efficient", "shared", "norms", "layer")
+    default_candidates = ("none", "efficient", "shared", "norms", "layer", "fused", "fused_lean")
 
     def __init__(self, budget: Union[float, int, str] = 0.5, candidates: Optional[Sequence[str]] = None, name: str = "auto") -> None:
         if isinstance(budget, float) and not 0.0 < budget <= 1.0:

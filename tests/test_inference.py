@@ -160,3 +160,19 @@ def test_thresholds_beyond_float16_range_are_resolved():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert _rel(fast(x), model(x)) <= 1e-4
+
+
+@pytest.mark.timeout(600)
+def test_compile_option_equals_eval_model():
+    """``compile=True``: torch.compile traces the plain conv + ReLU graph (the oneDNN fast path is eager only)."""
+    torch._dynamo.reset()
+    model = _tiny()
+    x = torch.randn(3, 3, 40, 40)
+    compiled = optimize_for_inference(model, compile=True)
+    with torch.no_grad():
+        expected = model(x)
+        got = compiled(x)
+        again = compiled(torch.randn(3, 3, 40, 40))  # same shape: the compiled graph is reused
+    assert _rel(got, expected) <= 1e-4
+    assert again.shape == expected.shape
+    assert isinstance(getattr(compiled, "_orig_mod", None), FastDenseNet)
