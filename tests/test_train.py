@@ -152,7 +152,8 @@ def test_every_memory_mode_trains_like_normal_mode(data, tmp_path):
         if name == "none":
             continue
         finetune(**base_options(data, tmp_path / name, epochs=1, memory_efficient=name))
-        _assert_same_weights(_weights(tmp_path / name / "last.safetensors"), ref, 1e-5)
+        # fused strategies (and "auto", which may choose them): other kernels, same math, float32 rounding differs
+        _assert_same_weights(_weights(tmp_path / name / "last.safetensors"), ref, 1e-4 if name.startswith("fused") or name == "auto" else 1e-5)
 
 
 @pytest.mark.skipif("sync_bn" not in dz.list_norms(), reason="sync_bn not registered")
