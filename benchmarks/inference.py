@@ -9,7 +9,9 @@ hits every row), and the median over rounds is reported. GFLOP/s use the FLOPs o
 network counted by ``torch.utils.flop_counter`` (5.67 GFLOP per 224x224 image), so a row that
 does less work (our transitions pool before their 1x1 conv) is credited with the nominal work.
 "GEMM peak" is the best fp32 matmul rate measured in the same rounds (sampled before each round,
-best kept: a conservative ceiling), which a convolution network can approach but hardly pass. Top-1 agreement compares bf16 and fp32 predictions of our network on fixed random
+best kept: a conservative ceiling), which a convolution network can approach but hardly pass; the
+script also reports the rate of the optimized network's convolution kernels alone (torch.profiler
+self time), the ceiling for the whole network on this machine. Top-1 agreement compares bf16 and fp32 predictions of our network on fixed random
 inputs (random weights unless ``--pretrained`` finds published weights).
 """
 
@@ -94,6 +96,17 @@ def top1_agreement(fp32: torch.nn.Module, bf16: torch.nn.Module, n: int, image_s
     return agree / n
 
 
+def convolution_seconds(model: Callable, x: torch.Tensor) -> float:
+    """Self time of the convolution kernels in one forward (all the network's FLOPs but the classifier's)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        model(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(x)
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if "convolution" in e.key) / 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch-size", type=int, default=16)
@@ -158,12 +171,17 @@ def main() -> None:
         ips = args.batch_size / statistics.median(ts)
         rows.append(dict(name=name, img_s=ips, ratio=ips / base, gflop_s=ips * flops, peak_pct=100 * ips * flops / peak))
         print(f"| {name:46s} | {ips:7.1f} | {ips / base:18.2f}x | {ips * flops:8.1f} | {100 * ips * flops / peak:13.0f}% |")
+    conv_s = convolution_seconds(fast, x)
+    conv_rate = args.batch_size * flops / conv_s
+    print(f"\nconvolution kernels alone in densenet_zoo optimized fp32 (torch.profiler, one batch): {1000 * conv_s:.0f} ms, "
+          f"{conv_rate:.1f} GFLOP/s = {100 * conv_rate / peak:.0f}% of the GEMM peak; the whole network cannot do better")
     agree = top1_agreement(fast, fast16, args.agree_images, args.image_size, args.batch_size)
     print(f"\ntop-1 agreement, densenet_zoo bf16 vs fp32, {args.agree_images} fixed random inputs "
           f"({'published' if args.pretrained else 'random'} weights): {100 * agree:.1f}%")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(machine=machine(), gemm_peak=peak, gflop_per_image=flops, rows=rows, top1_agreement=agree,
+                           convolution_gflop_s=conv_rate,
                            batch_size=args.batch_size, image_size=args.image_size, rounds=args.rounds), f, indent=1)
 
 

