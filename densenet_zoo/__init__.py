@@ -6,8 +6,8 @@ normalisation, exact memory-efficient training, pretrained weights, fine-tuning 
 """
 
 from .memory import AutoStrategy, MemoryStrategy, get_memory_strategy, list_memory_strategies, register_memory_strategy
-from .model import (
-    DenseNet,
+from .model import DenseNet
+from .zoo import (
     create_model,
     densenet121,
     densenet161,

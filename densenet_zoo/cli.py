@@ -12,7 +12,7 @@ from typing import List, Optional
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from .model import create_model, list_models
+    from .zoo import create_model, list_models
 
     for name in list_models(args.pattern):
         model = create_model(name)

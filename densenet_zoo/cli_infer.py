@@ -9,7 +9,7 @@ import sys
 
 def _load_model(args: argparse.Namespace):
     """A model from ``--checkpoint FILE`` or ``--model NAME [--pretrained]``, in eval mode."""
-    from .model import create_model
+    from .zoo import create_model
     from .weights import load_model
 
     if args.checkpoint:

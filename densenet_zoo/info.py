@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .model import DenseNet, _DenseLayer, _Transition, create_model
+from .model import DenseNet, _DenseLayer, _Transition
+from .zoo import create_model
 
 __all__ = ["count_flops", "model_info", "format_info"]
 

@@ -19,7 +19,8 @@ from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from . import data as D
-from .model import DenseNet, create_model
+from .model import DenseNet
+from .zoo import create_model
 from .weights import load_model
 
 PathLike = Union[str, os.PathLike]

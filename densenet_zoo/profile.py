@@ -65,7 +65,7 @@ def resolve_modes(modes: Union[str, Sequence[str], None], reference: Optional[st
 
 def _model_ref(model: ModelSpec) -> str:
     if isinstance(model, str):
-        from .model import _canonical_name
+        from .zoo import _canonical_name
 
         return _canonical_name(model)
     module, qualname = getattr(model, "__module__", None), getattr(model, "__qualname__", "")
@@ -97,7 +97,7 @@ def _build(ref: str, mode: str, kwargs: Dict[str, Any]) -> nn.Module:
             obj = getattr(obj, part)
         model = obj(**kwargs)
     else:
-        from .model import create_model
+        from .zoo import create_model
 
         model = create_model(ref, **kwargs)
     set_mode = getattr(model, "set_memory_efficient", None)

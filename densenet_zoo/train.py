@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from . import data as D
 from . import train_io as io
-from .model import create_model
+from .zoo import create_model
 from .train_loop import (
     Dist, EpochBatchSampler, apply_freeze, evaluate_loader, lr_factor, make_optimizer, param_groups, reduce_sum,
     set_train_mode, weights_preprocessing,

@@ -30,7 +30,8 @@ from .checkpoint import (
 )
 from .hub import WeightsEntry, WeightsError, download, fetch, get_weights, list_weights, register_weights
 from .fileio import atomic_write
-from .model import DenseNet, list_models, model_config
+from .model import DenseNet
+from .zoo import list_models, model_config
 
 __all__ = [
     "METADATA_KEY", "CheckpointError", "LoadReport", "WeightsEntry", "WeightsError", "build_pretrained",
