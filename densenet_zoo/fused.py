@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .batchnorm import BatchNorm2d as _OwnBatchNorm2d
 
@@ -151,6 +152,7 @@ class FusedDenseBlock(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
         layers: List["_DenseLayer"] = ctx.layers
         n, h, w = ctx.shape

@@ -260,6 +260,14 @@ def test_fused_falls_back_where_it_cannot_be_exact(spec, monkeypatch):
     assert calls == [] and model.features.conv0.weight.grad is not None
 
 
+def test_fused_refuses_double_backward():
+    model = _tiny(memory_efficient="fused").train()
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    (grad,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.sum().backward()
+
+
 def test_fused_saves_less_than_its_per_layer_counterparts():
     from densenet_zoo.memory import SavedTensorBytes
 
