@@ -7,6 +7,7 @@ sets ``func``; the function returns the process exit code.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -116,7 +117,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`densenet-zoo weights list | head`): stop quietly, as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except (ValueError, FileNotFoundError, TypeError, RuntimeError) as exc:
         # Library errors are written for people: show the one line, not a traceback.
         print(f"densenet-zoo {args.command}: error: {exc}", file=sys.stderr)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from . import data as D
 from .model import DenseNet
 from .zoo import create_model
+from .fileio import atomic_write
 from .weights import load_model
 
 PathLike = Union[str, os.PathLike]
@@ -158,11 +159,9 @@ class Predictor:
 
 def write_csv(results: Sequence[Prediction], path: PathLike, top_k: int) -> Path:
     """``path,top1,top1_prob,...,topK,topK_prob,error`` (one row per input, unreadable ones included)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     header = ["path"] + [c for k in range(1, top_k + 1) for c in (f"top{k}", f"top{k}_prob")] + ["error"]
-    with open(tmp, "w", newline="") as f:
+
+    def write(f: Any) -> None:
         w = csv.writer(f)
         w.writerow(header)
         for r in results:
@@ -170,8 +169,8 @@ def write_csv(results: Sequence[Prediction], path: PathLike, top_k: int) -> Path
             for k in range(top_k):
                 cells += [r.labels[k], f"{r.probs[k]:.6f}"] if k < len(r.labels) else ["", ""]
             w.writerow(cells + [r.error or ""])
-    os.replace(tmp, path)
-    return path
+
+    return atomic_write(path, write, binary=False)
 
 
 def predict_summary(results: Sequence[Prediction]) -> Dict[str, int]:

@@ -115,3 +115,13 @@ def test_info_flops_match_torchvision_published_ops(capsys):
     assert cli.main(["info", "densenet_bc_100"]) == 0
     out = capsys.readouterr().out
     assert "densenet_bc_100" in out and "GFLOPs" in out and "preprocessing" in out
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """``densenet-zoo weights list | head -1``: the reader leaves early; no traceback on stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "densenet_zoo", "weights", "list"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=110) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
