@@ -78,7 +78,7 @@ def _average_factor(norm: nn.Module) -> float:
 
 def _update_running(norm: nn.Module, mean: Tensor, var: Tensor, count: int) -> None:
     factor = _average_factor(norm)
-    if norm.running_mean is None or not norm.track_running_stats:
+    if factor == 0.0:  # no running statistics (or momentum 0: they would not move)
         return
     norm.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
     norm.running_var.mul_(1 - factor).add_(var * (count / (count - 1)), alpha=factor)
