@@ -70,7 +70,9 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=2, help="timing processes per mode, modes taking turns")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="timing processes per mode, modes taking turns; 0 (default): all modes in one process, "
+                        "taking turns step by step (best against a drifting machine speed)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-reference", action="store_true", help="leave out the torchvision rows")
     p.add_argument("--saved-only", action="store_true", help="only the exact saved-for-backward bytes, in this process")

@@ -58,7 +58,8 @@ def add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu (one fresh process per configuration) or cuda[:N]")
     p.add_argument("--steps", type=int, default=3, help="measured steps after warm-up (time is their median)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=1, help="CPU: time each mode in this many fresh processes, modes taking turns")
+    p.add_argument("--rounds", type=int, default=1, help="CPU: time each mode in this many fresh processes, modes taking turns; "
+                   "0: all modes in one process, taking turns step by step")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each worker")
     p.add_argument("--max-batch", action="store_true", help="largest batch per mode within --budget")
     p.add_argument("--budget", default=None, help="memory budget for --max-batch, e.g. 8GiB")

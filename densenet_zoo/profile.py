@@ -117,8 +117,8 @@ def _check_sizes(ref: str, kwargs: Dict[str, Any], batch_size: int, image_size: 
 
 
 # -- one configuration (runs inside the worker, or in-process on CUDA) ----------------------------
-def measure(config: Dict[str, Any]) -> Dict[str, Any]:
-    """Measure one configuration in this process (see the module docstring): a dict of results."""
+def _setup(config: Dict[str, Any]) -> tuple:
+    """Model, optimizer, input and one training step (forward, backward, SGD step) of a configuration."""
     device = torch.device(config.get("device", "cpu"))
     torch.manual_seed(0)
     model = _build(config["model"], config["mode"], config.get("model_kwargs", {})).to(device).train()
@@ -134,6 +134,35 @@ def measure(config: Dict[str, Any]) -> Dict[str, Any]:
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
+
+    return device, model, opt, x, step
+
+
+def measure_together(configs: List[Dict[str, Any]], steps: int, warmup: int) -> Dict[str, List[float]]:
+    """Step times of every configuration in this one process, the modes taking turns step by step.
+
+    A shared machine whose speed drifts over minutes slows every mode alike, not the one measured then.
+    """
+    setups = [(c["mode"], _setup(c)) for c in configs]
+    for _, (_, _, opt, _, step) in setups:
+        for _ in range(warmup):
+            step()
+            opt.zero_grad(set_to_none=True)
+    times: Dict[str, List[float]] = {mode: [] for mode, _ in setups}
+    for i in range(steps):
+        for mode, (_, _, opt, _, step) in setups[i % len(setups):] + setups[: i % len(setups)]:
+            gc.collect()
+            start = time.perf_counter()
+            step()
+            times[mode].append(time.perf_counter() - start)
+            opt.zero_grad(set_to_none=True)
+    return times
+
+
+def measure(config: Dict[str, Any]) -> Dict[str, Any]:
+    """Measure one configuration in this process (see the module docstring): a dict of results."""
+    device, model, opt, x, step = _setup(config)
+    n, s = config["batch_size"], config["image_size"]
 
     def sync() -> None:
         if device.type == "cuda":
@@ -214,6 +243,12 @@ def _interleaved_times(configs: List[Dict[str, Any]], rounds: int) -> Dict[str, 
     Taking turns spreads slow phases of a shared machine over every mode instead of one.
     """
     times: Dict[str, Any] = {c["mode"]: [] for c in configs}
+    if rounds == 0:  # all modes in one process, taking turns step by step
+        first = configs[0]
+        together = dict(mode="together", batch_size=first["batch_size"], phase="together", configs=configs,
+                        steps=first["steps"], warmup=first["warmup"], threads=first.get("threads"))
+        result = _worker(together, {}, None)
+        return result["times"] if "error" not in result else {c["mode"]: result for c in configs}
     for _ in range(rounds):
         for config in configs:
             mode = config["mode"]
@@ -263,7 +298,8 @@ def profile(
     """Peak memory, saved-for-backward bytes and step time of each mode; ratios against normal mode.
 
     On CPU, ``rounds > 1`` times every mode in that many fresh processes, the modes taking turns,
-    and reports the median over all their steps.
+    and reports the median over all their steps; ``rounds=0`` times every mode in one process,
+    the modes taking turns step by step (``steps`` each), which cancels a drifting machine speed best.
 
     >>> report = profile("densenet121", batch_size=16, image_size=224, modes="all", reference="torchvision")
     >>> print(report.table()); report.to_json("p.json"); report.to_csv("p.csv"); report.plot("p.png")
@@ -273,8 +309,8 @@ def profile(
     _check_sizes(ref, kwargs, batch_size, image_size)
     names = resolve_modes(modes, reference)
     subprocess_mode = not device.startswith("cuda") if subprocess_mode is None else subprocess_mode
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise ValueError(f"rounds must be an integer >= 0 (0: all modes in one process, taking turns), got {rounds!r}")
     configs = [dict(model=ref, model_kwargs=kwargs, mode=mode, batch_size=batch_size, image_size=image_size,
                     device=device, steps=steps, warmup=warmup, threads=threads, separate_timing=separate_timing)
                for mode in names]
@@ -400,6 +436,10 @@ def _worker_main(argv: List[str]) -> int:
     config = json.loads(argv[1])
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
-    print(json.dumps(measure(config)), flush=True)
+    if config.get("phase") == "together":
+        result: Dict[str, Any] = {"times": measure_together(config["configs"], config["steps"], config["warmup"])}
+    else:
+        result = measure(config)
+    print(json.dumps(result), flush=True)
     return 0
 

@@ -71,6 +71,12 @@ def _figure(ncols: int = 1) -> Any:
     return plt.subplots(1, ncols, figsize=(6 * ncols, 4))
 
 
+def _timing_note(rounds: int) -> str:
+    if rounds == 0:
+        return ", every mode in one process, the modes taking turns step by step"
+    return f" x {rounds} interleaved rounds (fresh processes)" if rounds > 1 else ""
+
+
 class ProfileReport:
     """Rows of :func:`densenet_zoo.profile` (one per mode) with ratios against normal mode ``"none"``."""
 
@@ -108,7 +114,7 @@ class ProfileReport:
         lines = [_header(self.meta),
                  f"# batch {first.get('batch_size')}, {first.get('image_size')}x{first.get('image_size')}, one SGD step; "
                  f"peak = {first.get('peak_method', 'n/a')} minus the loaded baseline; time = median of {self.meta.get('steps')} steps"
-                 + (f" x {self.meta['rounds']} interleaved rounds (fresh processes)" if self.meta.get("rounds", 1) > 1 else ""),
+                 + _timing_note(self.meta.get("rounds", 1)),
                  f"{'mode':30s} {'peak MB':>9s} {'saved MB':>9s} {'step s':>8s} {'img/s':>8s} {'mem x':>6s} {'saved x':>8s} {'time x':>7s}"]
         for r in self.rows:
             if "error" in r:

@@ -133,7 +133,10 @@ def test_interleaved_rounds_and_channels_last_rows():
         assert len(row["step_times_s"]) == 4 and row["peak_bytes"] >= 0
     assert "2 interleaved rounds" in report.table()
     assert resolve_modes("all,layer:channels_last")[-1] == "layer:channels_last"
-    with pytest.raises(ValueError, match="rounds must be an integer >= 1"):
-        dz.profile("densenet_bc_100", modes="none", rounds=0, model_kwargs=TINY, image_size=48)
+    together = dz.profile("densenet_bc_100", batch_size=2, image_size=48, modes="fused", steps=3, rounds=0, threads=1,
+                          model_kwargs=TINY)
+    assert [len(r["step_times_s"]) for r in together.rows] == [3, 3] and "taking turns step by step" in together.table()
+    with pytest.raises(ValueError, match="rounds must be an integer >= 0"):
+        dz.profile("densenet_bc_100", modes="none", rounds=-1, model_kwargs=TINY, image_size=48)
     with pytest.raises(ValueError, match="unknown mode 'fusd:channels_last'"):
         resolve_modes("fusd:channels_last")
