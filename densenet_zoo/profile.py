@@ -242,13 +242,15 @@ def _interleaved_times(configs: List[Dict[str, Any]], rounds: int) -> Dict[str, 
 
     Taking turns spreads slow phases of a shared machine over every mode instead of one.
     """
-    times: Dict[str, Any] = {c["mode"]: [] for c in configs}
     if rounds == 0:  # all modes in one process, taking turns step by step
         first = configs[0]
         together = dict(mode="together", batch_size=first["batch_size"], phase="together", configs=configs,
                         steps=first["steps"], warmup=first["warmup"], threads=first.get("threads"))
         result = _worker(together, {}, None)
-        return result["times"] if "error" not in result else {c["mode"]: result for c in configs}
+        if "error" not in result:
+            return result["times"]
+        return {c["mode"]: dict(result, mode=c["mode"]) for c in configs}  # every row names its own mode
+    times: Dict[str, Any] = {c["mode"]: [] for c in configs}
     for _ in range(rounds):
         for config in configs:
             mode = config["mode"]

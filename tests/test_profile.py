@@ -140,3 +140,11 @@ def test_interleaved_rounds_and_channels_last_rows():
         dz.profile("densenet_bc_100", modes="none", rounds=-1, model_kwargs=TINY, image_size=48)
     with pytest.raises(ValueError, match="unknown mode 'fusd:channels_last'"):
         resolve_modes("fusd:channels_last")
+
+
+@pytest.mark.timeout(120)
+def test_failed_one_process_timing_reports_every_mode_by_name():
+    report = dz.profile("densenet_bc_100", batch_size=2, image_size=48, modes="torchvision", steps=1, rounds=0,
+                        threads=1, model_kwargs=TINY)
+    assert report.modes == ["none", "torchvision"]
+    assert all("torchvision has no reference" in r["error"] for r in report.rows)
