@@ -39,12 +39,16 @@ from .weights import (
     save_model,
 )
 from .export import export
+from ._utils import DataError, RunError, ZooError
 from .inference import FastDenseNet, fold_bn, optimize_for_inference
 from . import timm_models as _timm_models  # registers dz_<model> names in timm's factory
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ZooError",
+    "DataError",
+    "RunError",
     "FastDenseNet",
     "export",
     "fold_bn",

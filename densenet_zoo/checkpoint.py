@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from ._utils import CheckpointError
+
 PathLike = Union[str, os.PathLike]
 StateDict = Dict[str, torch.Tensor]
 
@@ -37,8 +39,6 @@ _WRAPPERS = ("state_dict", "model", "model_state", "model_state_dict", "net", "n
 _EMA_WRAPPERS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict", "ema_model")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be read or does not fit the model."""
 
 
 def read_safetensors(path: PathLike) -> Tuple[StateDict, Dict[str, Any]]:

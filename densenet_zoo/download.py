@@ -19,9 +19,9 @@ from typing import Optional, Union
 
 from filelock import FileLock
 
+from ._utils import WeightsError
 
-class WeightsError(RuntimeError):
-    """Weights could not be found, downloaded or verified."""
+
 
 
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,64})\.")  # torchvision's convention: densenet121-a639ec97.pth

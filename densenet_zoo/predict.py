@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import data as D
 from .model import DenseNet
 from .zoo import create_model
-from .fileio import atomic_write
+from ._utils import atomic_write
 from .weights import load_model
 
 PathLike = Union[str, os.PathLike]

@@ -29,7 +29,7 @@ from .checkpoint import (
     read_safetensors,
 )
 from .hub import WeightsEntry, WeightsError, download, fetch, get_weights, list_weights, register_weights
-from .fileio import atomic_write
+from ._utils import atomic_write
 from .model import DenseNet
 from .zoo import list_models, model_config
 

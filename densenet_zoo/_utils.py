@@ -1,4 +1,4 @@
-"""Atomic file writes shared by every module that writes user-visible files."""
+"""Small pieces every layer shares: the error family, path types, ImageNet constants, atomic writes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,33 @@ from pathlib import Path
 from typing import Any, Callable, Union
 
 PathLike = Union[str, os.PathLike]
+
+#: ImageNet channel statistics (torchvision's and timm's defaults for every published DenseNet).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ZooError(Exception):
+    """Base of the errors raised for bad input; the message names the input, what was expected and the fix.
+
+    The command line prints such an error as one line (exit code 1) instead of a traceback.
+    """
+
+
+class CheckpointError(ZooError, RuntimeError):
+    """A checkpoint could not be read or does not fit the model."""
+
+
+class WeightsError(ZooError, RuntimeError):
+    """Weights could not be found, downloaded or verified."""
+
+
+class DataError(ZooError, ValueError):
+    """A dataset, image or CSV cannot be used as given."""
+
+
+class RunError(ZooError, RuntimeError):
+    """A run folder cannot be written, resumed or shared as asked."""
 
 
 def atomic_write(path: PathLike, write: Callable[[Any], None], *, binary: bool = True) -> Path:
