@@ -11,8 +11,8 @@ Each entry takes the keyword arguments of the matching ``densenet_zoo`` builder
 
 dependencies = ["torch", "torchvision", "timm", "safetensors", "filelock", "tqdm", "PIL"]
 
-from densenet_zoo.inference import optimize_for_inference  # noqa: E402,F401
-from densenet_zoo.zoo import (  # noqa: E402,F401
+from densenet_zoo import (  # noqa: E402,F401
+    optimize_for_inference,
     densenet121,
     densenet161,
     densenet169,

@@ -32,7 +32,7 @@ import torchvision
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import densenet_zoo as dz  # noqa: E402
-from densenet_zoo.info import count_flops  # noqa: E402
+from densenet_zoo.infer.info import count_flops  # noqa: E402
 
 
 def machine() -> str:

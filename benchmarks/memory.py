@@ -17,7 +17,7 @@ import torch
 
 import densenet_zoo as dz
 from densenet_zoo.memory import SavedTensorBytes
-from densenet_zoo.profile import resolve_modes
+from densenet_zoo.profiling.runner import resolve_modes
 
 
 def saved_only(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import torchvision
 from torch.utils.data import DataLoader
 
-from densenet_zoo import data as D
+from densenet_zoo.train import data as D
 from densenet_zoo.train import finetune
 
 

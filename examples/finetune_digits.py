@@ -9,8 +9,8 @@ import argparse
 from pathlib import Path
 
 import densenet_zoo as dz
-from densenet_zoo.data import write_sample_data
-from densenet_zoo.evaluate import evaluate_checkpoint
+from densenet_zoo.train.data import write_sample_data
+from densenet_zoo.train.evaluate import evaluate_checkpoint
 
 p = argparse.ArgumentParser()
 p.add_argument("--epochs", type=int, default=3)

@@ -9,8 +9,7 @@ import sys
 
 def _load_model(args: argparse.Namespace):
     """A model from ``--checkpoint FILE`` or ``--model NAME [--pretrained]``, in eval mode."""
-    from .zoo import create_model
-    from .weights import load_model
+    from ..models import create_model, load_model
 
     if args.checkpoint:
         model, _ = load_model(args.checkpoint)
@@ -21,7 +20,7 @@ def _load_model(args: argparse.Namespace):
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import Predictor, collect_images, predict_summary, write_csv
+    from ..infer.predict import Predictor, collect_images, predict_summary, write_csv
 
     if args.top_k < 1 or args.batch_size < 1:
         raise ValueError(f"--top-k and --batch-size must be >= 1, got {args.top_k} and {args.batch_size}")
@@ -49,7 +48,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .info import format_info, model_info
+    from ..infer.info import format_info, model_info
 
     info = model_info(args.name, args.image_size)
     print(json.dumps(info, indent=1) if args.json else format_info(info))
@@ -57,8 +56,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export
-    from .inference import optimize_for_inference
+    from ..infer import export, optimize_for_inference
 
     model = _load_model(args)
     if args.optimize:

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from .zoo import create_model, list_models
+    from ..models import create_model, list_models
 
     for name in list_models(args.pattern):
         model = create_model(name)
@@ -29,7 +29,7 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_weights_list(args: argparse.Namespace) -> int:
-    from .weights import get_weights, list_weights
+    from ..weights import get_weights, list_weights
 
     for name in list_weights(args.pattern):
         e = get_weights(name)
@@ -40,8 +40,7 @@ def _cmd_weights_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_weights_download(args: argparse.Namespace) -> int:
-    from .hub import fetch
-    from .weights import get_weights
+    from ..weights import fetch, get_weights
 
     for name in args.names:
         print(fetch(get_weights(name), progress=not args.quiet))
@@ -61,7 +60,8 @@ def _add_weights(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .weights import convert_checkpoint, read_safetensors
+    from ..models import convert_checkpoint
+    from ..weights import read_safetensors
 
     out = convert_checkpoint(args.input, args.output, use_ema=args.ema)
     _, meta = read_safetensors(out)
@@ -78,22 +78,22 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    """``sample-data``, ``finetune`` and ``evaluate`` (their flags live in cli_train.py)."""
-    from .cli_train import add_train
+    """``sample-data``, ``finetune`` and ``evaluate`` (their flags live in cli/train.py)."""
+    from .train import add_train
 
     add_train(sub)
 
 
 def _add_inference(sub: argparse._SubParsersAction) -> None:
-    """``predict``, ``info`` and ``export`` (their flags live in cli_infer.py)."""
-    from .cli_infer import add_inference
+    """``predict``, ``info`` and ``export`` (their flags live in cli/infer.py)."""
+    from .infer import add_inference
 
     add_inference(sub)
 
 
 def _add_profile(sub: argparse._SubParsersAction) -> None:
-    """``profile`` (its flags live in cli_profile.py)."""
-    from .cli_profile import add_profile
+    """``profile`` (its flags live in cli/profile.py)."""
+    from .profile import add_profile
 
     add_profile(sub)
 

@@ -23,7 +23,7 @@ def _ints(text: str) -> list:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from .profile import depth_sweep, max_batch, profile
+    from ..profiling import depth_sweep, max_batch, profile
 
     if args.depth_sweep:
         report = depth_sweep(args.depth_sweep, growth_rate=args.growth_rate, image_size=args.image_size or 32,

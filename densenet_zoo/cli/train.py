@@ -8,7 +8,7 @@ from typing import Any, Dict
 
 
 def _cmd_sample_data(args: argparse.Namespace) -> int:
-    from .data import write_sample_data
+    from ..train.data import write_sample_data
 
     counts = write_sample_data(args.name, args.dir, seed=args.seed)
     print(f"{args.name}: {counts['train']} train / {counts['val']} val images in {args.dir}/train and {args.dir}/val")
@@ -25,7 +25,7 @@ _FLAGS = {
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from .train import finetune
+    from ..train import finetune
 
     if args.threads:
         import torch
@@ -56,7 +56,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_checkpoint
+    from ..train import evaluate_checkpoint
 
     r = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, workers=args.workers,
                             out=args.out, device=args.device, strict_data=args.strict_data)

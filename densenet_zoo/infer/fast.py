@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import DenseNet, _DenseBlock, _DenseLayer, _Transition
+from ..models.densenet import DenseNet, _DenseBlock, _DenseLayer, _Transition
 
 __all__ = ["FastDenseNet", "fold_bn", "norm_as_affine", "optimize_for_inference"]
 

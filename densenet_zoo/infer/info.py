@@ -8,8 +8,9 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .model import DenseNet, _DenseLayer, _Transition
-from .zoo import create_model
+from ..models import create_model
+from ..weights import get_weights, list_weights
+from ..models.densenet import DenseNet, _DenseLayer, _Transition
 
 __all__ = ["count_flops", "model_info", "format_info"]
 
@@ -44,8 +45,6 @@ def model_info(name: str, image_size: Optional[int] = None) -> Dict[str, Any]:
     preprocessing: Dict[str, Any] = {"size": image_size, "crop_pct": 1.0 if small else 0.875, "interpolation": "bilinear",
                                      "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     try:
-        from .weights import get_weights, list_weights
-
         for wname in list_weights(f"{model.arch}.*"):
             e = get_weights(wname)
             weights.append({"name": wname, "default": e.default, "acc@1": (e.metrics or {}).get("acc@1"),

@@ -18,11 +18,10 @@ import torch.nn as nn
 from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
-from . import data as D
-from .model import DenseNet
-from .zoo import create_model
-from ._utils import atomic_write
-from .weights import load_model
+from ..train import data as D
+from .._utils import atomic_write
+from ..models import DenseNet, create_model, load_model
+from .fast import optimize_for_inference
 
 PathLike = Union[str, os.PathLike]
 
@@ -86,7 +85,6 @@ class Predictor:
                  *, in_chans: int = 3, optimize: bool = True, device: Union[str, torch.device] = "cpu") -> None:
         model = model.eval().to(device)
         if optimize and isinstance(model, DenseNet) and not model.features_only:
-            from .inference import optimize_for_inference  # imported here: inference is optional for users of this module
 
             model = optimize_for_inference(model, channels_last=torch.device(device).type == "cpu")
         self.model, self.transform, self.in_chans, self.device = model, transform, in_chans, torch.device(device)

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .memory import MemoryStrategy, SavedTensorBytes, _needs_graph, get_memory_strategy, preserved_buffers
+from .base import MemoryStrategy, SavedTensorBytes, needs_graph, preserved_buffers
+from .registry import get_memory_strategy
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .model import _DenseBlock, _DenseLayer
+    from ..models.densenet import _DenseBlock, _DenseLayer
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
@@ -84,7 +85,7 @@ class AutoStrategy(MemoryStrategy):
         return (active or MemoryStrategy()).layer_forward(layer, features)
 
     def block_forward(self, block: "_DenseBlock", x: Tensor) -> Tensor:
-        if not _needs_graph([x], block):
+        if not needs_graph([x], block):
             return super().block_forward(block, x)
         key = (tuple(x.shape), x.dtype, x.device)
         chosen = self._plans.get(block, {}).get(key)

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .batchnorm import BatchNorm2d as _OwnBatchNorm2d
+from ..norms.batchnorm import BatchNorm2d as _OwnBatchNorm2d
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .model import _DenseBlock, _DenseLayer
+    from ..models.densenet import _DenseBlock, _DenseLayer
 
 aten = torch.ops.aten
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .base import preserved_buffers
+
 
 
 class Stage:
@@ -121,8 +123,6 @@ class RecomputedStages(torch.autograd.Function):
             x = saved[0] if len(saved) == 1 else torch.cat(saved, 1)
         inputs_need_grad = any(ctx.needs_input_grad[3 : 3 + ctx.n_inputs])
         param_grads: Dict[int, Optional[Tensor]] = {}
-        from .memory import preserved_buffers  # memory imports this module
-
         # Recompute every stage's activation (with a graph where something needs a gradient) and the
         # convolutions between stages; the last convolution is not run again.
         leaves: List[Tensor] = []

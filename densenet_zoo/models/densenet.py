@@ -15,9 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .memory import MemoryStrategy, get_memory_strategy
+from ..memory import MemoryStrategy, get_memory_strategy
 from .features import Indices, forward_intermediates as _forward_intermediates, take_indices
-from .norm import NormSpec, resolve_norm
+from ..norms import NormSpec, resolve_norm
 
 __all__ = ["DenseNet"]
 

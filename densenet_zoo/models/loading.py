@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save as safetensors_bytes
 
-from .checkpoint import (
+from ..weights.checkpoint import (
     FIRST_CONV,
     METADATA_KEY,
     CheckpointError,
@@ -28,10 +28,10 @@ from .checkpoint import (
     read_checkpoint,
     read_safetensors,
 )
-from .hub import WeightsEntry, WeightsError, download, fetch, get_weights, list_weights, register_weights
-from ._utils import atomic_write
-from .model import DenseNet
-from .zoo import list_models, model_config
+from ..weights.registry import WeightsEntry, WeightsError, download, fetch, get_weights, list_weights, register_weights
+from .._utils import atomic_write
+from .densenet import DenseNet
+from .configs import list_architectures, model_config
 
 __all__ = [
     "METADATA_KEY", "CheckpointError", "LoadReport", "WeightsEntry", "WeightsError", "build_pretrained",
@@ -177,7 +177,7 @@ def build_pretrained(arch: str, config: Dict[str, Any], *, weights: Any = None, 
 
 
 def _match_arch(cfg: Mapping[str, Any]) -> Optional[str]:
-    for name in list_models():
+    for name in list_architectures():
         ref = model_config(name)
         if (ref["growth_rate"], tuple(ref["block_config"]), ref["num_init_features"], ref.get("small_inputs", False)) == (
                 cfg["growth_rate"], tuple(cfg["block_config"]), cfg["num_init_features"], cfg["small_inputs"]):

@@ -21,8 +21,8 @@ from typing import Any, Callable, Dict, List
 
 from timm.models import register_model
 
-from .model import DenseNet
-from .zoo import create_model, list_models
+from .densenet import DenseNet
+from .factory import create_model, list_models
 
 PREFIX = "dz_"
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from .batchnorm import BatchNorm2d, FrozenBatchNorm2d, SyncBatchNorm, _NormBase
-from .caffe_bn import CaffeBatchNorm2d
+from .caffe import CaffeBatchNorm2d
 
 NormFactory = Callable[[int], nn.Module]
 NormSpec = Union[None, str, NormFactory, Callable[[str, int], object], Mapping[str, object]]

@@ -2,7 +2,7 @@
 
 What is measured, per configuration (model, mode, batch size, image size):
 
-* CPU: two fresh ``python -m densenet_zoo.profile_worker`` processes per configuration. The first
+* CPU: two fresh ``python -m densenet_zoo.profiling`` processes per configuration. The first
   times the steps with the default allocator. The second runs with glibc returning every freed
   block of 64 KiB or more at once (``MALLOC_MMAP_THRESHOLD_``), so resident memory follows live
   tensors; its *baseline* is VmRSS with the model, the SGD optimizer (momentum state included), the
@@ -30,9 +30,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .memory import SavedTensorBytes, get_memory_strategy, list_memory_strategies, parse_bytes
-from .profile_rss import _PeakRss, _return_freed_memory, _rss_kib
-from .profile_report import DepthSweepReport, MaxBatchReport, ProfileReport, environment
+from ..models import DenseNet, create_model
+from ..models.configs import canonical_name
+from ..memory import SavedTensorBytes, get_memory_strategy, list_memory_strategies, parse_bytes
+from .rss import _PeakRss, _return_freed_memory, _rss_kib
+from .report import DepthSweepReport, MaxBatchReport, ProfileReport, environment
 
 __all__ = ["profile", "max_batch", "depth_sweep", "resolve_modes", "ProfileReport", "MaxBatchReport", "DepthSweepReport"]
 
@@ -65,9 +67,7 @@ def resolve_modes(modes: Union[str, Sequence[str], None], reference: Optional[st
 
 def _model_ref(model: ModelSpec) -> str:
     if isinstance(model, str):
-        from .zoo import _canonical_name
-
-        return _canonical_name(model)
+        return canonical_name(model)
     module, qualname = getattr(model, "__module__", None), getattr(model, "__qualname__", "")
     if not module or "<" in qualname:
         raise ValueError(
@@ -97,8 +97,6 @@ def _build(ref: str, mode: str, kwargs: Dict[str, Any]) -> nn.Module:
             obj = getattr(obj, part)
         model = obj(**kwargs)
     else:
-        from .zoo import create_model
-
         model = create_model(ref, **kwargs)
     set_mode = getattr(model, "set_memory_efficient", None)
     if set_mode is None:
@@ -268,7 +266,7 @@ def _worker(config: Dict[str, Any], extra_env: Dict[str, str], timeout: Optional
     threads = config.get("threads")
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-m", "densenet_zoo.profile_worker", "worker", json.dumps(config)]
+    cmd = [sys.executable, "-m", "densenet_zoo.profiling", "worker", json.dumps(config)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -408,8 +406,6 @@ def depth_sweep(
 
     >>> depth_sweep([40, 100, 160, 250], growth_rate=12, image_size=32).exponents()
     """
-    from .model import DenseNet
-
     # "auto" decides by measuring on its first forward, which is all a sweep point runs.
     names = [m for m in resolve_modes(modes) if not m.startswith("torchvision") and m != "auto"]
     if image_size < 1 or batch_size < 1:
@@ -433,7 +429,7 @@ def depth_sweep(
 
 def _worker_main(argv: List[str]) -> int:
     if len(argv) != 2 or argv[0] != "worker":
-        print("usage: python -m densenet_zoo.profile_worker worker CONFIG_JSON", file=sys.stderr)
+        print("usage: python -m densenet_zoo.profiling worker CONFIG_JSON", file=sys.stderr)
         return 2
     config = json.loads(argv[1])
     if config.get("threads"):

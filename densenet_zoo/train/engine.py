@@ -28,13 +28,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import data as D
-from . import train_io as io
-from .zoo import create_model
-from .train_loop import (
+from . import run_files as io
+from ..models import create_model, save_model
+from .parts import (
     Dist, EpochBatchSampler, apply_freeze, evaluate_loader, lr_factor, make_optimizer, param_groups, reduce_sum,
     set_train_mode, weights_preprocessing,
 )
-from .weights import save_model
 
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("none", "bf16", "fp16")

@@ -9,9 +9,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import data as D
-from . import train_io as io
-from .train_loop import Dist, evaluate_loader
-from .weights import load_model
+from . import run_files as io
+from .parts import Dist, evaluate_loader
+from ..models import load_model
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, *, batch_size: int = 64, workers: int = 0,

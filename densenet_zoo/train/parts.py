@@ -14,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Sampler
 
+from ..weights import get_weights, read_safetensors
+
 
 @dataclass
 class Dist:
@@ -234,14 +236,11 @@ def weights_preprocessing(model: str, source: Optional[str] = None) -> Optional[
     >>> weights_preprocessing("densenet121")["crop_size"]
     224
     """
-    from . import weights
-
     if source and Path(source).is_file() and source.endswith(".safetensors"):
-        pre = weights.read_safetensors(source)[1].get("preprocessing")
+        pre = read_safetensors(source)[1].get("preprocessing")
         return dict(pre) if pre else None
-    get = getattr(weights, "get_weights", None)
     try:
-        info = get(source if source and "." in source else model) if get else None
+        info = get_weights(source if source and "." in source else model)
     except (LookupError, ValueError, RuntimeError):  # e.g. a URL: no registry entry to read
         return None
     pre = getattr(info, "preprocessing", None)

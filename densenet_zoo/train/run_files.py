@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Sequence, Union
 
 import torch
 
-from ._utils import atomic_write
+from .._utils import atomic_write
 
 PathLike = Union[str, os.PathLike]
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from ._utils import CheckpointError
+from .._utils import CheckpointError
 
 PathLike = Union[str, os.PathLike]
 StateDict = Dict[str, torch.Tensor]

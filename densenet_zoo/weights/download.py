@@ -19,7 +19,7 @@ from typing import Optional, Union
 
 from filelock import FileLock
 
-from ._utils import WeightsError
+from .._utils import WeightsError
 
 
 

@@ -25,7 +25,8 @@ __all__ = ["WeightsEntry", "WeightsError", "cache_dir", "download", "fetch", "ge
            "is_offline", "list_weights", "read_manifest", "register_weights", "sha256_file"]
 
 
-_DATA_DIRS = (Path(__file__).resolve().parent / "_data", Path(__file__).resolve().parent.parent / "weights")
+# Installed: the package data folder densenet_zoo/_data; in a source checkout: the top-level weights/ folder.
+_DATA_DIRS = (Path(__file__).resolve().parents[1] / "_data", Path(__file__).resolve().parents[2] / "weights")
 _INTERP = ("nearest", "bilinear", "bicubic")
 
 

@@ -20,7 +20,7 @@ from densenet_zoo.weights import read_safetensors
 
 from _train_helpers import base_options, digits_subset, one_thread  # noqa: F401 (autouse fixture)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 TINY_JSON = '{"growth_rate": 8, "block_config": [2, 2], "num_init_features": 16, "small_inputs": true}'
 
@@ -109,7 +109,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(small, tm
 
 _WRITER = """
 import sys, torch
-from densenet_zoo.train_io import save_state
+from densenet_zoo.train.run_files import save_state
 i = 0
 while True:
     i += 1

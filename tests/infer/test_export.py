@@ -6,8 +6,8 @@ import torch
 
 import densenet_zoo as dz
 from densenet_zoo import cli
-from densenet_zoo.export import export, load_exported
-from densenet_zoo.inference import optimize_for_inference
+from densenet_zoo.infer.exporter import export, load_exported
+from densenet_zoo.infer.fast import optimize_for_inference
 
 ort = pytest.importorskip("onnxruntime")
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import densenet_zoo as dz
-from densenet_zoo.inference import FastDenseNet, fold_bn, norm_as_affine, optimize_for_inference
+from densenet_zoo.infer.fast import FastDenseNet, fold_bn, norm_as_affine, optimize_for_inference
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -181,7 +181,7 @@ def test_compile_option_equals_eval_model():
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_one_sided_clamps_for_same_sign_scales(sign):
     """All-positive (or all-negative) norm scales run a one-sided clamp; still exact."""
-    from densenet_zoo.inference import _NormReluConv
+    from densenet_zoo.infer.fast import _NormReluConv
 
     model = _randomise_norms(dz.DenseNet(growth_rate=8, block_config=(2, 3), num_init_features=16, num_classes=7))
     with torch.no_grad():

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 import torchvision
 
 import densenet_zoo as dz
-from densenet_zoo.batchnorm import BatchNorm2d, FrozenBatchNorm2d, SyncBatchNorm
-from densenet_zoo.caffe_bn import CaffeBatchNorm2d
+from densenet_zoo.norms.batchnorm import BatchNorm2d, FrozenBatchNorm2d, SyncBatchNorm
+from densenet_zoo.norms.caffe import CaffeBatchNorm2d
 
 NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, BatchNorm2d, FrozenBatchNorm2d, CaffeBatchNorm2d)
 

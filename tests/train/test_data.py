@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from densenet_zoo import data as D
+from densenet_zoo.train import data as D
 
 
 def _png(path, value=128, size=(12, 10), mode="RGB"):

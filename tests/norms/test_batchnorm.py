@@ -9,8 +9,8 @@ import torch.nn.functional as F
 import torchvision
 
 import densenet_zoo as dz
-from densenet_zoo.batchnorm import BatchNorm2d, FrozenBatchNorm2d
-from densenet_zoo.caffe_bn import CaffeBatchNorm2d, caffe_blobs_to_state_dict
+from densenet_zoo.norms.batchnorm import BatchNorm2d, FrozenBatchNorm2d
+from densenet_zoo.norms.caffe import CaffeBatchNorm2d, caffe_blobs_to_state_dict
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

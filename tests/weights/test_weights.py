@@ -14,11 +14,11 @@ import torchvision
 from PIL import Image
 
 import densenet_zoo as dz
-from densenet_zoo import hub
-from densenet_zoo.checkpoint import adapt_input_conv, infer_config, read_checkpoint
+from densenet_zoo.weights import registry as hub
+from densenet_zoo.weights.checkpoint import adapt_input_conv, infer_config, read_checkpoint
 from densenet_zoo.cli import main as cli_main
 from densenet_zoo.memory import list_memory_strategies
-from densenet_zoo.norm import get_norm_factory
+from densenet_zoo.norms.registry import get_norm_factory
 from _weights_helpers import TINY, legacy_state, randomize, save_legacy, tiny_torchvision
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))

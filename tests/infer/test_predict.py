@@ -11,7 +11,7 @@ from PIL import Image
 
 import densenet_zoo as dz
 from densenet_zoo import cli
-from densenet_zoo import data as D
+from densenet_zoo.train import data as D
 
 CLASSES = ["circle", "square", "triangle"]
 PRE = {"size": 32, "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
@@ -94,7 +94,7 @@ def test_predict_console_script(checkpoint_and_images):
 
 
 def test_progress_bar_on_request(checkpoint_and_images, capsys):
-    from densenet_zoo.predict import Predictor
+    from densenet_zoo.infer.predict import Predictor
 
     _, ckpt, _, paths = checkpoint_and_images
     results = Predictor.from_checkpoint(ckpt).predict(paths, batch_size=2, top_k=1, progress=True)
@@ -105,7 +105,7 @@ def test_progress_bar_on_request(checkpoint_and_images, capsys):
 def test_info_flops_match_torchvision_published_ops(capsys):
     from torchvision.models import DenseNet121_Weights
 
-    from densenet_zoo.info import model_info
+    from densenet_zoo.infer.info import model_info
 
     info = model_info("densenet121")
     assert info["params"] == DenseNet121_Weights.IMAGENET1K_V1.meta["num_params"]

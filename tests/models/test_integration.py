@@ -9,7 +9,7 @@ import torchvision
 
 import densenet_zoo as dz
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _tiny(**kwargs) -> dz.DenseNet:

@@ -14,11 +14,11 @@ import torchvision
 from safetensors.torch import save_file
 
 import densenet_zoo as dz
-from densenet_zoo import hub
+from densenet_zoo.weights import registry as hub
 from densenet_zoo.cli import main as cli_main
 from _weights_helpers import TINY, LoopbackServer, randomize, save_legacy, tiny_torchvision
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

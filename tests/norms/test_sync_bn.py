@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import densenet_zoo as dz
 from _dist import run_distributed
-from densenet_zoo.batchnorm import SyncBatchNorm
+from densenet_zoo.norms.batchnorm import SyncBatchNorm
 
 C = 5
 # (per-rank batch sizes, momentum, channels_last, spatial size)

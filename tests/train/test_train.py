@@ -11,8 +11,9 @@ import torch.nn as nn
 
 import densenet_zoo as dz
 from densenet_zoo.train import finetune
-from densenet_zoo.train_loop import EpochBatchSampler, apply_freeze, lr_factor, param_groups
-from densenet_zoo.weights import load_model, read_safetensors
+from densenet_zoo.train.parts import EpochBatchSampler, apply_freeze, lr_factor, param_groups
+from densenet_zoo.models import load_model
+from densenet_zoo.weights import read_safetensors
 
 from _train_helpers import TINY, base_options, digits_subset, one_thread  # noqa: F401 (autouse fixture)
 
@@ -105,7 +106,7 @@ def test_run_writes_loadable_outputs(run, data):
     assert meta["arch"] == "densenet121" and meta["model_args"]["growth_rate"] == 8
     # The weights in the state equal last.safetensors, and re-evaluating them gives the logged accuracy.
     _assert_same_weights(_weights(out / "last.safetensors"), state["model"], 0)
-    from densenet_zoo.evaluate import evaluate_checkpoint
+    from densenet_zoo.train.evaluate import evaluate_checkpoint
 
     ev = evaluate_checkpoint(str(out / "last.safetensors"), str(data / "val"), out=str(out / "eval"))
     assert ev["acc1"] == pytest.approx(float(rows[-1]["val_acc1"]), abs=1e-9)

@@ -1,0 +1,32 @@
+"""Memory strategies: what a dense block keeps for backward and what it recomputes.
+
+A naive DenseNet stores, for every layer, the concatenation of all earlier features and its
+normalised copy: memory grows quadratically with depth. A :class:`MemoryStrategy` decides how a
+dense block runs its layers during training so that less is stored and more is recomputed.
+
+Every strategy here updates BatchNorm running statistics (and ``num_batches_tracked``) exactly
+once per forward. Recomputation in backward runs the norm layers again in training mode; their
+buffers are restored right after, so the statistics are those of the one real forward.
+(torchvision's and timm's checkpointed mode update them twice.)
+
+Strategies only take effect while training with autograd recording; in eval mode, under
+``torch.no_grad()`` or when nothing requires grad, every strategy runs the plain forward.
+
+Modules, bottom to top: ``base`` (normal mode, once-only checkpointing, saved-bytes counter),
+``recompute`` (per-layer recomputing autograd function), ``fused`` (a whole block as one function),
+``strategies`` (the named strategies), ``registry`` (names), ``auto`` (measured choice under a budget).
+"""
+
+from .base import MemoryStrategy, SavedTensorBytes, checkpoint_once, preserved_buffers
+from .registry import get_memory_strategy, list_memory_strategies, register_memory_strategy
+from .strategies import BUILTIN
+from .auto import AutoStrategy, parse_bytes
+
+for _strategy in (MemoryStrategy(),) + BUILTIN:
+    register_memory_strategy(_strategy)
+register_memory_strategy(AutoStrategy())  # after the others: it resolves its candidates by name
+
+__all__ = [
+    "AutoStrategy", "MemoryStrategy", "SavedTensorBytes", "checkpoint_once", "get_memory_strategy",
+    "list_memory_strategies", "parse_bytes", "preserved_buffers", "register_memory_strategy",
+]

@@ -1,0 +1,143 @@
+"""The base of every memory strategy: :class:`MemoryStrategy` (normal mode), checkpointing that updates
+norm statistics once, and the exact count of bytes autograd saves for backward."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models.densenet import _DenseBlock, _DenseLayer
+
+
+@contextlib.contextmanager
+def preserved_buffers(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Run a block of code and then put every buffer of ``modules`` back as it was.
+
+    Used around recomputation so that norm layers do not update running statistics twice.
+    """
+    buffers = [b for m in modules for b in m.buffers() if b is not None]
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in zip(buffers, saved):
+                buf.copy_(value)
+
+
+def checkpoint_once(fn: Callable[..., Tensor], *inputs: Tensor, norms: Iterable[nn.Module]) -> Tensor:
+    """``fn(*inputs)`` without storing its intermediates: they are recomputed in backward.
+
+    The recomputation leaves the buffers of ``norms`` untouched, so running statistics are those
+    of the one real forward. Under ``torch.compile`` the checkpointed region becomes a functional
+    graph whose buffer updates already run once, and custom contexts are not traceable.
+    """
+    if torch.compiler.is_compiling():
+        return checkpoint(fn, *inputs, use_reentrant=False)
+    norms = list(norms)
+    return checkpoint(
+        fn, *inputs, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), preserved_buffers(norms))
+    )
+
+
+class SavedTensorBytes:
+    """Count the bytes autograd keeps for backward: unique storages of saved tensors.
+
+    ``exclude`` (e.g. the model's parameters) is left out. Deterministic, unlike peak memory.
+
+    >>> with SavedTensorBytes(exclude=model.parameters()) as saved:
+    ...     loss = model(x).sum()
+    >>> saved.bytes
+    """
+
+    def __init__(self, exclude: Iterable[Tensor] = ()) -> None:
+        self._excluded = {self._key(t) for t in exclude}
+        self._storages: Dict[tuple, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    @staticmethod
+    def _key(t: Tensor) -> tuple:
+        return (t.device, t.untyped_storage().data_ptr())
+
+    def _pack(self, t: Tensor) -> Tensor:
+        try:
+            key, size = self._key(t), t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, fake)
+            return t
+        if key not in self._excluded:
+            self._storages[key] = max(size, self._storages.get(key, 0))
+        return t
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._storages.values())
+
+    def __enter__(self) -> "SavedTensorBytes":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def any_requires_grad(tensors: Iterable[Tensor]) -> bool:
+    return any(t.requires_grad for t in tensors)
+
+
+class MemoryStrategy:
+    """How a dense block runs its layers while training.
+
+    Subclasses override :meth:`layer_forward` (one dense layer, given the list of earlier
+    features) and/or :meth:`block_forward` (a whole block). The base class is the normal mode.
+    """
+
+    name: str = "none"
+    description: str = "store everything for backward (fastest, quadratic memory)"
+    #: Also keep only the inputs of the stem (conv0 .. pool0) and of each transition; rerun them in backward.
+    recompute_stem_and_transitions: bool = False
+
+    def prefers_channels_last(self, blocks: List["_DenseBlock"]) -> bool:
+        """Whether the network should run on channels-last tensors while training (the strategy's own layout)."""
+        return False
+
+    def sequence_forward(self, modules: List[nn.Module], x: Tensor) -> Tensor:
+        """The stem or a transition: ``modules`` applied in order (checkpointed if the strategy says so)."""
+
+        def run(t: Tensor) -> Tensor:
+            for m in modules:
+                t = m(t)
+            return t
+
+        if not self.recompute_stem_and_transitions or not any(needs_graph([x], m) for m in modules):
+            return run(x)
+        return checkpoint_once(run, x, norms=modules)
+
+    def block_forward(self, block: "_DenseBlock", x: Tensor) -> Tensor:
+        features: List[Tensor] = [x]
+        for layer in block.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+    def layer_forward(self, layer: "_DenseLayer", features: List[Tensor]) -> Tensor:
+        return layer.composite(layer.bottleneck(features))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def needs_graph(tensors: Iterable[Tensor], module: nn.Module) -> bool:
+    return any_requires_grad(tensors) or any(p.requires_grad for p in module.parameters())
+
+
+def custom_functions_unavailable() -> bool:
+    """``torch.compile`` does not trace the recompute functions and they do not replay autocast."""
+    if torch.compiler.is_compiling():
+        return True
+    return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+

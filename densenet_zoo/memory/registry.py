@@ -1,0 +1,43 @@
+"""The names accepted by ``memory_efficient=``: registering and looking up strategies."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Dict, Union
+
+from .base import MemoryStrategy
+
+_STRATEGIES: Dict[str, MemoryStrategy] = {}
+
+#: What the boolean flag of torchvision's API maps to.
+_ALIASES = {False: "none", True: "bottleneck", None: "none"}
+
+
+def register_memory_strategy(strategy: MemoryStrategy, *, overwrite: bool = False) -> None:
+    """Make ``strategy`` available as ``memory_efficient=strategy.name``."""
+    if not isinstance(strategy, MemoryStrategy):
+        raise TypeError(f"expected a MemoryStrategy instance, got {type(strategy).__name__}")
+    if strategy.name in _STRATEGIES and not overwrite:
+        raise ValueError(f"memory strategy {strategy.name!r} is already registered")
+    _STRATEGIES[strategy.name] = strategy
+
+
+def list_memory_strategies() -> list:
+    """Names accepted by ``memory_efficient=``, normal mode first."""
+    return list(_STRATEGIES)
+
+
+def get_memory_strategy(spec: Union[bool, str, MemoryStrategy, None]) -> MemoryStrategy:
+    """``False``/``"none"`` -> normal mode, ``True`` -> ``"bottleneck"``, a name or an instance."""
+    if isinstance(spec, MemoryStrategy):
+        return spec
+    if isinstance(spec, bool) or spec is None:
+        spec = _ALIASES[spec]
+    if isinstance(spec, str) and spec in _STRATEGIES:
+        return _STRATEGIES[spec]
+    close = difflib.get_close_matches(str(spec), list(_STRATEGIES), n=3)
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise ValueError(
+        f"unknown memory strategy {spec!r}; expected True/False or one of {', '.join(_STRATEGIES)}{hint}"
+    )
+

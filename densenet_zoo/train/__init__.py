@@ -1,0 +1,6 @@
+"""Fine-tuning: datasets and preprocessing, the engine (single process or DDP), its parts, run files, evaluation."""
+
+from .engine import TrainConfig, Trainer, finetune
+from .evaluate import evaluate_checkpoint
+
+__all__ = ["TrainConfig", "Trainer", "evaluate_checkpoint", "finetune"]
