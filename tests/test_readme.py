@@ -26,3 +26,18 @@ def test_makefile_targets_create_the_environment():
         recipe = re.search(rf"^{target}: (.*)$", makefile, re.M).group(1)
         assert "install" in recipe
     assert "-m venv" in makefile and "pip install" in makefile
+
+
+def test_layout_section_names_every_subpackage_and_module():
+    layout = re.search(r"## Layout\n(.*?)(\n## |\Z)", (ROOT / "README.md").read_text(), re.S).group(1)
+    package = ROOT / "densenet_zoo"
+    missing = []
+    for sub in sorted(p for p in package.iterdir() if (p / "__init__.py").is_file()):
+        block = re.search(rf"^  {sub.name}/(.*?)(?=^  \S|^\S)", layout, re.S | re.M)
+        if block is None:
+            missing.append(f"{sub.name}/")
+            continue
+        missing += [f"{sub.name}/{m.name}" for m in sorted(sub.glob("*.py"))
+                    if m.name != "__init__.py" and m.name not in block.group(1)]
+    missing += [m.name for m in package.glob("*.py") if m.name not in ("__init__.py", "__main__.py") and m.name not in layout]
+    assert missing == []
