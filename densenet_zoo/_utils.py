@@ -39,7 +39,9 @@ class RunError(ZooError, RuntimeError):
 def atomic_write(path: PathLike, write: Callable[[Any], None], *, binary: bool = True) -> Path:
     """Write a file through ``write(fileobj)`` into a temporary sibling, fsync, then rename.
 
-    >>> atomic_write("runs/x/metrics.csv", lambda f: f.write("epoch,loss\\n"), binary=False)
+    Example::
+
+        atomic_write("runs/x/metrics.csv", lambda f: f.write("epoch,loss\\n"), binary=False)
 
     ``os.replace`` is atomic on POSIX and Windows: a reader (or a process killed mid-write) sees
     the old file or the new one, never a half-written one.

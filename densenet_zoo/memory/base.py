@@ -51,9 +51,11 @@ class SavedTensorBytes:
 
     ``exclude`` (e.g. the model's parameters) is left out. Deterministic, unlike peak memory.
 
-    >>> with SavedTensorBytes(exclude=model.parameters()) as saved:
-    ...     loss = model(x).sum()
-    >>> saved.bytes
+    Example::
+
+        with SavedTensorBytes(exclude=model.parameters()) as saved:
+            loss = model(x).sum()
+        saved.bytes
     """
 
     def __init__(self, exclude: Iterable[Tensor] = ()) -> None:

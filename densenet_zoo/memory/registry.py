@@ -28,7 +28,11 @@ def list_memory_strategies() -> list:
 
 
 def get_memory_strategy(spec: Union[bool, str, MemoryStrategy, None]) -> MemoryStrategy:
-    """``False``/``"none"`` -> normal mode, ``True`` -> ``"bottleneck"``, a name or an instance."""
+    """``False``/``"none"`` -> normal mode, ``True`` -> ``"bottleneck"``, a name or an instance.
+
+    >>> get_memory_strategy(True).name, get_memory_strategy("fused").description[:12]
+    ('bottleneck', 'one function')
+    """
     if isinstance(spec, MemoryStrategy):
         return spec
     if isinstance(spec, bool) or spec is None:

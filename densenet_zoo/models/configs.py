@@ -21,7 +21,13 @@ _CONFIGS: Dict[str, Tuple[int, Tuple[int, ...], int, Dict[str, Any]]] = {
 }
 
 def model_config(name: str) -> Dict[str, Any]:
-    """Constructor arguments of a named architecture: ``model_config("densenet121")``."""
+    """Constructor arguments of a named architecture.
+
+    >>> model_config("densenet121")
+    {'growth_rate': 32, 'block_config': (6, 12, 24, 16), 'num_init_features': 64}
+    >>> model_config("densenet_bc_100.digits")["small_inputs"]   # a weights tag after the dot names the same architecture
+    True
+    """
     growth, blocks, init, extra = _CONFIGS[canonical_name(name)]
     return dict(growth_rate=growth, block_config=blocks, num_init_features=init, **extra)
 
@@ -40,5 +46,9 @@ def canonical_name(name: str) -> str:
 
 
 def list_architectures() -> List[str]:
-    """Every configuration name, sorted: ``list_architectures()[0] == "densenet121"``."""
+    """Every configuration name, sorted.
+
+    >>> list_architectures()[:3]
+    ['densenet121', 'densenet161', 'densenet169']
+    """
     return sorted(_CONFIGS)

@@ -250,8 +250,10 @@ class SyncBatchNorm(BatchNorm2d):
     Ranks may hold different batch sizes, including none. Outside training, without an initialised
     process group, or on a group of one, it is plain :class:`BatchNorm2d`.
 
-    >>> bn = SyncBatchNorm(64)              # default group: every rank
-    >>> ddp = torch.nn.parallel.DistributedDataParallel(model_with_sync_bn)
+    Example::
+
+        bn = SyncBatchNorm(64)              # default group: every rank
+        ddp = torch.nn.parallel.DistributedDataParallel(model_with_sync_bn)
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
@@ -287,7 +289,9 @@ class FrozenBatchNorm2d(nn.Module):
     ``nn.BatchNorm2d`` state dicts; ``num_batches_tracked`` is kept as an inert buffer so that converting
     back to BatchNorm loses nothing, and state dicts without it (torchvision's ``FrozenBatchNorm2d``) load too.
 
-    >>> frozen = FrozenBatchNorm2d(64); frozen.load_state_dict(torch.nn.BatchNorm2d(64).state_dict())
+    Example::
+
+        frozen = FrozenBatchNorm2d(64); frozen.load_state_dict(torch.nn.BatchNorm2d(64).state_dict())
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, device: Any = None, dtype: Any = None) -> None:

@@ -8,8 +8,10 @@ holds gamma and beta. :class:`CaffeBatchNorm2d` keeps that split as two sub-laye
 ``running_mean``, ``running_var``, ``num_batches_tracked``), so torchvision weights load into it.
 :func:`caffe_blobs_to_state_dict` turns Caffe blobs into that state dict.
 
->>> layer = CaffeBatchNorm2d(64, use_global_stats=True)     # frozen statistics even in training
->>> layer.load_state_dict(caffe_blobs_to_state_dict(bn_blobs, scale_blobs))
+Example::
+
+    layer = CaffeBatchNorm2d(64, use_global_stats=True)     # frozen statistics even in training
+    layer.load_state_dict(caffe_blobs_to_state_dict(bn_blobs, scale_blobs))
 """
 
 from __future__ import annotations
@@ -91,9 +93,10 @@ def _flatten_state(module: nn.Module, state_dict: Dict[str, Any], prefix: str, l
 class CaffeBatchNorm2d(nn.Module):
     """Caffe's ``BatchNorm`` + ``Scale`` pair as one norm layer with ``nn.BatchNorm2d``'s state dict.
 
-    >>> layer = CaffeBatchNorm2d(64)
-    >>> layer.load_state_dict(torch.nn.BatchNorm2d(64).state_dict())
-    <All keys matched successfully>
+    Example::
+
+        layer = CaffeBatchNorm2d(64)
+        layer.load_state_dict(torch.nn.BatchNorm2d(64).state_dict())  # -> <All keys matched successfully>
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
@@ -144,7 +147,9 @@ def caffe_blobs_to_state_dict(bn_blobs: Sequence[Any], scale_blobs: Optional[Seq
     Blobs may be numpy arrays, tensors or lists, of shape ``(C,)`` or Caffe's legacy ``(1, 1, 1, C)``;
     the factor has one element. Without ``scale_blobs`` gamma is 1 and beta 0.
 
-    >>> sd = caffe_blobs_to_state_dict([mean_f, var_f, [f]], [gamma, beta])
+    Example::
+
+        sd = caffe_blobs_to_state_dict([mean_f, var_f, [f]], [gamma, beta])
     """
     if len(bn_blobs) != 3:
         raise ValueError(f"Caffe BatchNorm has 3 blobs (mean*factor, variance*factor, factor), got {len(bn_blobs)}")

@@ -117,9 +117,9 @@ def test_no_checkpoint_when_not_needed(strategy, monkeypatch):
     calls = []
     real = cp.checkpoint
     monkeypatch.setattr(cp, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
-    import densenet_zoo.memory as memory
+    import densenet_zoo.memory.base as memory_base
 
-    monkeypatch.setattr(memory, "checkpoint", cp.checkpoint)
+    monkeypatch.setattr(memory_base, "checkpoint", cp.checkpoint)
     model = _tiny(memory_efficient=strategy)
     x = torch.randn(2, 3, 16, 16)
     reference = _tiny()
