@@ -28,6 +28,7 @@ from .checkpoint import (
     read_checkpoint,
     read_safetensors,
 )
+from .arch_check import build_checked
 from .hub import WeightsEntry, WeightsError, download, fetch, get_weights, list_weights, register_weights
 from ._utils import atomic_write
 from .model import DenseNet
@@ -51,9 +52,13 @@ def save_model(model: DenseNet, path: PathLike, **metadata: Any) -> Path:
 
     ``metadata`` must be JSON-serialisable; ``arch`` and ``model_args`` are added from the model,
     and for a model built with pretrained weights, their ``preprocessing`` and (same number of
-    classes) ``class_names`` unless given.
+    classes) ``class_names`` unless given. A model :func:`load_model` could not rebuild (another
+    class, a norm given as a function) is refused before anything is written.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"cannot save to {path}: it is a folder; give a file name such as {path / 'model.safetensors'}")
+    _check_rebuildable(model)
     meta: Dict[str, Any] = {"arch": getattr(model, "arch", None), "model_args": dict(getattr(model, "model_args", {}))}
     entry = getattr(model, "weights_entry", None)
     if isinstance(entry, WeightsEntry):
@@ -64,8 +69,35 @@ def save_model(model: DenseNet, path: PathLike, **metadata: Any) -> Path:
             meta["class_names"] = entry.categories
     meta.update(metadata)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    blob = safetensors_bytes(state, metadata={METADATA_KEY: json.dumps(meta)})
-    return atomic_write(path, lambda f: f.write(blob))
+    try:
+        blob = safetensors_bytes(state, metadata={METADATA_KEY: json.dumps(meta)})
+    except TypeError as exc:
+        raise CheckpointError(f"cannot save to {path}: metadata must be JSON-serialisable ({exc})") from None
+    try:
+        return atomic_write(path, lambda f: f.write(blob))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {path} ({type(exc).__name__}: {exc.strerror or exc}); choose a writable path") from None
+
+
+def _check_rebuildable(model: Any) -> None:
+    """Refuse a model whose saved file :func:`load_model` would reject: rebuild it on the meta device and compare."""
+    if type(model) is not DenseNet:
+        fix = ("save the DenseNet it was made from and call optimize_for_inference() after load_model()"
+               if type(model).__name__ == "FastDenseNet" else
+               "copy its weights into a densenet_zoo model first (dz.convert_checkpoint(model.state_dict(), path) does both)")
+        raise CheckpointError(f"save_model writes densenet_zoo DenseNet models, got {type(model).__module__}.{type(model).__name__}; {fix}")
+    with torch.device("meta"):
+        try:
+            twin = DenseNet(**model.model_args)
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"save_model: this model's model_args do not rebuild it ({exc})") from None
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in twin.state_dict().items()}
+    if ours != theirs:
+        diff = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
+        raise CheckpointError(f"save_model: DenseNet(**model.model_args) would not have this model's tensors (e.g. {diff}); "
+                              "a model changed after construction (a norm given as a function, replaced layers) cannot be "
+                              "rebuilt from the file: save its state_dict() with torch.save or safetensors instead")
 
 
 def load_model(path: PathLike, **overrides: Any) -> Tuple[DenseNet, Dict[str, Any]]:
@@ -74,14 +106,17 @@ def load_model(path: PathLike, **overrides: Any) -> Tuple[DenseNet, Dict[str, An
     >>> model, meta = load_model("best.safetensors", memory_efficient=True)
 
     ``overrides`` go to the constructor (``memory_efficient=True``, ``norm_layer="frozen_bn"``...).
+    The metadata is checked against the tensors before the model is built: a damaged or forged
+    file raises :class:`CheckpointError`, whatever architecture it claims.
     """
     state, meta = read_safetensors(path)
     if "model_args" not in meta:
-        raise ValueError(f"{path}: no densenet_zoo metadata in this safetensors file; build the model yourself and use load_weights()")
-    args = dict(meta["model_args"])
-    args.update(overrides)
-    model = DenseNet(**args)
-    model.arch = meta.get("arch")
+        raise CheckpointError(f"{path}: no densenet_zoo metadata in this safetensors file; build the model yourself and use load_weights()")
+    args = meta["model_args"]
+    if isinstance(args, dict):
+        args = {**args, **overrides}
+    model = build_checked(args, state, source=str(path))
+    model.arch = meta.get("arch") if isinstance(meta.get("arch"), str) else None
     load_state(model, state, strict=True, source=str(path))
     return model, meta
 
@@ -130,7 +165,7 @@ def load_weights(model: nn.Module, weights: WeightsSource, *, strict: bool = Fal
 def _read_state(source: Any, *, use_ema: bool = False) -> Tuple[Dict[str, torch.Tensor], str]:
     if isinstance(source, (Mapping, nn.Module)):
         return extract_state_dict(source, use_ema=use_ema)
-    obj, _ = read_checkpoint(source)
+    obj, _ = read_checkpoint(source, metadata=False)  # tensors only: damaged metadata does not matter here
     return extract_state_dict(obj, use_ema=use_ema)
 
 
@@ -163,11 +198,15 @@ def build_pretrained(arch: str, config: Dict[str, Any], *, weights: Any = None, 
     # A fine-tuned checkpoint brings its own head and input channels unless the caller chose others.
     normalised, _ = normalize_keys(state[0])
     config = dict(config)
-    if "num_classes" not in config and "classifier.weight" in normalised:
+    from_file = []  # the parts whose size the file decides; the rest is the caller's
+    if "num_classes" not in config and "classifier.weight" in normalised and normalised["classifier.weight"].dim() == 2:
         config["num_classes"] = int(normalised["classifier.weight"].shape[0])
+        from_file.append("head")
     if "in_chans" not in config and FIRST_CONV in normalised and normalised[FIRST_CONV].dim() == 4:
         config["in_chans"] = int(normalised[FIRST_CONV].shape[1])
-    model = DenseNet(**config)
+        from_file.append("stem")
+    model = build_checked(config, normalised, source=desc, parts=from_file,
+                          hint=f"; these are not weights for {arch}: check the file, or the weights name")
     model.arch = arch
     report = _load_resolved(model, source, entry, desc, state=state)
     if not report.ok:
@@ -200,7 +239,7 @@ def convert_checkpoint(src: WeightsSource, dest: PathLike, *, use_ema: bool = Fa
     state, _ = extract_state_dict(obj, use_ema=use_ema)
     state, _ = normalize_keys(state)
     cfg = infer_config(state)
-    model = DenseNet(**cfg)
+    model = build_checked(cfg, state, source=desc)
     model.arch = meta.get("arch") or _match_arch(cfg)
     if entry is not None:
         model.weights_entry = entry
