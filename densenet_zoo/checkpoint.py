@@ -116,7 +116,11 @@ def read_checkpoint(path: PathLike, *, metadata: bool = True) -> Tuple[Any, Dict
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = _first_line(exc)
+        detail = str(exc).split("WeightsUnpickler error:", 1)[-1].strip()
+        first = detail.splitlines()[0][:200] if detail else type(exc).__name__
+        if "global" not in str(exc).lower():  # not a refused class: the pickle stream itself is damaged
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (damaged pickle: {first}); "
+                                  "it may be truncated, re-download or re-save it") from None
         raise CheckpointError(
             f"{path}: refused to unpickle: the file holds Python objects other than tensors and plain containers, "
             f"and unpickling them could run code ({first}). Load only files you trust; ask for a .safetensors "
@@ -310,7 +314,7 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: b
         report.missing.append(key)
     order = {k: i for i, k in enumerate(target)}
     report.reinitialized.sort(key=order.__getitem__)
-    if not (new or report.reinitialized):
+    if not (report.reinitialized or any(not k.endswith("num_batches_tracked") for k in new)):
         raise CheckpointError(f"{source}: none of its {len(state)} tensors fits the model (first keys: {_short(list(state), 3)}); "
                               "it is not a checkpoint of this architecture: check the file, or the model you built")
     if strict and not report.ok:
