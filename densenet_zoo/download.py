@@ -151,9 +151,12 @@ def torch_hub_copy(url: str, sha256: Optional[str] = None, file_size: Optional[i
 
 def _cached_problem(path: Path, url: str, sha256: Optional[str], file_size: Optional[int]) -> Optional[str]:
     """Why the cached ``path`` cannot be used, or None: the hash when one is known, else a structural read."""
-    bad = _verify(path, url, sha256, file_size)
-    if bad is None and not expected_hash(url, sha256):
-        bad = _unreadable(path)
+    try:
+        bad = _verify(path, url, sha256, file_size)
+        if bad is None and not expected_hash(url, sha256):
+            bad = _unreadable(path)
+    except OSError as exc:  # e.g. removed by another process that found it bad: the locked path re-checks
+        return f"it cannot be read ({type(exc).__name__})"
     return bad
 
 
@@ -171,13 +174,7 @@ def download(url: str, filename: Optional[str] = None, *, sha256: Optional[str] 
     """
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme == "file":
-        path = Path(urllib.request.url2pathname(parsed.path))
-        if not path.is_file():
-            raise WeightsError(f"{url}: no such file {path}")
-        bad = _verify(path, url, sha256, file_size)
-        if bad:
-            raise WeightsError(f"{path}: {bad}")
-        return path
+        return _local_file(url, sha256, file_size)
     if parsed.scheme not in ("http", "https"):
         raise WeightsError(f"cannot download {url!r}: expected an http(s):// or file:// URL")
     cache = Path(cache) if cache is not None else cache_dir()
@@ -215,6 +212,17 @@ def download(url: str, filename: Optional[str] = None, *, sha256: Optional[str] 
             if tmp.exists():
                 tmp.unlink()
     return dest
+
+
+def _local_file(url: str, sha256: Optional[str], file_size: Optional[int]) -> Path:
+    """The file a ``file://`` URL names, verified, used in place."""
+    path = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path))
+    if not path.is_file():
+        raise WeightsError(f"{url}: no such file {path}")
+    bad = _verify(path, url, sha256, file_size)
+    if bad:
+        raise WeightsError(f"{path}: {bad}")
+    return path
 
 
 @contextlib.contextmanager

@@ -52,13 +52,15 @@ def save_model(model: DenseNet, path: PathLike, **metadata: Any) -> Path:
 
     ``metadata`` must be JSON-serialisable; ``arch`` and ``model_args`` are added from the model,
     and for a model built with pretrained weights, their ``preprocessing`` and (same number of
-    classes) ``class_names`` unless given. A model :func:`load_model` could not rebuild (another
-    class, a norm given as a function) is refused before anything is written.
+    classes) ``class_names`` unless given. A model of another class (torchvision's, a
+    ``FastDenseNet``) is refused before anything is written. A DenseNet whose layers its
+    ``model_args`` do not rebuild (a norm given as a function) is saved with ``rebuildable: false``:
+    :func:`load_model` then says to build the model and use :func:`load_weights`.
     """
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"cannot save to {path}: it is a folder; give a file name such as {path / 'model.safetensors'}")
-    _check_rebuildable(model)
+    rebuildable = _rebuildable(model)
     meta: Dict[str, Any] = {"arch": getattr(model, "arch", None), "model_args": dict(getattr(model, "model_args", {}))}
     entry = getattr(model, "weights_entry", None)
     if isinstance(entry, WeightsEntry):
@@ -68,6 +70,8 @@ def save_model(model: DenseNet, path: PathLike, **metadata: Any) -> Path:
         if entry.categories_ref and getattr(model, "num_classes", None) == entry.num_classes:
             meta["class_names"] = entry.categories
     meta.update(metadata)
+    if not rebuildable:
+        meta["rebuildable"] = False
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     try:
         blob = safetensors_bytes(state, metadata={METADATA_KEY: json.dumps(meta)})
@@ -79,25 +83,22 @@ def save_model(model: DenseNet, path: PathLike, **metadata: Any) -> Path:
         raise CheckpointError(f"cannot write {path} ({type(exc).__name__}: {exc.strerror or exc}); choose a writable path") from None
 
 
-def _check_rebuildable(model: Any) -> None:
-    """Refuse a model whose saved file :func:`load_model` would reject: rebuild it on the meta device and compare."""
-    if type(model) is not DenseNet:
+def _rebuildable(model: Any) -> bool:
+    """Whether ``DenseNet(**model.model_args)`` has ``model``'s tensors (built on the meta device: no memory).
+
+    Anything but a DenseNet is refused: :func:`load_model` could never read its file.
+    """
+    if not isinstance(model, DenseNet):
         fix = ("save the DenseNet it was made from and call optimize_for_inference() after load_model()"
                if type(model).__name__ == "FastDenseNet" else
                "copy its weights into a densenet_zoo model first (dz.convert_checkpoint(model.state_dict(), path) does both)")
         raise CheckpointError(f"save_model writes densenet_zoo DenseNet models, got {type(model).__module__}.{type(model).__name__}; {fix}")
-    with torch.device("meta"):
-        try:
+    try:
+        with torch.device("meta"):
             twin = DenseNet(**model.model_args)
-        except (ValueError, TypeError) as exc:
-            raise CheckpointError(f"save_model: this model's model_args do not rebuild it ({exc})") from None
-    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in twin.state_dict().items()}
-    if ours != theirs:
-        diff = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
-        raise CheckpointError(f"save_model: DenseNet(**model.model_args) would not have this model's tensors (e.g. {diff}); "
-                              "a model changed after construction (a norm given as a function, replaced layers) cannot be "
-                              "rebuilt from the file: save its state_dict() with torch.save or safetensors instead")
+    except (ValueError, TypeError):
+        return False
+    return {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in twin.state_dict().items()}
 
 
 def load_model(path: PathLike, **overrides: Any) -> Tuple[DenseNet, Dict[str, Any]]:
@@ -112,6 +113,10 @@ def load_model(path: PathLike, **overrides: Any) -> Tuple[DenseNet, Dict[str, An
     state, meta = read_safetensors(path)
     if "model_args" not in meta:
         raise CheckpointError(f"{path}: no densenet_zoo metadata in this safetensors file; build the model yourself and use load_weights()")
+    if meta.get("rebuildable") is False and not overrides:
+        raise CheckpointError(f"{path}: holds a DenseNet whose layers its model_args do not rebuild (a norm given as a "
+                              "function, or layers replaced after construction); build that model yourself and use "
+                              "dz.load_weights(model, path)")
     args = meta["model_args"]
     if isinstance(args, dict):
         args = {**args, **overrides}
