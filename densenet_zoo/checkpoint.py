@@ -182,19 +182,22 @@ def _candidates(key: str) -> List[str]:
     return [_LEGACY.sub(r"\1\2", k) for k in out]
 
 
-def normalize_keys(state: Mapping[str, torch.Tensor], target_keys: Optional[Any] = None) -> Tuple[StateDict, int]:
+def normalize_keys(state: Mapping[str, torch.Tensor], target_keys: Optional[Any] = None, *,
+                   source: str = "checkpoint") -> Tuple[StateDict, int]:
     """Rename checkpoint keys to ours; returns ``(state, number of keys renamed)``.
 
     >>> normalize_keys({"module.features.denseblock1.denselayer1.norm.1.weight": w})[0]
     {'features.denseblock1.denselayer1.norm1.weight': w}
 
     With ``target_keys`` a prefix is stripped only as far as needed to match a key of the model;
-    without, every known prefix is stripped.
+    without, every known prefix is stripped. A key that is not a string, or a value that is not a
+    dense real tensor, raises :class:`CheckpointError`.
     """
     targets = set(target_keys) if target_keys is not None else None
     out: StateDict = {}
     renamed = 0
     for key, value in state.items():
+        _check_entry(key, value, source)
         cands = _candidates(key)
         new = next((c for c in cands if c in targets), cands[-1]) if targets is not None else cands[-1]
         if new in out:
@@ -202,6 +205,18 @@ def normalize_keys(state: Mapping[str, torch.Tensor], target_keys: Optional[Any]
         renamed += new != key
         out[new] = value
     return out, renamed
+
+
+def _check_entry(key: Any, value: Any, source: str) -> None:
+    if not isinstance(key, str):
+        raise CheckpointError(f"{source}: key {key!r} is of type {type(key).__name__}, expected a string; the file is damaged "
+                              "or not a state dict")
+    if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+        kind = f"a {value.layout} tensor" if isinstance(value, torch.Tensor) else f"of type {type(value).__name__}"
+        raise CheckpointError(f"{source}: entry {key!r} is {kind}, expected a dense tensor; re-save it with .to_dense()")
+    if value.is_complex() or value.is_quantized:
+        raise CheckpointError(f"{source}: entry {key!r} has dtype {value.dtype}, expected real numbers; "
+                              "dequantize or convert it to float and re-save")
 
 
 def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
@@ -286,7 +301,7 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: b
     :class:`CheckpointError` listing missing, unexpected and shape-mismatched keys.
     """
     target = model.state_dict()
-    state, renamed = normalize_keys(state, target.keys())
+    state, renamed = normalize_keys(state, target.keys(), source=source)
     report = LoadReport(source=source, renamed=renamed, wrapper=wrapper)
     new: StateDict = {}
     for key, value in state.items():
@@ -295,6 +310,9 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: b
                 report.unexpected.append(key)
             continue
         want = target[key]
+        if want.is_floating_point() and not value.is_floating_point():
+            raise CheckpointError(f"{source}: {key} holds {value.dtype} values where the model has {want.dtype}; a quantized "
+                                  "or damaged checkpoint: convert it to float first")
         if value.shape == want.shape:
             new[key] = value
             report.loaded.append(key)

@@ -6,11 +6,12 @@ normalisation in :mod:`densenet_zoo.checkpoint`; this module joins them to model
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import urllib.parse
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -171,7 +172,19 @@ def _read_state(source: Any, *, use_ema: bool = False) -> Tuple[Dict[str, torch.
     if isinstance(source, (Mapping, nn.Module)):
         return extract_state_dict(source, use_ema=use_ema)
     obj, _ = read_checkpoint(source, metadata=False)  # tensors only: damaged metadata does not matter here
-    return extract_state_dict(obj, use_ema=use_ema)
+    with _about(str(source)):
+        return extract_state_dict(obj, use_ema=use_ema)
+
+
+@contextlib.contextmanager
+def _about(desc: str) -> Iterator[None]:
+    """Prefix a :class:`CheckpointError` raised inside with the file it is about, when it does not name it yet."""
+    try:
+        yield
+    except CheckpointError as exc:
+        if str(exc).startswith(desc):
+            raise
+        raise CheckpointError(f"{desc}: {exc}") from None
 
 
 def _load_resolved(model: nn.Module, source: Any, entry: Optional[WeightsEntry], desc: str, *, strict: bool = False,
@@ -201,7 +214,7 @@ def build_pretrained(arch: str, config: Dict[str, Any], *, weights: Any = None, 
     source, entry, desc = resolve_weights(weights, arch, progress=progress)
     state = _read_state(source)
     # A fine-tuned checkpoint brings its own head and input channels unless the caller chose others.
-    normalised, _ = normalize_keys(state[0])
+    normalised, _ = normalize_keys(state[0], source=desc)
     config = dict(config)
     from_file = []  # the parts whose size the file decides; the rest is the caller's
     if "num_classes" not in config and "classifier.weight" in normalised and normalised["classifier.weight"].dim() == 2:
@@ -241,9 +254,10 @@ def convert_checkpoint(src: WeightsSource, dest: PathLike, *, use_ema: bool = Fa
         obj, meta = source, {}
     else:
         obj, meta = read_checkpoint(source)
-    state, _ = extract_state_dict(obj, use_ema=use_ema)
-    state, _ = normalize_keys(state)
-    cfg = infer_config(state)
+    with _about(desc):
+        state, _ = extract_state_dict(obj, use_ema=use_ema)
+        state, _ = normalize_keys(state, source=desc)
+        cfg = infer_config(state)
     model = build_checked(cfg, state, source=desc)
     model.arch = meta.get("arch") or _match_arch(cfg)
     if entry is not None:

@@ -203,3 +203,29 @@ def test_checks_cost_little_on_a_real_size_model(tmp_path):
     t0 = time.perf_counter()
     again, meta = dz.load_model(path)
     assert time.perf_counter() - t0 < 30 and meta["model_args"] == json.loads(json.dumps(model.model_args))
+
+
+# -- beyond the reported cases: state dicts that are not what they seem ----------------------------
+
+def _odd(kind):
+    sd = dict(dz.DenseNet(**SMALL).state_dict())
+    floats = [k for k, v in sd.items() if v.is_floating_point()]
+    if kind == "int_key":
+        return {**sd, 7: torch.zeros(3)}
+    if kind == "sparse":
+        return {**sd, "classifier.weight": sd["classifier.weight"].to_sparse()}
+    if kind in ("complex64", "int8", "bool"):
+        return {k: (v.to(getattr(torch, kind)) if k in floats else v) for k, v in sd.items()}
+    return {"list": [sd], "tensor": torch.zeros(3), "strings": {"a": "b", "c": "d"}}[kind]
+
+
+@pytest.mark.parametrize("kind", ["int_key", "sparse", "complex64", "int8", "bool", "list", "tensor", "strings"])
+def test_odd_state_dicts_are_one_checkpoint_error(tmp_path, kind):
+    """Each of these gave an AttributeError/RuntimeError traceback, or (complex, int8, bool) loaded cast garbage."""
+    path = tmp_path / f"{kind}.pth"
+    torch.save(_odd(kind), path)
+    for call in (lambda: dz.load_weights(dz.DenseNet(**SMALL), path), lambda: dz.convert_checkpoint(path, tmp_path / "o.safetensors")):
+        with pytest.raises(dz.CheckpointError) as info:
+            call()
+        _one_line(info, str(path))
+    assert not (tmp_path / "o.safetensors").exists()
