@@ -105,6 +105,8 @@ def read_checkpoint(path: PathLike, *, metadata: bool = True) -> Tuple[Any, Dict
     so is any file torch cannot read (empty, truncated, damaged). ``metadata=False``: see :func:`read_safetensors`.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a folder; give the path of a .safetensors/.pth file in it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; check the path")
     if _is_safetensors(path):

@@ -141,6 +141,8 @@ def resolve_weights(weights: Any, arch: Optional[str] = None, *, progress: bool 
     if isinstance(weights, os.PathLike) or (isinstance(weights, str) and not _is_url(weights) and (
             os.path.exists(weights) or weights.lower().endswith(_SUFFIXES))):
         path = Path(weights)
+        if path.is_dir():
+            raise CheckpointError(f"weights file {str(path)!r} is a folder; give the path of a .safetensors/.pth file in it")
         if not path.is_file():
             raise FileNotFoundError(f"weights file {str(path)!r} does not exist; check the path")
         return path, None, str(path)
@@ -259,7 +261,8 @@ def convert_checkpoint(src: WeightsSource, dest: PathLike, *, use_ema: bool = Fa
         state, _ = normalize_keys(state, source=desc)
         cfg = infer_config(state)
     model = build_checked(cfg, state, source=desc)
-    model.arch = meta.get("arch") or _match_arch(cfg)
+    arch = meta.get("arch")
+    model.arch = arch if isinstance(arch, str) and arch else _match_arch(cfg)
     if entry is not None:
         model.weights_entry = entry
     load_state(model, state, strict=True, source=desc)

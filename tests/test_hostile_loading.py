@@ -118,6 +118,12 @@ def test_convert_into_a_folder_is_refused_and_the_folder_kept(saved, tmp_path):
         dz.convert_checkpoint(good, folder)
     _one_line(info, str(folder), "it is a folder")
     assert [p.name for p in folder.iterdir()] == ["keep.txt"] and (folder / "keep.txt").read_text() == "mine"
+    # A folder given as the checkpoint to read: the same kind of answer.
+    for call in (lambda: dz.load_weights(dz.DenseNet(**SMALL), folder), lambda: dz.convert_checkpoint(folder, tmp_path / "o.safetensors"),
+                 lambda: dz.load_model(folder)):
+        with pytest.raises(dz.CheckpointError) as info:
+            call()
+        _one_line(info, str(folder))
 
 
 def test_key_names_that_contradict_the_tensors(tmp_path):
