@@ -179,14 +179,15 @@ def download(url: str, filename: Optional[str] = None, *, sha256: Optional[str] 
         raise WeightsError(f"cannot download {url!r}: expected an http(s):// or file:// URL")
     cache = Path(cache) if cache is not None else cache_dir()
     dest = cache / cache_name(url, filename, sha256)
-    bad = _cached_problem(dest, url, sha256, file_size) if dest.is_file() else "absent"
-    if bad is None:
+    cached = dest.is_file()
+    bad = _cached_problem(dest, url, sha256, file_size) if cached else None
+    if cached and bad is None:
         return dest
     hub_copy = torch_hub_copy(url, sha256, file_size)
     if hub_copy is not None:
         return hub_copy
     if is_offline():
-        if bad != "absent":
+        if bad:
             raise WeightsError(f"cached file {dest} is not the expected one: {bad}; replace it with a good copy of {url}")
         raise WeightsError(
             f"offline mode (DENSENET_ZOO_OFFLINE/HF_HUB_OFFLINE) and {dest.name} is not in the cache: download {url} "
