@@ -6,11 +6,12 @@ normalisation in :mod:`densenet_zoo.checkpoint`; this module joins them to model
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import urllib.parse
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -30,6 +31,7 @@ from ..weights.checkpoint import (
 )
 from ..weights.registry import WeightsEntry, WeightsError, download, fetch, get_weights, list_weights, register_weights
 from .._utils import atomic_write
+from .arch_check import build_checked
 from .densenet import DenseNet
 from .configs import list_architectures, model_config
 
@@ -51,9 +53,15 @@ def save_model(model: DenseNet, path: PathLike, **metadata: Any) -> Path:
 
     ``metadata`` must be JSON-serialisable; ``arch`` and ``model_args`` are added from the model,
     and for a model built with pretrained weights, their ``preprocessing`` and (same number of
-    classes) ``class_names`` unless given.
+    classes) ``class_names`` unless given. A model of another class (torchvision's, a
+    ``FastDenseNet``) is refused before anything is written. A DenseNet whose layers its
+    ``model_args`` do not rebuild (a norm given as a function) is saved with ``rebuildable: false``:
+    :func:`load_model` then says to build the model and use :func:`load_weights`.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"cannot save to {path}: it is a folder; give a file name such as {path / 'model.safetensors'}")
+    rebuildable = _rebuildable(model)
     meta: Dict[str, Any] = {"arch": getattr(model, "arch", None), "model_args": dict(getattr(model, "model_args", {}))}
     entry = getattr(model, "weights_entry", None)
     if isinstance(entry, WeightsEntry):
@@ -63,9 +71,35 @@ def save_model(model: DenseNet, path: PathLike, **metadata: Any) -> Path:
         if entry.categories_ref and getattr(model, "num_classes", None) == entry.num_classes:
             meta["class_names"] = entry.categories
     meta.update(metadata)
+    if not rebuildable:
+        meta["rebuildable"] = False
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    blob = safetensors_bytes(state, metadata={METADATA_KEY: json.dumps(meta)})
-    return atomic_write(path, lambda f: f.write(blob))
+    try:
+        blob = safetensors_bytes(state, metadata={METADATA_KEY: json.dumps(meta)})
+    except TypeError as exc:
+        raise CheckpointError(f"cannot save to {path}: metadata must be JSON-serialisable ({exc})") from None
+    try:
+        return atomic_write(path, lambda f: f.write(blob))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {path} ({type(exc).__name__}: {exc.strerror or exc}); choose a writable path") from None
+
+
+def _rebuildable(model: Any) -> bool:
+    """Whether ``DenseNet(**model.model_args)`` has ``model``'s tensors (built on the meta device: no memory).
+
+    Anything but a DenseNet is refused: :func:`load_model` could never read its file.
+    """
+    if not isinstance(model, DenseNet):
+        fix = ("save the DenseNet it was made from and call optimize_for_inference() after load_model()"
+               if type(model).__name__ == "FastDenseNet" else
+               "copy its weights into a densenet_zoo model first (dz.convert_checkpoint(model.state_dict(), path) does both)")
+        raise CheckpointError(f"save_model writes densenet_zoo DenseNet models, got {type(model).__module__}.{type(model).__name__}; {fix}")
+    try:
+        with torch.device("meta"):
+            twin = DenseNet(**model.model_args)
+    except (ValueError, TypeError):
+        return False
+    return {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in twin.state_dict().items()}
 
 
 def load_model(path: PathLike, **overrides: Any) -> Tuple[DenseNet, Dict[str, Any]]:
@@ -74,14 +108,21 @@ def load_model(path: PathLike, **overrides: Any) -> Tuple[DenseNet, Dict[str, An
     >>> model, meta = load_model("best.safetensors", memory_efficient=True)
 
     ``overrides`` go to the constructor (``memory_efficient=True``, ``norm_layer="frozen_bn"``...).
+    The metadata is checked against the tensors before the model is built: a damaged or forged
+    file raises :class:`CheckpointError`, whatever architecture it claims.
     """
     state, meta = read_safetensors(path)
     if "model_args" not in meta:
-        raise ValueError(f"{path}: no densenet_zoo metadata in this safetensors file; build the model yourself and use load_weights()")
-    args = dict(meta["model_args"])
-    args.update(overrides)
-    model = DenseNet(**args)
-    model.arch = meta.get("arch")
+        raise CheckpointError(f"{path}: no densenet_zoo metadata in this safetensors file; build the model yourself and use load_weights()")
+    if meta.get("rebuildable") is False and not overrides:
+        raise CheckpointError(f"{path}: holds a DenseNet whose layers its model_args do not rebuild (a norm given as a "
+                              "function, or layers replaced after construction); build that model yourself and use "
+                              "dz.load_weights(model, path)")
+    args = meta["model_args"]
+    if isinstance(args, dict):
+        args = {**args, **overrides}
+    model = build_checked(args, state, source=str(path))
+    model.arch = meta.get("arch") if isinstance(meta.get("arch"), str) else None
     load_state(model, state, strict=True, source=str(path))
     return model, meta
 
@@ -100,6 +141,8 @@ def resolve_weights(weights: Any, arch: Optional[str] = None, *, progress: bool 
     if isinstance(weights, os.PathLike) or (isinstance(weights, str) and not _is_url(weights) and (
             os.path.exists(weights) or weights.lower().endswith(_SUFFIXES))):
         path = Path(weights)
+        if path.is_dir():
+            raise CheckpointError(f"weights file {str(path)!r} is a folder; give the path of a .safetensors/.pth file in it")
         if not path.is_file():
             raise FileNotFoundError(f"weights file {str(path)!r} does not exist; check the path")
         return path, None, str(path)
@@ -130,8 +173,20 @@ def load_weights(model: nn.Module, weights: WeightsSource, *, strict: bool = Fal
 def _read_state(source: Any, *, use_ema: bool = False) -> Tuple[Dict[str, torch.Tensor], str]:
     if isinstance(source, (Mapping, nn.Module)):
         return extract_state_dict(source, use_ema=use_ema)
-    obj, _ = read_checkpoint(source)
-    return extract_state_dict(obj, use_ema=use_ema)
+    obj, _ = read_checkpoint(source, metadata=False)  # tensors only: damaged metadata does not matter here
+    with _about(str(source)):
+        return extract_state_dict(obj, use_ema=use_ema)
+
+
+@contextlib.contextmanager
+def _about(desc: str) -> Iterator[None]:
+    """Prefix a :class:`CheckpointError` raised inside with the file it is about, when it does not name it yet."""
+    try:
+        yield
+    except CheckpointError as exc:
+        if str(exc).startswith(desc):
+            raise
+        raise CheckpointError(f"{desc}: {exc}") from None
 
 
 def _load_resolved(model: nn.Module, source: Any, entry: Optional[WeightsEntry], desc: str, *, strict: bool = False,
@@ -161,13 +216,17 @@ def build_pretrained(arch: str, config: Dict[str, Any], *, weights: Any = None, 
     source, entry, desc = resolve_weights(weights, arch, progress=progress)
     state = _read_state(source)
     # A fine-tuned checkpoint brings its own head and input channels unless the caller chose others.
-    normalised, _ = normalize_keys(state[0])
+    normalised, _ = normalize_keys(state[0], source=desc)
     config = dict(config)
-    if "num_classes" not in config and "classifier.weight" in normalised:
+    from_file = []  # the parts whose size the file decides; the rest is the caller's
+    if "num_classes" not in config and "classifier.weight" in normalised and normalised["classifier.weight"].dim() == 2:
         config["num_classes"] = int(normalised["classifier.weight"].shape[0])
+        from_file.append("head")
     if "in_chans" not in config and FIRST_CONV in normalised and normalised[FIRST_CONV].dim() == 4:
         config["in_chans"] = int(normalised[FIRST_CONV].shape[1])
-    model = DenseNet(**config)
+        from_file.append("stem")
+    model = build_checked(config, normalised, source=desc, parts=from_file,
+                          hint=f"; these are not weights for {arch}: check the file, or the weights name")
     model.arch = arch
     report = _load_resolved(model, source, entry, desc, state=state)
     if not report.ok:
@@ -197,11 +256,13 @@ def convert_checkpoint(src: WeightsSource, dest: PathLike, *, use_ema: bool = Fa
         obj, meta = source, {}
     else:
         obj, meta = read_checkpoint(source)
-    state, _ = extract_state_dict(obj, use_ema=use_ema)
-    state, _ = normalize_keys(state)
-    cfg = infer_config(state)
-    model = DenseNet(**cfg)
-    model.arch = meta.get("arch") or _match_arch(cfg)
+    with _about(desc):
+        state, _ = extract_state_dict(obj, use_ema=use_ema)
+        state, _ = normalize_keys(state, source=desc)
+        cfg = infer_config(state)
+    model = build_checked(cfg, state, source=desc)
+    arch = meta.get("arch")
+    model.arch = arch if isinstance(arch, str) and arch else _match_arch(cfg)
     if entry is not None:
         model.weights_entry = entry
     load_state(model, state, strict=True, source=desc)

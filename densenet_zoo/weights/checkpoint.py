@@ -41,10 +41,13 @@ _EMA_WRAPPERS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict", "ema_mo
 
 
 
-def read_safetensors(path: PathLike) -> Tuple[StateDict, Dict[str, Any]]:
+def read_safetensors(path: PathLike, *, metadata: bool = True) -> Tuple[StateDict, Dict[str, Any]]:
     """State dict and our metadata (``{}`` when the file has none) of a safetensors file.
 
     >>> state, meta = read_safetensors("best.safetensors")
+
+    ``metadata=False`` skips (and so never fails on) the metadata: what loading tensors into a
+    model one built needs.
     """
     state: StateDict = {}
     try:
@@ -55,9 +58,32 @@ def read_safetensors(path: PathLike) -> Tuple[StateDict, Dict[str, Any]]:
     except FileNotFoundError:
         raise
     except Exception as exc:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"{path}: not a valid safetensors file ({exc}); re-download or re-export it") from None
-    meta = json.loads(raw[METADATA_KEY]) if METADATA_KEY in raw else {}
-    return state, meta
+        raise CheckpointError(f"{path}: not a valid safetensors file ({_first_line(exc)}); re-download or re-export it") from None
+    return state, (parse_metadata(raw.get(METADATA_KEY), path) if metadata else {})
+
+
+def parse_metadata(text: Optional[str], path: PathLike = "checkpoint") -> Dict[str, Any]:
+    """Our JSON metadata entry as a dict (``{}`` for none); damaged metadata raises :class:`CheckpointError`.
+
+    >>> parse_metadata('{"arch": "densenet121"}')
+    {'arch': 'densenet121'}
+    """
+    if text is None:
+        return {}
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: its {METADATA_KEY!r} metadata is not valid JSON ({_first_line(exc)}); the file is "
+                              "damaged: re-export it, or build the model yourself and use dz.load_weights (which ignores metadata)") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its {METADATA_KEY!r} metadata is a JSON {type(meta).__name__}, expected an object; "
+                              "re-export it, or build the model yourself and use dz.load_weights (which ignores metadata)")
+    return meta
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -69,19 +95,22 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000
 
 
-def read_checkpoint(path: PathLike) -> Tuple[Any, Dict[str, Any]]:
+def read_checkpoint(path: PathLike, *, metadata: bool = True) -> Tuple[Any, Dict[str, Any]]:
     """The raw object of a ``.safetensors``/``.pth``/``.pt``/``.bin`` file and our metadata.
 
     >>> obj, meta = read_checkpoint("densenet121-a639ec97.pth")
 
     ``.pth`` files are read with ``torch.load(weights_only=True)``: a pickle that would build
-    arbitrary Python objects (and so could run code) is refused with :class:`CheckpointError`.
+    arbitrary Python objects (and so could run code) is refused with :class:`CheckpointError`;
+    so is any file torch cannot read (empty, truncated, damaged). ``metadata=False``: see :func:`read_safetensors`.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a folder; give the path of a .safetensors/.pth file in it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; check the path")
     if _is_safetensors(path):
-        return read_safetensors(path)
+        return read_safetensors(path, metadata=metadata)
     with open(path, "rb") as f:
         head = f.read(64).lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
@@ -89,14 +118,19 @@ def read_checkpoint(path: PathLike) -> Tuple[Any, Dict[str, Any]]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = str(exc).split("WeightsUnpickler error:", 1)[-1].strip()
+        first = detail.splitlines()[0][:200] if detail else type(exc).__name__
+        if "global" not in str(exc).lower():  # not a refused class: the pickle stream itself is damaged
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (damaged pickle: {first}); "
+                                  "it may be truncated, re-download or re-save it") from None
         raise CheckpointError(
             f"{path}: refused to unpickle: the file holds Python objects other than tensors and plain containers, "
             f"and unpickling them could run code ({first}). Load only files you trust; ask for a .safetensors "
             "file, or convert a trusted one with `densenet-zoo convert` after re-saving its state_dict()"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0]}); it may be truncated, re-download it") from None
+    except Exception as exc:  # torch.load fails with many types (IndexError on an empty file, KeyError, ...)
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {_first_line(exc)}); "
+                              "it may be empty or truncated, re-download or re-save it") from None
     return obj, {}
 
 
@@ -150,19 +184,22 @@ def _candidates(key: str) -> List[str]:
     return [_LEGACY.sub(r"\1\2", k) for k in out]
 
 
-def normalize_keys(state: Mapping[str, torch.Tensor], target_keys: Optional[Any] = None) -> Tuple[StateDict, int]:
+def normalize_keys(state: Mapping[str, torch.Tensor], target_keys: Optional[Any] = None, *,
+                   source: str = "checkpoint") -> Tuple[StateDict, int]:
     """Rename checkpoint keys to ours; returns ``(state, number of keys renamed)``.
 
     >>> normalize_keys({"module.features.denseblock1.denselayer1.norm.1.weight": w})[0]
     {'features.denseblock1.denselayer1.norm1.weight': w}
 
     With ``target_keys`` a prefix is stripped only as far as needed to match a key of the model;
-    without, every known prefix is stripped.
+    without, every known prefix is stripped. A key that is not a string, or a value that is not a
+    dense real tensor, raises :class:`CheckpointError`.
     """
     targets = set(target_keys) if target_keys is not None else None
     out: StateDict = {}
     renamed = 0
     for key, value in state.items():
+        _check_entry(key, value, source)
         cands = _candidates(key)
         new = next((c for c in cands if c in targets), cands[-1]) if targets is not None else cands[-1]
         if new in out:
@@ -170,6 +207,18 @@ def normalize_keys(state: Mapping[str, torch.Tensor], target_keys: Optional[Any]
         renamed += new != key
         out[new] = value
     return out, renamed
+
+
+def _check_entry(key: Any, value: Any, source: str) -> None:
+    if not isinstance(key, str):
+        raise CheckpointError(f"{source}: key {key!r} is of type {type(key).__name__}, expected a string; the file is damaged "
+                              "or not a state dict")
+    if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+        kind = f"a {value.layout} tensor" if isinstance(value, torch.Tensor) else f"of type {type(value).__name__}"
+        raise CheckpointError(f"{source}: entry {key!r} is {kind}, expected a dense tensor; re-save it with .to_dense()")
+    if value.is_complex() or value.is_quantized:
+        raise CheckpointError(f"{source}: entry {key!r} has dtype {value.dtype}, expected real numbers; "
+                              "dequantize or convert it to float and re-save")
 
 
 def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
@@ -254,7 +303,7 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: b
     :class:`CheckpointError` listing missing, unexpected and shape-mismatched keys.
     """
     target = model.state_dict()
-    state, renamed = normalize_keys(state, target.keys())
+    state, renamed = normalize_keys(state, target.keys(), source=source)
     report = LoadReport(source=source, renamed=renamed, wrapper=wrapper)
     new: StateDict = {}
     for key, value in state.items():
@@ -263,6 +312,9 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: b
                 report.unexpected.append(key)
             continue
         want = target[key]
+        if want.is_floating_point() and not value.is_floating_point():
+            raise CheckpointError(f"{source}: {key} holds {value.dtype} values where the model has {want.dtype}; a quantized "
+                                  "or damaged checkpoint: convert it to float first")
         if value.shape == want.shape:
             new[key] = value
             report.loaded.append(key)
@@ -282,6 +334,9 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: b
         report.missing.append(key)
     order = {k: i for i, k in enumerate(target)}
     report.reinitialized.sort(key=order.__getitem__)
+    if not (report.reinitialized or any(not k.endswith("num_batches_tracked") for k in new)):
+        raise CheckpointError(f"{source}: none of its {len(state)} tensors fits the model (first keys: {_short(list(state), 3)}); "
+                              "it is not a checkpoint of this architecture: check the file, or the model you built")
     if strict and not report.ok:
         raise CheckpointError(f"{source} does not fit the model (strict): {report.problems()}")
     merged = dict(target)
@@ -298,23 +353,38 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
     """
     if FIRST_CONV not in state:
         raise CheckpointError(f"cannot tell the architecture: no {FIRST_CONV!r} in the checkpoint; is this a DenseNet?")
-    conv0 = state[FIRST_CONV]
+    conv0 = _conv_weight(state, FIRST_CONV)
     blocks: Dict[int, int] = {}
     growth = bn_size = None
-    for key, value in state.items():
+    for key in state:
         m = re.match(r"features\.denseblock(\d+)\.denselayer(\d+)\.conv2\.weight$", key)
         if m:
             b, layer = int(m.group(1)), int(m.group(2))
             blocks[b] = max(blocks.get(b, 0), layer)
-            growth, bn_size = value.shape[0], value.shape[1] // value.shape[0]
+            conv2 = _conv_weight(state, key)
+            growth, bn_size = conv2.shape[0], conv2.shape[1] // conv2.shape[0]
     if not blocks:
         raise CheckpointError("cannot tell the architecture: no dense layers (features.denseblockN.denselayerM.conv2) in the checkpoint")
+    if sorted(blocks) != list(range(1, len(blocks) + 1)):
+        raise CheckpointError(f"cannot tell the architecture: dense blocks {sorted(blocks)[:8]} are not numbered 1, 2, ...; "
+                              "the checkpoint's key names are damaged")
     block_config = tuple(blocks[i] for i in sorted(blocks))
     small = "features.norm0.weight" not in state and "features.norm0.running_mean" not in state
     cfg: Dict[str, Any] = dict(growth_rate=int(growth), block_config=block_config, num_init_features=int(conv0.shape[0]),
                                bn_size=int(bn_size), in_chans=int(conv0.shape[1]), small_inputs=small)
     if "features.transition1.conv.weight" in state:
-        t = state["features.transition1.conv.weight"]
+        t = _conv_weight(state, "features.transition1.conv.weight")
         cfg["compression"] = t.shape[0] / t.shape[1]
-    cfg["num_classes"] = int(state["classifier.weight"].shape[0]) if "classifier.weight" in state else 0
+    head = state.get("classifier.weight")
+    cfg["num_classes"] = int(head.shape[0]) if isinstance(head, torch.Tensor) and head.dim() == 2 else 0
     return cfg
+
+
+def _conv_weight(state: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    """``state[key]`` when it is a 4-D conv weight with no empty dimension; else why the architecture is unknown."""
+    t = state[key]
+    if not isinstance(t, torch.Tensor) or t.dim() != 4 or 0 in t.shape:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise CheckpointError(f"cannot tell the architecture: {key} has shape {shape}, expected a 4-D conv weight; "
+                              "the checkpoint is damaged or not a DenseNet")
+    return t

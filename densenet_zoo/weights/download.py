@@ -7,16 +7,19 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
 import re
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
+import torch.hub
 from filelock import FileLock
 
 from .._utils import WeightsError
@@ -104,6 +107,59 @@ def _unreadable(path: Path) -> Optional[str]:
     return None
 
 
+def cache_name(url: str, filename: Optional[str] = None, sha256: Optional[str] = None) -> str:
+    """The file name of ``url`` in the cache: readable, and never shared by two different files.
+
+    >>> cache_name("https://download.pytorch.org/models/densenet121-a639ec97.pth")
+    'densenet121-a639ec97.pth'
+    >>> cache_name("http://host/a/w.safetensors")
+    'w.c13803ec740c.safetensors'
+
+    A name that carries the expected hash (torchvision's ``name-<sha256 prefix>.ext``) names its
+    content, which is verified on every use, so mirrors of it share one file; any other name gets
+    a digest of the URL, so ``http://host/a/w.pth`` and ``http://host/b/w.pth`` never collide.
+    """
+    name = filename or Path(urllib.parse.urlparse(url).path).name
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        name = "weights.bin"
+    m = _HASH_IN_NAME.search(name)
+    want = expected_hash(url, sha256)
+    if m and want and (want.startswith(m.group(1)) or m.group(1).startswith(want)):
+        return name
+    digest = hashlib.sha256(url.encode("utf-8")).hexdigest()[:12]
+    stem, dot, ext = name.rpartition(".")
+    return f"{stem}.{digest}.{ext}" if dot and stem else f"{name}.{digest}"
+
+
+def torch_hub_copy(url: str, sha256: Optional[str] = None, file_size: Optional[int] = None) -> Optional[Path]:
+    """torch.hub's cached copy of ``url`` (``torch.hub.get_dir()/checkpoints/<name>``), when its hash checks out.
+
+    >>> torch_hub_copy("https://download.pytorch.org/models/densenet121-a639ec97.pth")   # after torchvision's pretrained=True
+    PosixPath('/root/.cache/torch/hub/checkpoints/densenet121-a639ec97.pth')
+
+    Only a file whose expected hash is known is taken: a name alone does not identify weights.
+    """
+    name = Path(urllib.parse.urlparse(url).path).name
+    if not name or not expected_hash(url, sha256):
+        return None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / name
+    try:
+        return path if path.is_file() and _verify(path, url, sha256, file_size) is None else None
+    except OSError:  # unreadable: not ours to fix, download instead
+        return None
+
+
+def _cached_problem(path: Path, url: str, sha256: Optional[str], file_size: Optional[int]) -> Optional[str]:
+    """Why the cached ``path`` cannot be used, or None: the hash when one is known, else a structural read."""
+    try:
+        bad = _verify(path, url, sha256, file_size)
+        if bad is None and not expected_hash(url, sha256):
+            bad = _unreadable(path)
+    except OSError as exc:  # e.g. removed by another process that found it bad: the locked path re-checks
+        return f"it cannot be read ({type(exc).__name__})"
+    return bad
+
+
 def download(url: str, filename: Optional[str] = None, *, sha256: Optional[str] = None, file_size: Optional[int] = None,
              progress: bool = True, cache: Optional[Path] = None, timeout: float = 60.0) -> Path:
     """A verified local copy of ``url`` in the cache, downloaded once across processes.
@@ -112,37 +168,36 @@ def download(url: str, filename: Optional[str] = None, *, sha256: Optional[str] 
     PosixPath('/root/.cache/torch/densenet_zoo/densenet121-a639ec97.pth')
 
     The file is written to a temporary name and renamed only after its size and sha256 (or the
-    hash prefix in its name) check out. ``file://`` URLs are verified and used in place.
+    hash prefix in its name) check out. A cached file is checked again on every use; a bad one is
+    deleted and downloaded once more. torch.hub's copy of a hash-named file is used when present.
+    ``file://`` URLs are verified and used in place. The cache file name is :func:`cache_name`.
     """
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme == "file":
-        path = Path(urllib.request.url2pathname(parsed.path))
-        if not path.is_file():
-            raise WeightsError(f"{url}: no such file {path}")
-        bad = _verify(path, url, sha256, file_size)
-        if bad:
-            raise WeightsError(f"{path}: {bad}")
-        return path
+        return _local_file(url, sha256, file_size)
     if parsed.scheme not in ("http", "https"):
         raise WeightsError(f"cannot download {url!r}: expected an http(s):// or file:// URL")
     cache = Path(cache) if cache is not None else cache_dir()
-    dest = cache / (filename or Path(parsed.path).name or "weights.bin")
-    if dest.is_file():
-        bad = _verify(dest, url, sha256, file_size)
-        if not bad:
-            return dest
-        if is_offline():
-            raise WeightsError(f"cached file {dest} is not the expected one: {bad}; replace it with a good copy of {url}")
+    dest = cache / cache_name(url, filename, sha256)
+    cached = dest.is_file()
+    bad = _cached_problem(dest, url, sha256, file_size) if cached else None
+    if cached and bad is None:
+        return dest
+    hub_copy = torch_hub_copy(url, sha256, file_size)
+    if hub_copy is not None:
+        return hub_copy
     if is_offline():
+        if bad:
+            raise WeightsError(f"cached file {dest} is not the expected one: {bad}; replace it with a good copy of {url}")
         raise WeightsError(
             f"offline mode (DENSENET_ZOO_OFFLINE/HF_HUB_OFFLINE) and {dest.name} is not in the cache: download {url} "
             f"on a machine with network access and place it at {dest} (or unset the offline switch)"
         )
-    cache.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(dest) + ".lock"):
+    with _cache_lock(cache, dest):
+        _remove_partials(cache, dest.name)
         # Another process may have finished the download while this one waited for the lock.
         if dest.is_file():
-            if not _verify(dest, url, sha256, file_size):
+            if not _cached_problem(dest, url, sha256, file_size):
                 return dest
             dest.unlink()  # a bad copy must not survive a failed re-download either
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
@@ -158,6 +213,50 @@ def download(url: str, filename: Optional[str] = None, *, sha256: Optional[str] 
             if tmp.exists():
                 tmp.unlink()
     return dest
+
+
+def _local_file(url: str, sha256: Optional[str], file_size: Optional[int]) -> Path:
+    """The file a ``file://`` URL names, verified, used in place."""
+    path = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path))
+    if not path.is_file():
+        raise WeightsError(f"{url}: no such file {path}")
+    bad = _verify(path, url, sha256, file_size)
+    if bad:
+        raise WeightsError(f"{path}: {bad}")
+    return path
+
+
+@contextlib.contextmanager
+def _cache_lock(cache: Path, dest: Path) -> Iterator[None]:
+    """Hold ``dest``'s lock in ``cache``; a cache that is a file or not writable raises a one-line :class:`WeightsError`."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(dest) + ".lock")
+        lock.acquire()
+    except OSError as exc:
+        raise WeightsError(
+            f"cannot write to the weights cache {cache} ({type(exc).__name__}: {exc.strerror or exc}); set "
+            "DENSENET_ZOO_CACHE to a writable folder, or fix the permissions"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+#: A partial download untouched this long belongs to a process that died (writes touch it every 64 KiB).
+STALE_PARTIAL_S = 3600.0
+
+
+def _remove_partials(cache: Path, name: str) -> None:
+    """Delete leftovers of killed downloads: this file's (its lock is held, so no live writer) and stale ones."""
+    now = time.time()
+    for p in cache.glob(".*.partial"):
+        try:
+            if p.name.startswith(f".{name}.") or now - p.stat().st_mtime > STALE_PARTIAL_S:
+                p.unlink()
+        except OSError:  # gone already, or another process's to clean
+            pass
 
 
 def _fetch(url: str, dest: Path, final: Path, *, progress: bool, timeout: float) -> None:
@@ -196,26 +295,49 @@ def _fetch(url: str, dest: Path, final: Path, *, progress: bool, timeout: float)
         raise WeightsError(f"download of {url} stopped after {received} of {total} bytes; nothing was cached, retry")
 
 
+def hf_cache_dir() -> str:
+    """The Hugging Face hub cache: ``HF_HUB_CACHE``, else ``$HF_HOME/hub``, read now (huggingface_hub reads them once, at import)."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME")
+    if home and os.path.expanduser(home) != constants.HF_HOME:
+        return os.path.join(os.path.expanduser(home), "hub")
+    return constants.HF_HUB_CACHE
+
+
 def hf_download(repo_id: str, filename: str = "model.safetensors", *, progress: bool = True) -> Path:
     """A file of a Hugging Face hub repository through ``huggingface_hub`` (its own cache and lock).
 
     >>> hf_download("timm/densenet121.ra_in1k")
+
+    A file already in the hub cache (put there by timm, or by ``huggingface-cli download``) is used
+    without any request; otherwise it is downloaded (``HF_ENDPOINT`` is honoured).
     """
-    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    offline = is_offline()
+    cache = hf_cache_dir()
+    try:
+        return Path(hf_hub_download(repo_id, filename, local_files_only=True, cache_dir=cache))
+    except LocalEntryNotFoundError:
+        pass
+    except Exception as exc:  # a damaged cache entry: let the online path replace it
+        if is_offline():
+            raise WeightsError(f"{repo_id}/{filename} in the Hugging Face cache {cache} cannot be used ({type(exc).__name__}); "
+                               "delete that entry and download it again") from None
+    if is_offline():
+        raise WeightsError(
+            f"offline mode and {repo_id}/{filename} is not in the Hugging Face cache ({cache}): "
+            f"run `huggingface-cli download {repo_id} {filename}` on a connected machine and copy its cache folder "
+            f"models--{repo_id.replace('/', '--')} there, or pass the .safetensors path as weights="
+        )
     try:
         # HF_ENDPOINT is read again here: huggingface_hub reads it only once, when first imported.
         endpoint = os.environ.get("HF_ENDPOINT", "").rstrip("/") or None
-        return Path(hf_hub_download(repo_id, filename, local_files_only=offline, endpoint=endpoint))
+        return Path(hf_hub_download(repo_id, filename, endpoint=endpoint, cache_dir=cache))
     except LocalEntryNotFoundError:
-        if offline:
-            raise WeightsError(
-                f"offline mode and {repo_id}/{filename} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}): "
-                f"run `huggingface-cli download {repo_id} {filename}` on a connected machine and copy its cache folder "
-                f"models--{repo_id.replace('/', '--')} there, or pass the .safetensors path as weights="
-            ) from None
         raise WeightsError(f"could not download {repo_id}/{filename} from the Hugging Face hub (no connection?); retry, or set HF_ENDPOINT to a mirror") from None
     except Exception as exc:  # huggingface_hub raises many HTTP error types
         raise WeightsError(f"could not get {repo_id}/{filename} from the Hugging Face hub: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None

@@ -80,7 +80,7 @@ class WeightsEntry:
 
     @property
     def filename(self) -> str:
-        """Name of the file in the cache."""
+        """File name of the download (the cache adds a URL digest to a name without a hash: see :func:`download.cache_name`)."""
         if self.url:
             return Path(urllib.parse.urlparse(self.url).path).name or f"{self.name}.bin"
         return self.hf_filename
