@@ -8,6 +8,7 @@ that cannot be read is reported with its path and the reason; the others are sti
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,18 +16,25 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 import torch.nn as nn
-from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from . import data as D
 from .model import DenseNet
 from .zoo import create_model
-from ._utils import atomic_write
+from ._utils import PathLike, atomic_write
+from .images import UnreadableImageError
 from .weights import load_model
 
-PathLike = Union[str, os.PathLike]
+__all__ = ["Prediction", "Predictor", "collect_images", "shown_path", "write_csv"]
 
-__all__ = ["Prediction", "Predictor", "collect_images", "write_csv"]
+
+def shown_path(path: PathLike) -> str:
+    """``path`` as printable UTF-8 text: bytes of a file name that are not UTF-8 appear as ``\\xNN``.
+
+    >>> shown_path(os.fsdecode(b"caf\\xe9.png"))
+    'caf\\\\xe9.png'
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 @dataclass
@@ -120,9 +128,8 @@ class Predictor:
     def _load(self, path: Path) -> Tuple[Optional[torch.Tensor], Optional[str]]:
         try:
             return self.transform(D.open_image(path, self.in_chans)), None
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            return None, reason
+        except UnreadableImageError as exc:
+            return None, exc.reason
 
     @torch.no_grad()
     def predict(self, paths: Sequence[PathLike], *, batch_size: int = 32, top_k: int = 5, progress: Optional[bool] = None) -> List[Prediction]:
@@ -158,19 +165,22 @@ class Predictor:
 
 
 def write_csv(results: Sequence[Prediction], path: PathLike, top_k: int) -> Path:
-    """``path,top1,top1_prob,...,topK,topK_prob,error`` (one row per input, unreadable ones included)."""
+    """``path,top1,top1_prob,...,topK,topK_prob,error`` (one row per input, unreadable ones included).
+
+    Written as UTF-8 whatever the locale; file names that are not valid UTF-8 are written with
+    ``\\xNN`` escapes (:func:`shown_path`) rather than failing the whole file.
+    """
     header = ["path"] + [c for k in range(1, top_k + 1) for c in (f"top{k}", f"top{k}_prob")] + ["error"]
-
-    def write(f: Any) -> None:
-        w = csv.writer(f)
-        w.writerow(header)
-        for r in results:
-            cells: List[Any] = [r.path]
-            for k in range(top_k):
-                cells += [r.labels[k], f"{r.probs[k]:.6f}"] if k < len(r.labels) else ["", ""]
-            w.writerow(cells + [r.error or ""])
-
-    return atomic_write(path, write, binary=False)
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(header)
+    for r in results:
+        cells: List[Any] = [shown_path(r.path)]
+        for k in range(top_k):
+            cells += [r.labels[k], f"{r.probs[k]:.6f}"] if k < len(r.labels) else ["", ""]
+        w.writerow(cells + [shown_path(r.error) if r.error else ""])
+    data = text.getvalue().encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def predict_summary(results: Sequence[Prediction]) -> Dict[str, int]:
