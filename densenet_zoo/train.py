@@ -331,7 +331,8 @@ def finetune(data: Optional[str] = None, out: Optional[str] = None, *, resume: U
     else:
         out = str(out or options.get("out") or TrainConfig.out)
         options["out"] = out
-        config = config_from(options)  # bad options fail before the folder is touched
+        config = config_from(options)
+        config.check()  # bad settings fail before the folder is touched
         io.check_new_run_folder(out)
     with io.RunLock(out) if _is_main_process() else contextlib.nullcontext():
         if resume:

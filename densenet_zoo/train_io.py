@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
@@ -83,35 +84,65 @@ class RunLock:
 
     A second process asking for the same folder gets a :class:`RunError` at once instead of
     writing into it; the operating system drops the lock when the process ends, even when killed.
+    The lock file is removed at the end; a run that wrote nothing leaves no new folder behind.
     """
 
     def __init__(self, out: PathLike) -> None:
         self.out = Path(out)
         self._file: Any = None
+        self._created = False
 
     def __enter__(self) -> "RunLock":
         _user_files(self.out)  # --out naming a file: one clear error before mkdir fails on it
+        self._created = not self.out.exists()
+        for _ in range(10):  # the file may be removed by a run ending between our open and lock
+            f = self._open()
+            try:
+                _lock(f)
+            except OSError:
+                f.close()
+                raise RunError(f"{self.out} is in use by another run (it holds {self.out / LOCK_FILE}); "
+                               "wait for that run to end or choose another --out") from None
+            if _same_inode(f, self.out / LOCK_FILE):
+                self._file = f
+                return self
+            f.close()
+        raise RunError(f"could not lock {self.out / LOCK_FILE}; another process keeps replacing it")
+
+    def _open(self) -> Any:
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            f = open(self.out / LOCK_FILE, "a+")
+            return open(self.out / LOCK_FILE, "a+")
         except OSError as exc:
             raise RunError(f"cannot write the run folder {self.out} ({exc.strerror or exc}); choose a writable --out") from None
-        try:
-            if fcntl is not None:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            else:  # pragma: no cover - Windows
-                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-        except OSError:
-            f.close()
-            raise RunError(f"{self.out} is in use by another run (it holds {self.out / LOCK_FILE}); "
-                           "wait for that run to end or choose another --out") from None
-        self._file = f
-        return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._file is not None:
+        if self._file is None:
+            return
+        try:
+            # Removed while still held: a process waiting on the old file sees it replaced and retries.
+            (self.out / LOCK_FILE).unlink()
+            if self._created and not _user_files(self.out):  # nothing written: leave no new folder
+                self.out.rmdir()
+        except OSError:
+            pass  # best effort: a leftover empty folder or lock file is harmless
+        finally:
             self._file.close()  # closing the file releases the lock
             self._file = None
+
+
+def _lock(f: Any) -> None:
+    if fcntl is not None:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    else:  # pragma: no cover - Windows
+        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+
+
+def _same_inode(f: Any, path: Path) -> bool:
+    try:
+        return os.fstat(f.fileno()).st_ino == path.stat().st_ino
+    except OSError:
+        return False
 
 
 def rng_state() -> Dict[str, Any]:
