@@ -18,7 +18,10 @@ from .cli_common import one_line, refuse_overwriting_inputs
 def _cmd_models(args: argparse.Namespace) -> int:
     from .zoo import create_model, list_models
 
-    for name in list_models(args.pattern):
+    names = list_models(args.pattern)
+    if not names:
+        raise LookupError(f"no model name matches {args.pattern!r}; `densenet-zoo models` lists them all")
+    for name in names:
         model = create_model(name)
         params = sum(p.numel() for p in model.parameters())
         print(f"{name:18s} {params:>12,d} params  growth={model.growth_rate} blocks={model.block_config}")
@@ -34,7 +37,10 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 def _cmd_weights_list(args: argparse.Namespace) -> int:
     from .weights import get_weights, list_weights
 
-    for name in list_weights(args.pattern):
+    names = list_weights(args.pattern)
+    if not names:
+        raise LookupError(f"no weights name matches {args.pattern!r}; `densenet-zoo weights list` lists them all")
+    for name in names:
         e = get_weights(name)
         acc = f"acc@1 {e.metrics['acc@1']:.2f}" if e.metrics and "acc@1" in e.metrics else "acc@1 -"
         where = e.url or f"hf-hub:{e.hf_hub_id}"

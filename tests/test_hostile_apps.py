@@ -85,7 +85,14 @@ def test_a_second_run_into_a_locked_folder_fails_at_once(data, tmp_path):
         with pytest.raises(RunError, match="in use by another run"):
             finetune(resume=str(out))
         assert time.perf_counter() - t < 5
-    assert [p.name for p in out.iterdir()] == [io.LOCK_FILE]  # the refused runs wrote nothing
+        assert [p.name for p in out.iterdir()] == [io.LOCK_FILE]  # the refused runs wrote nothing
+    assert not out.exists()  # a lock that guarded nothing leaves no folder
+
+
+def test_a_run_that_fails_on_its_input_leaves_no_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        finetune(**base_options(tmp_path / "missing", tmp_path / "run", epochs=1))
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.timeout(240)
