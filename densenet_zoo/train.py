@@ -1,7 +1,8 @@
 """Fine-tuning engine: one loop for a single process and for DDP under ``torchrun``.
 
 >>> import densenet_zoo as dz
->>> result = dz.finetune("data/digits", out="runs/digits", model="densenet121", image_size=32, epochs=3)
+>>> result = dz.finetune("data/digits", out="runs/digits", model="densenet121", image_size=32, batch_size=64,
+...                      epochs=3, augment="light")
 
 Exact resume: the data order of epoch ``e`` is a permutation seeded by ``(seed, e)``, every
 sample's augmentation is seeded by ``(seed, e, index)`` (see :class:`~densenet_zoo.data.ImageDataset`),
@@ -314,7 +315,8 @@ def finetune(data: Optional[str] = None, out: Optional[str] = None, *, resume: U
              **options: Any) -> Dict[str, Any]:
     """Fine-tune a DenseNet on an image dataset; returns the run's summary.
 
-    >>> dz.finetune("data/digits", out="runs/digits", model="densenet121", image_size=32, epochs=3, batch_size=64)
+    >>> dz.finetune("data/digits", out="runs/digits", model="densenet121", image_size=32, batch_size=64, epochs=3,
+    ...             augment="light")   # light: no flips, digits stay digits
     >>> dz.finetune(resume="runs/digits", epochs=5)        # continue, possibly with more epochs
 
     ``options`` are the fields of :class:`TrainConfig`. A new run needs a new or empty ``out``
