@@ -14,7 +14,10 @@ USER_ERRORS = (ZooError, OSError, ValueError, TypeError, LookupError)
 
 def one_line(exc: BaseException) -> str:
     """The error as one line: its lines joined, unexpected errors prefixed with their type and a hint."""
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if any(line.startswith("Original Traceback") for line in lines):
+        lines = lines[-1:]  # re-raised from a DataLoader worker: its last line is the error itself
+    text = " ".join(lines) or type(exc).__name__
     if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in text:
         text = f"{exc.filename}: {text}"
     if not isinstance(exc, USER_ERRORS):

@@ -81,3 +81,22 @@ def test_an_unexpected_error_is_one_line_with_a_hint(monkeypatch, capsys):
     assert main(["info", "densenet121"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ZeroDivisionError: division by zero" in err and "--debug" in err
+
+
+def test_an_error_from_a_dataloader_worker_is_one_line():
+    from torch.utils.data import DataLoader, Dataset
+
+    from densenet_zoo._utils import DataError
+    from densenet_zoo.cli_common import one_line
+
+    class Broken(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise DataError("img.png: unreadable image (truncated); fix or remove it")
+
+    with pytest.raises(Exception) as err:
+        next(iter(DataLoader(Broken(), num_workers=1, multiprocessing_context="fork" if sys.platform == "linux" else None)))
+    text = one_line(err.value)
+    assert "\n" not in text and "Traceback" not in text and "img.png: unreadable image (truncated)" in text
