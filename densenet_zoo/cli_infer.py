@@ -23,7 +23,8 @@ def _load_model(args: argparse.Namespace):
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import Predictor, collect_images, predict_summary, shown_path, write_csv
+    from .data import printable
+    from .predict import Predictor, collect_images, predict_summary, write_csv
 
     if args.top_k < 1 or args.batch_size < 1:
         raise ValueError(f"--top-k and --batch-size must be >= 1, got {args.top_k} and {args.batch_size}")
@@ -41,9 +42,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                                 progress=False if args.quiet else None)
     for r in results:
         if r.error:
-            print(f"{shown_path(r.path)}: unreadable image ({shown_path(r.error)}); skipped", file=sys.stderr)
+            print(f"{printable(r.path)}: unreadable image ({printable(r.error)}); skipped", file=sys.stderr)
         else:
-            print(f"{shown_path(r.path)}: " + ", ".join(f"{label} {100 * p:.1f}%" for label, p in zip(r.labels, r.probs)))
+            print(f"{printable(r.path)}: " + ", ".join(f"{printable(label)} {100 * p:.1f}%" for label, p in zip(r.labels, r.probs)))
     summary = predict_summary(results)
     if args.csv:
         print(f"wrote {write_csv(results, args.csv, args.top_k)}")

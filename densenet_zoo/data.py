@@ -53,6 +53,19 @@ class Splits:
     skipped: List[Tuple[str, str]] = field(default_factory=list)
 
 
+def printable(text: PathLike) -> str:
+    """``text`` (a path, a class name) as valid UTF-8: bytes of a file name that are not UTF-8 become ``\\xNN``.
+
+    >>> printable(os.fsdecode(b"caf\\xe9"))
+    'caf\\\\xe9'
+    """
+    try:
+        raw = os.fsencode(text)
+    except UnicodeEncodeError:  # a lone surrogate that no file name decoded to
+        raw = str(text).encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 # ---------------------------------------------------------------------------------------------
 # Discovering samples
 # ---------------------------------------------------------------------------------------------

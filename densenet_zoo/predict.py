@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -21,20 +20,11 @@ from tqdm import tqdm
 from . import data as D
 from .model import DenseNet
 from .zoo import create_model
-from ._utils import PathLike, atomic_write
+from ._utils import DataError, PathLike, atomic_write
 from .images import UnreadableImageError
 from .weights import load_model
 
-__all__ = ["Prediction", "Predictor", "collect_images", "shown_path", "write_csv"]
-
-
-def shown_path(path: PathLike) -> str:
-    """``path`` as printable UTF-8 text: bytes of a file name that are not UTF-8 appear as ``\\xNN``.
-
-    >>> shown_path(os.fsdecode(b"caf\\xe9.png"))
-    'caf\\\\xe9.png'
-    """
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+__all__ = ["Prediction", "Predictor", "collect_images", "write_csv"]
 
 
 @dataclass
@@ -64,6 +54,8 @@ def collect_images(inputs: Iterable[PathLike]) -> List[Path]:
             found.extend(files)
         elif path.is_file():
             found.append(path)  # named explicitly: tried whatever its suffix, reported if unreadable
+        elif path.exists():  # reading a pipe or a device could block or never end
+            raise DataError(f"input {D.printable(path)!r} is not a regular file or folder (a pipe or device?); give image files or folders")
         else:
             raise FileNotFoundError(f"input {str(path)!r} does not exist; give image files or folders of images")
     if not found:
@@ -167,18 +159,18 @@ class Predictor:
 def write_csv(results: Sequence[Prediction], path: PathLike, top_k: int) -> Path:
     """``path,top1,top1_prob,...,topK,topK_prob,error`` (one row per input, unreadable ones included).
 
-    Written as UTF-8 whatever the locale; file names that are not valid UTF-8 are written with
-    ``\\xNN`` escapes (:func:`shown_path`) rather than failing the whole file.
+    Written as UTF-8 whatever the locale; file and class names that are not valid UTF-8 are
+    written with ``\\xNN`` escapes (:func:`~densenet_zoo.data.printable`) rather than failing the file.
     """
     header = ["path"] + [c for k in range(1, top_k + 1) for c in (f"top{k}", f"top{k}_prob")] + ["error"]
     text = io.StringIO(newline="")
     w = csv.writer(text)
     w.writerow(header)
     for r in results:
-        cells: List[Any] = [shown_path(r.path)]
+        cells: List[Any] = [D.printable(r.path)]
         for k in range(top_k):
-            cells += [r.labels[k], f"{r.probs[k]:.6f}"] if k < len(r.labels) else ["", ""]
-        w.writerow(cells + [shown_path(r.error) if r.error else ""])
+            cells += [D.printable(r.labels[k]), f"{r.probs[k]:.6f}"] if k < len(r.labels) else ["", ""]
+        w.writerow(cells + [D.printable(r.error) if r.error else ""])
     data = text.getvalue().encode("utf-8")
     return atomic_write(path, lambda f: f.write(data))
 

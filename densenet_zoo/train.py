@@ -64,7 +64,7 @@ class Trainer:
 
     def log(self, msg: str) -> None:
         if self.is_main:
-            print(msg, flush=True)
+            print(D.printable(msg), flush=True)  # a data path may hold bytes that are not UTF-8
 
     # -- setup ---------------------------------------------------------------------------------
     def _build(self) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 
 from ._utils import PathLike, RunError, atomic_write
+from .data import printable
 
 try:  # POSIX advisory locks; Windows locks a byte range of the file instead
     import fcntl
@@ -220,6 +221,7 @@ def plot_confusion(matrix: torch.Tensor, class_names: Sequence[str], path: PathL
     import matplotlib.pyplot as plt
 
     n = len(class_names)
+    class_names = [printable(c) for c in class_names]  # the font renders text, not undecodable bytes
     size = max(4.0, min(0.45 * n + 2, 20.0))
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(matrix.numpy(), cmap="Blues")
@@ -227,7 +229,7 @@ def plot_confusion(matrix: torch.Tensor, class_names: Sequence[str], path: PathL
     ax.set_yticks(range(n), class_names)
     ax.set_xlabel("predicted"), ax.set_ylabel("true")
     if title:
-        ax.set_title(title)
+        ax.set_title(printable(title))
     if n <= 30:
         top = matrix.max().item() or 1
         for i in range(n):

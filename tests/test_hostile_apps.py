@@ -235,6 +235,26 @@ def test_predict_csv_with_a_file_name_that_is_not_utf8(data, checkpoint, tmp_pat
     assert all(r["top1"] in ("0", "1", "2") for r in rows)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="file names are UTF-16 there")
+def test_a_class_folder_whose_name_is_not_utf8(data, tmp_path, capsys):
+    odd = os.fsdecode(b"caf\xe9")
+    torch.manual_seed(0)
+    ckpt = dz.save_model(dz.DenseNet(**TINY, num_classes=2).eval(), tmp_path / "odd.safetensors", class_names=["0", odd],
+                         preprocessing={"size": 16, "crop_pct": 1.0, "interpolation": "bilinear"})
+    folder = tmp_path / "val"
+    (folder / "0").mkdir(parents=True)
+    os.makedirs(os.path.join(os.fsencode(folder), b"caf\xe9"))
+    for name, src in (("0", "0"), (odd, "1")):
+        for p in list((data / "val" / src).glob("*.png")):
+            (folder / name / p.name).write_bytes(p.read_bytes())
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(folder), "--out", str(tmp_path / "ev")]) == 0
+    assert (tmp_path / "ev" / "confusion.png").stat().st_size > 0
+    assert main(["predict", "--checkpoint", str(ckpt), str(folder), "--csv", str(tmp_path / "p.csv"), "-q", "--top-k", "2"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "p.csv", encoding="utf-8")))
+    assert len(rows) == 4 and all({r["top1"], r["top2"]} == {"0", "caf\\xe9"} for r in rows)
+    assert "caf\\xe9" in capsys.readouterr().out
+
+
 def test_a_csv_dataset_saved_by_excel_with_a_bom(data, tmp_path):
     lines = ["path,label"] + [f"{p},{p.parent.name}" for p in sorted((data / "train").rglob("*.png"))]
     csv_path = tmp_path / "excel.csv"
@@ -341,3 +361,11 @@ def test_predictor_keeps_going_past_unreadable_files(checkpoint, tmp_path):
     results = Predictor.from_checkpoint(checkpoint).predict([bomb, text, good], progress=False)
     assert [r.error is None for r in results] == [False, False, True]
     assert "exceeds limit" in results[0].error and results[2].labels
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
+def test_predict_refuses_a_named_pipe_instead_of_blocking_on_it(checkpoint, tmp_path, capsys):
+    fifo = tmp_path / "images.png"
+    os.mkfifo(fifo)
+    assert main(["predict", "--checkpoint", str(checkpoint), str(fifo), "-q"]) == 1
+    assert "not a regular file or folder" in _one_error_line(capsys.readouterr().err)
