@@ -247,10 +247,10 @@ class Trainer:
                 progress.update(micro, len(y), lambda: self.partial + sums.cpu())
         finally:
             progress.close()
+        train_time = progress.elapsed()  # before validation: the row reports training speed
         train = reduce_sum(self.partial + sums.cpu(), d).tolist()
         val = evaluate_loader(self.model, self._val_loader(), len(self.class_names), d, amp_dtype=self.amp_dtype)
-        row = step.epoch_row(epoch, self.optimizer.param_groups[-1]["lr"], train, val,
-                             progress.seen * d.world_size, progress.elapsed())
+        row = step.epoch_row(epoch, self.optimizer.param_groups[-1]["lr"], train, val, progress.seen * d.world_size, train_time)
         return self._end_epoch(row)
 
     def _train_batch(self, micro: int, x: torch.Tensor, y: torch.Tensor, sums: torch.Tensor) -> None:
