@@ -230,7 +230,7 @@ def resolve_preprocessing(preprocessing: Optional[Dict[str, Any]] = None, image_
     An explicit ``image_size`` wins.
     """
     pre = dict(preprocessing or {})
-    size = image_size or pre.get("size") or pre.get("crop_size") or (pre.get("input_size") or [None, None, 224])[-1]
+    size = image_size if image_size is not None else pre.get("size") or pre.get("crop_size") or (pre.get("input_size") or [None, None, 224])[-1]
     if isinstance(size, (list, tuple)):
         size = size[-1]
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:

@@ -77,6 +77,8 @@ class TrainConfig:
         need(0.0 < self.layer_decay <= 1.0, f"--layer-decay must be in (0, 1], got {self.layer_decay}")
         need(self.warmup_epochs >= 0 and self.patience >= 0 and self.save_every >= 0, "--warmup-epochs, --patience and --save-every must be >= 0")
         need(self.workers is None or self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
+        need(self.image_size is None or (isinstance(self.image_size, int) and self.image_size >= 1),
+             f"--image-size must be a positive integer (e.g. 224), got {self.image_size!r}")
         need(self.freeze == "none" or self.freeze == "features" or (self.freeze.startswith("block") and self.freeze[5:].isdigit()),
              f"--freeze must be none, features or blockN (e.g. block2), got {self.freeze!r}")
         need(bool(self.data), "no training data given; pass --data DIR (a folder of class folders, train/ + val/, or a CSV)")

@@ -328,6 +328,14 @@ def test_outputs_that_are_an_input_are_refused(checkpoint, data, tmp_path, capsy
     assert checkpoint.read_bytes() == before and image.read_bytes() == image_bytes
 
 
+def test_a_zero_image_size_is_refused_not_replaced_by_224(data, tmp_path, capsys):
+    with pytest.raises(DataError, match="image size must be a positive integer, got 0"):
+        D.resolve_preprocessing({"size": 224}, image_size=0)
+    assert main(_tiny_flags(data, tmp_path / "run", "--image-size", "0")) == 1
+    assert "--image-size must be a positive integer" in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
 def test_info_refuses_a_zero_image_size(capsys):
     assert main(["info", "densenet121", "--image-size", "0"]) == 1
     assert "--image-size must be a positive integer" in _one_error_line(capsys.readouterr().err)
