@@ -322,6 +322,9 @@ def test_outputs_that_are_an_input_are_refused(checkpoint, data, tmp_path, capsy
         assert "same file as --checkpoint" in _one_error_line(capsys.readouterr().err)
         assert main(["convert", str(checkpoint), str(out)]) == 1
         assert "same file as input" in _one_error_line(capsys.readouterr().err)
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data / "val"), "--out", str(data / "val" / "0")]) == 1
+    assert "inside --data" in _one_error_line(capsys.readouterr().err)
+    assert not (data / "val" / "0" / "confusion.png").exists()
     image = next((data / "val" / "0").glob("*.png"))
     image_bytes = image.read_bytes()
     assert main(["predict", "--checkpoint", str(checkpoint), str(data / "val"), "--csv", str(image), "-q"]) == 1
