@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -73,6 +73,7 @@ class EpochProgress:
         self.start, self.seen = time.perf_counter(), 0
 
     def update(self, micro: int, batch: int, totals: Callable[[], torch.Tensor]) -> None:
+        """Count a micro-batch of ``batch`` images; ``totals()`` gives the epoch's metric sums for the bar."""
         self.seen += batch
         if self.bar is None:
             return
@@ -83,6 +84,7 @@ class EpochProgress:
                                  img_s=f"{self.seen * self.world_size / self.elapsed():.0f}")
 
     def elapsed(self) -> float:
+        """Seconds since the epoch started."""
         return max(time.perf_counter() - self.start, 1e-9)
 
     def close(self) -> None:
@@ -90,7 +92,7 @@ class EpochProgress:
             self.bar.close()
 
 
-def epoch_row(epoch: int, lr: float, train: list, val: Dict[str, Any], images: int, seconds: float) -> Dict[str, Any]:
+def epoch_row(epoch: int, lr: float, train: Sequence[float], val: Dict[str, Any], images: int, seconds: float) -> Dict[str, Any]:
     """The ``metrics.csv`` row of an epoch from the summed train metrics and the val result."""
     return {
         "epoch": epoch + 1, "lr": lr,
