@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .cli_common import refuse_folder, refuse_overwriting_inputs
+
 
 def _load_model(args: argparse.Namespace):
     """A model from ``--checkpoint FILE`` or ``--model NAME [--pretrained]``, in eval mode."""
@@ -21,10 +23,13 @@ def _load_model(args: argparse.Namespace):
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from ..infer.predict import Predictor, collect_images, predict_summary, write_csv
+    from ..train.data import printable
 
     if args.top_k < 1 or args.batch_size < 1:
         raise ValueError(f"--top-k and --batch-size must be >= 1, got {args.top_k} and {args.batch_size}")
     paths = collect_images(args.inputs)
+    refuse_folder("--csv", args.csv)  # checked before the work, not after it
+    refuse_overwriting_inputs("--csv", args.csv, [("--checkpoint", args.checkpoint), *(("input", p) for p in paths)])
     kwargs = dict(optimize=not args.no_optimize, device=args.device)
     if args.checkpoint:
         predictor = Predictor.from_checkpoint(args.checkpoint, **kwargs)
@@ -36,9 +41,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                                 progress=False if args.quiet else None)
     for r in results:
         if r.error:
-            print(f"{r.path}: unreadable image ({r.error}); skipped", file=sys.stderr)
+            print(f"{printable(r.path)}: unreadable image ({printable(r.error)}); skipped", file=sys.stderr)
         else:
-            print(f"{r.path}: " + ", ".join(f"{label} {100 * p:.1f}%" for label, p in zip(r.labels, r.probs)))
+            print(f"{printable(r.path)}: " + ", ".join(f"{printable(label)} {100 * p:.1f}%" for label, p in zip(r.labels, r.probs)))
     summary = predict_summary(results)
     if args.csv:
         print(f"wrote {write_csv(results, args.csv, args.top_k)}")
@@ -58,6 +63,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from ..infer import export, optimize_for_inference
 
+    refuse_overwriting_inputs("--out", args.out, [("--checkpoint", args.checkpoint)])
     model = _load_model(args)
     if args.optimize:
         model = optimize_for_inference(model, channels_last=False)

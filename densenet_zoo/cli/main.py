@@ -1,7 +1,8 @@
 """``densenet-zoo``: thin command line over the library (parse, call, print).
 
 Each command group lives in a ``_add_<group>`` function that registers its sub-parsers and
-sets ``func``; the function returns the process exit code.
+sets ``func``; the function returns the process exit code. Errors print one line on stderr
+(exit code 1; ``--debug`` shows the traceback), Ctrl-C exits with 130 and a closed pipe with 141.
 """
 
 from __future__ import annotations
@@ -11,11 +12,16 @@ import os
 import sys
 from typing import List, Optional
 
+from .common import one_line, refuse_overwriting_inputs
+
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from ..models import create_model, list_models
 
-    for name in list_models(args.pattern):
+    names = list_models(args.pattern)
+    if not names:
+        raise LookupError(f"no model name matches {args.pattern!r}; `densenet-zoo models` lists them all")
+    for name in names:
         model = create_model(name)
         params = sum(p.numel() for p in model.parameters())
         print(f"{name:18s} {params:>12,d} params  growth={model.growth_rate} blocks={model.block_config}")
@@ -31,7 +37,10 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 def _cmd_weights_list(args: argparse.Namespace) -> int:
     from ..weights import get_weights, list_weights
 
-    for name in list_weights(args.pattern):
+    names = list_weights(args.pattern)
+    if not names:
+        raise LookupError(f"no weights name matches {args.pattern!r}; `densenet-zoo weights list` lists them all")
+    for name in names:
         e = get_weights(name)
         acc = f"acc@1 {e.metrics['acc@1']:.2f}" if e.metrics and "acc@1" in e.metrics else "acc@1 -"
         where = e.url or f"hf-hub:{e.hf_hub_id}"
@@ -63,6 +72,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from ..models import convert_checkpoint
     from ..weights import read_safetensors
 
+    refuse_overwriting_inputs("output", args.output, [("input", args.input)])
     out = convert_checkpoint(args.input, args.output, use_ema=args.ema)
     _, meta = read_safetensors(out)
     print(f"wrote {out} ({meta.get('arch') or 'custom DenseNet'}, num_classes={meta['model_args']['num_classes']})")
@@ -100,6 +110,7 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="densenet-zoo", description="DenseNet model zoo for PyTorch.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_models(sub)
     _add_weights(sub)
@@ -107,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_inference(sub)
     _add_profile(sub)
+    for command in sub.choices.values():  # --debug also after the command name
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -125,9 +138,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
-    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as exc:
+    except KeyboardInterrupt:
+        hint = getattr(args, "interrupted", None)
+        print(f"densenet-zoo {args.command}: interrupted" + (f"; {hint(args)}" if hint else ""), file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - every error becomes one line unless --debug
+        if args.debug:
+            raise
         # Library errors are written for people: show the one line, not a traceback.
-        print(f"densenet-zoo {args.command}: error: {exc}", file=sys.stderr)
+        print(f"densenet-zoo {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 1
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any, Dict
 
 
@@ -27,7 +28,9 @@ _FLAGS = {
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from ..train import finetune
 
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -53,6 +56,16 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     print(f"best val acc@1 {result['best_acc1']:.2f}% at epoch {result['best_epoch']}; "
           f"outputs in {result['out']} (best.safetensors, last.safetensors, metrics.csv, curves.png)")
     return 0
+
+
+def _finetune_interrupted(args: argparse.Namespace) -> str:
+    """What Ctrl-C during finetune leaves behind, and how to go on."""
+    from ..train.run_files import STATE_FILE
+
+    out = args.resume or args.out or "runs/finetune"
+    if (Path(out) / STATE_FILE).is_file():
+        return f"{out} keeps the last saved state; continue with: densenet-zoo finetune --resume {out}"
+    return f"nothing was saved in {out} yet (state is saved each epoch, or every N steps with --save-every N)"
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -109,7 +122,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     a("--save-every", type=int, help="also save the resumable state every N optimizer steps (default 0: each epoch)")
     a("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     a("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: when a terminal)")
-    p.set_defaults(func=_cmd_finetune)
+    p.set_defaults(func=_cmd_finetune, interrupted=_finetune_interrupted)
 
     p = sub.add_parser("evaluate", help="accuracy and confusion matrix of a fine-tuned checkpoint on a folder")
     p.add_argument("--checkpoint", required=True, help="best.safetensors or last.safetensors of a run")

@@ -66,11 +66,15 @@ def export(
     if inner.training:
         raise ValueError("export: the model is in training mode (BatchNorm would use batch statistics, dropout "
                          "would be random); call model.eval() before exporting")
+    param = next(inner.parameters())
+    if format == "onnx" and param.dtype == torch.bfloat16:
+        # onnxruntime has no bfloat16 convolution: such a graph is written but cannot be run.
+        raise ValueError("export: ONNX of a bfloat16 model cannot run in onnxruntime; export the float32 model "
+                         "(optimize_for_inference(model) without dtype) and let the runtime choose its precision")
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"export: {str(path)!r} is a folder; give a file name such as {str(path / ('model' + _suffix(format)))!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    param = next(inner.parameters())
     shape = _input_shape(inner, image_size)
     example = torch.randn(2, *shape, device=param.device, dtype=param.dtype)
     # keep the suffix: torch.export insists on ".pt2"

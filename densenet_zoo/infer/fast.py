@@ -32,13 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.densenet import DenseNet, _DenseBlock, _DenseLayer, _Transition
+from .inputs import prepare_input, refuse_training, require_eval as _require_eval
 
 __all__ = ["FastDenseNet", "fold_bn", "norm_as_affine", "optimize_for_inference"]
-
-
-def _require_eval(model: nn.Module, what: str) -> None:
-    if model.training:
-        raise ValueError(f"{what} needs a model in eval mode (it uses running statistics); call model.eval() first")
 
 
 def norm_as_affine(norm: nn.Module, num_features: int) -> Optional[Tuple[Tensor, Tensor]]:
@@ -282,6 +278,7 @@ class FastDenseNet(nn.Module):
 
     Holds its own folded weights (a snapshot: later changes to the source model are not seen).
     ``dtype`` is the dtype the network will be cast to (thresholds outside its range are resolved).
+    Inference only: ``train()`` and inputs or weights that require grad raise a clear error.
     ``forward``, ``forward_features`` and ``forward_head`` mean what they mean on DenseNet.
     """
 
@@ -322,8 +319,13 @@ class FastDenseNet(nn.Module):
     check_input = DenseNet.check_input
     pool = DenseNet.pool
 
+    def train(self, mode: bool = True) -> "FastDenseNet":
+        refuse_training(mode)
+        return super().train(False)
+
     def forward_features(self, x: Tensor) -> Tensor:
-        """Feature map after ``norm5`` and ReLU, as :meth:`DenseNet.forward_features`."""
+        """Feature map after ``norm5`` and ReLU, as :meth:`DenseNet.forward_features`; ``x`` is cast to the network's dtype."""
+        x = prepare_input(self, x, self.conv0.weight.dtype)
         self.check_input(x)
         x, c = x.contiguous(memory_format=self.memory_format), self.conv0
         if not self.stem_relu:  # small_inputs stem: a bare conv
@@ -361,8 +363,8 @@ def optimize_for_inference(
     Folds every norm into the convolutions where that is exact (see the module docstring),
     writes dense blocks into one buffer, uses channels_last (``channels_last=False`` keeps the
     folding but not the layout), casts to ``dtype`` (``torch.bfloat16``; ``torch.float16`` on CUDA
-    only) and wraps the result in ``torch.compile`` when ``compile=True``. Inputs are cast to
-    ``dtype`` by the caller: ``fast16(x.to(torch.bfloat16))``. The source model is not modified;
+    only) and wraps the result in ``torch.compile`` when ``compile=True``. Float inputs are cast to
+    ``dtype`` (``fast16(x)`` with an fp32 ``x``). The source model is not modified;
     it may be in training mode (a copy is put in eval mode).
     """
     if not isinstance(model, DenseNet):

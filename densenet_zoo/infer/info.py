@@ -36,6 +36,8 @@ def count_flops(model: nn.Module, image_size: int = 224, in_chans: Optional[int]
 
 def model_info(name: str, image_size: Optional[int] = None) -> Dict[str, Any]:
     """Facts about a named architecture (no download): ``model_info("densenet121")["gflops"]``."""
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f"--image-size must be a positive integer (e.g. 224), got {image_size!r}")
     model: DenseNet = create_model(name)
     small = bool(model.model_args.get("small_inputs"))
     image_size = image_size or (32 if small else 224)

@@ -8,22 +8,20 @@ that cannot be read is reported with its path and the reason; the others are sti
 from __future__ import annotations
 
 import csv
-import os
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
-from ..train import data as D
-from .._utils import atomic_write
+from .._utils import DataError, PathLike, atomic_write
 from ..models import DenseNet, create_model, load_model
+from ..train import data as D
+from ..train.images import UnreadableImageError
 from .fast import optimize_for_inference
-
-PathLike = Union[str, os.PathLike]
 
 __all__ = ["Prediction", "Predictor", "collect_images", "write_csv"]
 
@@ -55,6 +53,8 @@ def collect_images(inputs: Iterable[PathLike]) -> List[Path]:
             found.extend(files)
         elif path.is_file():
             found.append(path)  # named explicitly: tried whatever its suffix, reported if unreadable
+        elif path.exists():  # reading a pipe or a device could block or never end
+            raise DataError(f"input {D.printable(path)!r} is not a regular file or folder (a pipe or device?); give image files or folders")
         else:
             raise FileNotFoundError(f"input {str(path)!r} does not exist; give image files or folders of images")
     if not found:
@@ -118,9 +118,8 @@ class Predictor:
     def _load(self, path: Path) -> Tuple[Optional[torch.Tensor], Optional[str]]:
         try:
             return self.transform(D.open_image(path, self.in_chans)), None
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            return None, reason
+        except UnreadableImageError as exc:
+            return None, exc.reason
 
     @torch.no_grad()
     def predict(self, paths: Sequence[PathLike], *, batch_size: int = 32, top_k: int = 5, progress: Optional[bool] = None) -> List[Prediction]:
@@ -156,19 +155,22 @@ class Predictor:
 
 
 def write_csv(results: Sequence[Prediction], path: PathLike, top_k: int) -> Path:
-    """``path,top1,top1_prob,...,topK,topK_prob,error`` (one row per input, unreadable ones included)."""
+    """``path,top1,top1_prob,...,topK,topK_prob,error`` (one row per input, unreadable ones included).
+
+    Written as UTF-8 whatever the locale; file and class names that are not valid UTF-8 are
+    written with ``\\xNN`` escapes (:func:`~densenet_zoo.train.data.printable`) rather than failing the file.
+    """
     header = ["path"] + [c for k in range(1, top_k + 1) for c in (f"top{k}", f"top{k}_prob")] + ["error"]
-
-    def write(f: Any) -> None:
-        w = csv.writer(f)
-        w.writerow(header)
-        for r in results:
-            cells: List[Any] = [r.path]
-            for k in range(top_k):
-                cells += [r.labels[k], f"{r.probs[k]:.6f}"] if k < len(r.labels) else ["", ""]
-            w.writerow(cells + [r.error or ""])
-
-    return atomic_write(path, write, binary=False)
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(header)
+    for r in results:
+        cells: List[Any] = [D.printable(r.path)]
+        for k in range(top_k):
+            cells += [D.printable(r.labels[k]), f"{r.probs[k]:.6f}"] if k < len(r.labels) else ["", ""]
+        w.writerow(cells + [D.printable(r.error) if r.error else ""])
+    data = text.getvalue().encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def predict_summary(results: Sequence[Prediction]) -> Dict[str, int]:

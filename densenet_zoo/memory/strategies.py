@@ -141,7 +141,7 @@ class RecomputedLayer(RecomputedNorms):
 
 
 class FusedBlock(RecomputedBothNorms):
-    """The whole block as one autograd function (see :mod:`densenet_zoo.fused`), keeping conv1's outputs.
+    """The whole block as one autograd function (see :mod:`densenet_zoo.memory.fused`), keeping conv1's outputs.
 
     Blocks it cannot run exactly (other norms, dropout, autocast, ``torch.compile``) run ``"norms"``.
     """

@@ -1,4 +1,4 @@
-"""DenseNet: dense layers, blocks, transitions and the network (named configurations: :mod:`densenet_zoo.zoo`).
+"""DenseNet: dense layers, blocks, transitions and the network (named configurations: :mod:`densenet_zoo.models.factory`).
 
 Module names and parameter shapes are those of torchvision (``features.denseblock1.denselayer1.norm1``,
 ``features.transition1.conv``, ``classifier``, ...), so every published checkpoint loads as is.
@@ -368,7 +368,7 @@ class DenseNet(nn.Module):
     def forward_intermediates(
         self, x: Tensor, indices: Indices = None, *, stop_early: bool = False, intermediates_only: bool = False
     ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
-        """Final features and the feature maps ``indices`` (0 stem, 1..n blocks); see :mod:`densenet_zoo.features`."""
+        """Final features and the feature maps ``indices`` (0 stem, 1..n blocks); see :mod:`densenet_zoo.models.features`."""
         return _forward_intermediates(self, x, indices, stop_early=stop_early, intermediates_only=intermediates_only)
 
     def forward(self, x: Tensor) -> Union[Tensor, List[Tensor]]:

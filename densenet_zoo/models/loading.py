@@ -1,7 +1,7 @@
 """Weights: safetensors I/O with metadata, robust checkpoint loading and pretrained-model construction.
 
-The registry and download cache live in :mod:`densenet_zoo.hub`, checkpoint formats and key
-normalisation in :mod:`densenet_zoo.checkpoint`; this module joins them to models.
+The registry and download cache live in :mod:`densenet_zoo.weights.registry`, checkpoint formats and key
+normalisation in :mod:`densenet_zoo.weights.checkpoint`; this module joins them to models.
 """
 
 from __future__ import annotations

@@ -12,11 +12,11 @@ Every form resolves to one function ``make(name, num_features) -> nn.Module``, w
 calls once per norm layer with its state-dict name. :func:`convert_norm` applies a spec to the
 norm layers of a model that is already built, keeping its weights and running statistics.
 
-Registered norms: ``bn`` (``nn.BatchNorm2d``), ``custom_bn`` (:class:`~densenet_zoo.batchnorm.BatchNorm2d`,
-written from tensor operations), ``sync_bn`` (:class:`~densenet_zoo.batchnorm.SyncBatchNorm`, any
-``torch.distributed`` backend), ``frozen_bn`` (:class:`~densenet_zoo.batchnorm.FrozenBatchNorm2d`),
+Registered norms: ``bn`` (``nn.BatchNorm2d``), ``custom_bn`` (:class:`~densenet_zoo.norms.batchnorm.BatchNorm2d`,
+written from tensor operations), ``sync_bn`` (:class:`~densenet_zoo.norms.batchnorm.SyncBatchNorm`, any
+``torch.distributed`` backend), ``frozen_bn`` (:class:`~densenet_zoo.norms.batchnorm.FrozenBatchNorm2d`),
 ``group_norm`` (``nn.GroupNorm``, groups chosen per layer by :func:`group_norm`) and ``caffe_bn``
-(:class:`~densenet_zoo.caffe_bn.CaffeBatchNorm2d`, Caffe's BatchNorm + Scale).
+(:class:`~densenet_zoo.norms.caffe.CaffeBatchNorm2d`, Caffe's BatchNorm + Scale).
 """
 
 from __future__ import annotations

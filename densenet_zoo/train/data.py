@@ -20,20 +20,20 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-PathLike = Union[str, os.PathLike]
+from .._utils import IMAGENET_MEAN, IMAGENET_STD, DataError, PathLike
+from .images import UNREADABLE_IMAGE_ERRORS, UnreadableImageError, open_image, probe_image  # noqa: F401 (public here too)
+
 Sample = Tuple[str, int]
 
 #: File types read as images; any other (non-hidden) file inside a class folder is an error.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _INTERPOLATIONS = {
     "bilinear": v2.InterpolationMode.BILINEAR,
     "bicubic": v2.InterpolationMode.BICUBIC,
@@ -53,6 +53,19 @@ class Splits:
     skipped: List[Tuple[str, str]] = field(default_factory=list)
 
 
+def printable(text: PathLike) -> str:
+    """``text`` (a path, a class name) as valid UTF-8: bytes of a file name that are not UTF-8 become ``\\xNN``.
+
+    >>> printable(os.fsdecode(b"caf\\xe9"))
+    'caf\\\\xe9'
+    """
+    try:
+        raw = os.fsencode(text)
+    except UnicodeEncodeError:  # a lone surrogate that no file name decoded to
+        raw = str(text).encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 # ---------------------------------------------------------------------------------------------
 # Discovering samples
 # ---------------------------------------------------------------------------------------------
@@ -60,7 +73,7 @@ class Splits:
 
 def _check_image_file(path: Path) -> None:
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise ValueError(
+        raise DataError(
             f"{path}: unsupported image type {path.suffix or '(no extension)'!r}; expected one of "
             f"{' '.join(IMAGE_EXTENSIONS)}; convert the file or move it out of the data folder"
         )
@@ -75,11 +88,11 @@ def _class_folders(root: Path) -> Dict[str, List[str]]:
         for f in files:
             _check_image_file(f)
         if not files:
-            raise ValueError(f"class folder {folder} holds no images; add images to it or remove the folder")
+            raise DataError(f"class folder {folder} holds no images; add images to it or remove the folder")
         out[folder.name] = [str(f) for f in files]
     if len(out) < 2:
         found = f"only class {next(iter(out))!r}" if out else "no class folders"
-        raise ValueError(
+        raise DataError(
             f"{root}: found {found}; a classifier needs at least 2 class folders (e.g. {root}/cat/, {root}/dog/)"
         )
     return out
@@ -87,13 +100,17 @@ def _class_folders(root: Path) -> Dict[str, List[str]]:
 
 def _read_csv(path: Path) -> Dict[str, List[str]]:
     out: Dict[str, List[str]] = {}
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
+    try:  # utf-8-sig: Excel writes UTF-8 CSVs with a byte-order mark
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); "
+                        "save the CSV as UTF-8") from None
     if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
         rows = rows[1:]
     for i, row in enumerate(rows, 1):
         if len(row) < 2 or not row[0].strip() or not row[1].strip():
-            raise ValueError(f"{path}: row {i} is {row!r}; expected 'path,label'")
+            raise DataError(f"{path}: row {i} is {row!r}; expected 'path,label'")
         img = Path(row[0].strip())
         img = img if img.is_absolute() else path.parent / img
         _check_image_file(img)
@@ -101,19 +118,19 @@ def _read_csv(path: Path) -> Dict[str, List[str]]:
             raise FileNotFoundError(f"{path}: row {i} names {img}, which does not exist; fix the path (relative to the CSV)")
         out.setdefault(row[1].strip(), []).append(str(img))
     if len(out) < 2:
-        raise ValueError(f"{path}: found {len(out)} label(s); a classifier needs at least 2 distinct labels")
+        raise DataError(f"{path}: found {len(out)} label(s); a classifier needs at least 2 distinct labels")
     return {k: sorted(out[k]) for k in sorted(out)}
 
 
 def _split(by_class: Dict[str, List[str]], val_split: float, seed: int) -> Tuple[Dict[str, List[str]], Dict[str, List[str]]]:
     """Per-class (stratified) split with a fixed seed: every class appears in both parts."""
     if not 0.0 < val_split < 1.0:
-        raise ValueError(f"val_split must be in (0, 1) to split one folder into train and val, got {val_split}")
+        raise DataError(f"val_split must be in (0, 1) to split one folder into train and val, got {val_split}")
     g = torch.Generator().manual_seed(seed)
     train, val = {}, {}
     for name, files in by_class.items():
         if len(files) < 2:
-            raise ValueError(f"class {name!r} has {len(files)} image; need at least 2 to split it into train and val")
+            raise DataError(f"class {name!r} has {len(files)} image; need at least 2 to split it into train and val")
         order = torch.randperm(len(files), generator=g).tolist()
         n_val = min(len(files) - 1, max(1, round(len(files) * val_split)))
         val[name] = sorted(files[i] for i in order[:n_val])
@@ -134,14 +151,14 @@ def load_splits(data: PathLike, *, val_split: float = 0.2, seed: int = 0) -> Spl
         )
     if root.is_file():
         if root.suffix.lower() != ".csv":
-            raise ValueError(f"data {str(root)!r} is a file but not a .csv; give a folder or a CSV of path,label")
+            raise DataError(f"data {str(root)!r} is a file but not a .csv; give a folder or a CSV of path,label")
         train, val = _split(_read_csv(root), val_split, seed)
         source = f"{root} (CSV, val_split={val_split})"
     elif (root / "train").is_dir() and (root / "val").is_dir():
         train, val = _class_folders(root / "train"), _class_folders(root / "val")
         extra = sorted(set(val) - set(train))
         if extra:
-            raise ValueError(f"{root}/val has class folder(s) {extra} that {root}/train lacks; train and val need the same classes")
+            raise DataError(f"{root}/val has class folder(s) {extra} that {root}/train lacks; train and val need the same classes")
         source = f"{root} (train/ and val/)"
     else:
         base = root / "train" if (root / "train").is_dir() else root
@@ -166,33 +183,13 @@ def folder_samples(data: PathLike, class_names: Sequence[str]) -> List[Sample]:
     found = _class_folders(root)
     unknown = sorted(set(found) - set(class_names))
     if unknown:
-        raise ValueError(f"{root} has class folder(s) {unknown} that the model does not know (it knows {list(class_names)})")
+        raise DataError(f"{root} has class folder(s) {unknown} that the model does not know (it knows {list(class_names)})")
     return [(p, list(class_names).index(n)) for n in sorted(found) for p in found[n]]
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading images
 # ---------------------------------------------------------------------------------------------
-
-
-def open_image(path: PathLike, in_chans: int = 3) -> Image.Image:
-    """Read an image as RGB (``in_chans=3``) or grayscale (``in_chans=1``).
-
-    Palette, grayscale and 16-bit images are converted; transparent pixels are composited onto
-    white, which is how viewers show them (``convert("RGB")`` would expose whatever colour sits
-    under the transparency, often black).
-    """
-    with Image.open(path) as img:
-        img.load()
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        if img.mode in ("RGBA", "LA", "PA"):
-            rgba = img.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, rgba)
-        elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            img = img.point(lambda v: v * (1 / 256)).convert("L")
-        return img.convert("L" if in_chans == 1 else "RGB")
 
 
 def check_images(samples: Sequence[Sample], *, strict: bool = False) -> Tuple[List[Sample], List[Tuple[str, str]]]:
@@ -206,14 +203,11 @@ def check_images(samples: Sequence[Sample], *, strict: bool = False) -> Tuple[Li
     good, bad = [], []
     for path, label in samples:
         try:
-            with Image.open(path) as img:
-                img.draft("RGB", (64, 64))
-                img.load()
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            probe_image(path)
+        except UnreadableImageError as exc:
             if strict:
-                raise ValueError(f"{path}: unreadable image ({reason}); fix or remove it, or drop --strict-data to skip such files") from None
-            bad.append((path, reason))
+                raise DataError(f"{exc}; fix or remove it, or drop --strict-data to skip such files") from None
+            bad.append((path, exc.reason))
             continue
         good.append((path, label))
     return good, bad
@@ -236,19 +230,19 @@ def resolve_preprocessing(preprocessing: Optional[Dict[str, Any]] = None, image_
     An explicit ``image_size`` wins.
     """
     pre = dict(preprocessing or {})
-    size = image_size or pre.get("size") or pre.get("crop_size") or (pre.get("input_size") or [None, None, 224])[-1]
+    size = image_size if image_size is not None else pre.get("size") or pre.get("crop_size") or (pre.get("input_size") or [None, None, 224])[-1]
     if isinstance(size, (list, tuple)):
         size = size[-1]
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise ValueError(f"image size must be a positive integer, got {size!r}")
+        raise DataError(f"image size must be a positive integer, got {size!r}")
     if not pre.get("crop_pct") and pre.get("crop_size") and pre.get("resize_size"):  # torchvision's form
         pre["crop_pct"] = pre["crop_size"] / pre["resize_size"]
     crop_pct = float(pre.get("crop_pct") or 1.0)
     if not 0.0 < crop_pct <= 1.0:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        raise DataError(f"crop_pct must be in (0, 1], got {crop_pct}")
     interpolation = str(pre.get("interpolation") or "bilinear")
     if interpolation not in _INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {interpolation!r}")
+        raise DataError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {interpolation!r}")
     mean = [float(v) for v in pre.get("mean") or IMAGENET_MEAN]
     std = [float(v) for v in pre.get("std") or IMAGENET_STD]
     if len(mean) != in_chans:  # e.g. RGB statistics for a grayscale model: average them
@@ -273,7 +267,7 @@ def train_transform(pre: Dict[str, Any], augment: str = "standard") -> v2.Compos
     ImageNet recipe), ``"light"`` (crop 60-100 %, near-square, no flip: safe for digits and text),
     or ``"none"`` (the eval transform)."""
     if augment not in AUGMENTATIONS:
-        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+        raise DataError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
     if augment == "none":
         return eval_transform(pre)
     size, interp = pre["size"], _INTERPOLATIONS[pre["interpolation"]]
@@ -311,8 +305,8 @@ class ImageDataset(Dataset):
         path, label = self.samples[index]
         try:
             img = open_image(path, self.in_chans)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise RuntimeError(f"{path}: unreadable image ({exc}); fix or remove it") from None
+        except UnreadableImageError as exc:  # changed after the check at start: say which file
+            raise DataError(f"{exc}; fix or remove it") from None
         if self.seed is None:
             return self.transform(img), label
         with torch.random.fork_rng(devices=[]):
@@ -339,14 +333,14 @@ def write_sample_data(name: str, root: PathLike, *, val_fraction: float = 0.2, s
     into place, so it is either complete or absent; an existing copy is reused as is.
     """
     if name not in SAMPLE_DATASETS:
-        raise ValueError(f"unknown sample dataset {name!r}; available: {', '.join(SAMPLE_DATASETS)}")
+        raise DataError(f"unknown sample dataset {name!r}; available: {', '.join(SAMPLE_DATASETS)}")
     root = Path(root)
     marker = root / _MARKER
     if marker.is_file():
         counts = dict(line.split("=") for line in marker.read_text().split())
         return {k: int(v) for k, v in counts.items() if k in ("train", "val")}
     if root.exists() and any(root.iterdir()):
-        raise ValueError(f"{root} exists and is not empty; give a new folder for the sample data")
+        raise DataError(f"{root} exists and is not empty; give a new folder for the sample data")
     try:
         from sklearn.datasets import load_digits
     except ImportError:  # pragma: no cover - scikit-learn is in the [data] and [dev] extras

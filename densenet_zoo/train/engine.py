@@ -1,10 +1,11 @@
 """Fine-tuning engine: one loop for a single process and for DDP under ``torchrun``.
 
 >>> import densenet_zoo as dz
->>> result = dz.finetune("data/digits", out="runs/digits", model="densenet121", image_size=32, epochs=3)
+>>> result = dz.finetune("data/digits", out="runs/digits", model="densenet121", image_size=32, batch_size=64,
+...                      epochs=3, augment="light")
 
 Exact resume: the data order of epoch ``e`` is a permutation seeded by ``(seed, e)``, every
-sample's augmentation is seeded by ``(seed, e, index)`` (see :class:`~densenet_zoo.data.ImageDataset`),
+sample's augmentation is seeded by ``(seed, e, index)`` (see :class:`~densenet_zoo.train.data.ImageDataset`),
 and the state file holds model, optimizer, scheduler, scaler, RNG states and the position inside
 the epoch, so a resumed run takes the same steps as one never interrupted.
 """
@@ -12,98 +13,28 @@ the epoch, so a resumed run takes the same steps as one never interrupted.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
-import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import data as D
-from . import run_files as io
+from .._utils import DataError, RunError
 from ..models import create_model, save_model
+from . import run_files as io
+from . import step
+from .config import RESUMABLE, TrainConfig, config_from, resumed_config  # noqa: F401 (RESUMABLE: public)
 from .parts import (
     Dist, EpochBatchSampler, apply_freeze, evaluate_loader, lr_factor, make_optimizer, param_groups, reduce_sum,
     set_train_mode, weights_preprocessing,
 )
-
-OPTIMIZERS = ("sgd", "adamw")
-AMP_MODES = ("none", "bf16", "fp16")
-#: Settings that may change when a run is resumed; every other one must stay as saved.
-RESUMABLE = ("epochs", "workers", "patience", "device", "progress", "save_every")
-_PAUSE_ENV = "DENSENET_ZOO_PAUSE_AFTER_STEP"  # tests: sleep after saving at this step, to be killed there
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a fine-tuning run (the CLI flags of ``densenet-zoo finetune``)."""
-
-    data: str = ""
-    out: str = "runs/finetune"
-    model: str = "densenet121"
-    model_args: Dict[str, Any] = field(default_factory=dict)
-    pretrained: bool = False
-    weights: Optional[str] = None  # a weights name, tag, file or URL to start from (implies pretrained)
-    norm: Optional[str] = None
-    memory_efficient: Union[bool, str] = False
-    image_size: Optional[int] = None
-    val_split: float = 0.2
-    augment: str = "standard"
-    strict_data: bool = False
-    epochs: int = 10
-    batch_size: int = 32  # global: split over the ranks under DDP
-    accum_steps: int = 1
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    amp: str = "none"
-    freeze: str = "none"
-    layer_decay: float = 1.0
-    seed: int = 0
-    deterministic: bool = False
-    workers: Optional[int] = None
-    patience: int = 0
-    save_every: int = 0
-    device: str = "auto"
-    progress: Optional[bool] = None
-
-    def __post_init__(self) -> None:
-        # JSON-shaped (lists, not tuples) so a saved config compares equal to one given on a command line.
-        self.model_args = json.loads(json.dumps(self.model_args))
-        self.data, self.out = str(self.data), str(self.out)
-
-    def check(self, world_size: int = 1) -> None:
-        """One-line errors for settings that cannot work, before anything is read or written."""
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(msg)
-
-        for name in ("epochs", "batch_size", "accum_steps"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
-        need(self.batch_size % world_size == 0, f"--batch-size {self.batch_size} is the global batch and must divide by the {world_size} processes")
-        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        need(self.amp in AMP_MODES, f"--amp must be one of {AMP_MODES}, got {self.amp!r}")
-        need(self.augment in D.AUGMENTATIONS, f"--augment must be one of {D.AUGMENTATIONS}, got {self.augment!r}")
-        need(0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        need(0.0 < self.layer_decay <= 1.0, f"--layer-decay must be in (0, 1], got {self.layer_decay}")
-        need(self.warmup_epochs >= 0 and self.patience >= 0 and self.save_every >= 0, "--warmup-epochs, --patience and --save-every must be >= 0")
-        need(self.workers is None or self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
-        need(self.freeze == "none" or self.freeze == "features" or (self.freeze.startswith("block") and self.freeze[5:].isdigit()),
-             f"--freeze must be none, features or blockN (e.g. block2), got {self.freeze!r}")
-        need(bool(self.data), "no training data given; pass --data DIR (a folder of class folders, train/ + val/, or a CSV)")
 
 
 class Trainer:
@@ -113,10 +44,14 @@ class Trainer:
 
     ``model`` replaces the model built from the config (any ``nn.Module`` classifier with a
     ``features`` part, e.g. torchvision's DenseNet); ``resume_state`` continues a saved run.
+    ``on_save(path, position)`` is called after each write of the resumable state, with
+    ``position = {"epoch", "batches_done", "global_step"}`` (e.g. to copy the state elsewhere).
     """
 
-    def __init__(self, config: TrainConfig, *, model: Optional[nn.Module] = None, resume_state: Optional[Dict[str, Any]] = None) -> None:
+    def __init__(self, config: TrainConfig, *, model: Optional[nn.Module] = None, resume_state: Optional[Dict[str, Any]] = None,
+                 on_save: Optional[Callable[[Path, Dict[str, int]], None]] = None) -> None:
         self.config = config
+        self.on_save = on_save
         self.dist = Dist.setup(config.device)
         config.check(self.dist.world_size)
         self._model_override = model
@@ -128,15 +63,38 @@ class Trainer:
 
     def log(self, msg: str) -> None:
         if self.is_main:
-            print(msg, flush=True)
+            print(D.printable(msg), flush=True)  # a data path may hold bytes that are not UTF-8
 
     # -- setup ---------------------------------------------------------------------------------
     def _build(self) -> None:
-        c, d = self.config, self.dist
+        c = self.config
         if c.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=d.device.type == "cuda")
+            torch.use_deterministic_algorithms(True, warn_only=self.dist.device.type == "cuda")
             torch.backends.cudnn.benchmark = False
+        train_samples, val_samples = self._read_data()
+        model = self._make_model()
+        in_chans = getattr(model, "in_chans", 3)
+        pre = weights_preprocessing(c.model, c.weights) if (c.pretrained or c.weights) else None
+        self.preprocessing = D.resolve_preprocessing(pre, c.image_size, in_chans)
+        self.frozen = apply_freeze(model, c.freeze)
+        self.model = model.to(self.dist.device)
+        self.optimizer = make_optimizer(c.optimizer, param_groups(model, c.lr, c.weight_decay, c.layer_decay), c.lr, c.momentum)
+        self.train_set = D.ImageDataset(train_samples, D.train_transform(self.preprocessing, c.augment), in_chans=in_chans, seed=c.seed)
+        self.val_set = D.ImageDataset(val_samples, D.eval_transform(self.preprocessing), in_chans=in_chans)
+        self._make_schedule()
+        self._make_runtime()
+        # Running position, replaced by the saved one on resume.
+        self.epoch, self.batches_done, self.global_step = 0, 0, 0
+        self.partial = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1, top-5, count of the epoch so far
+        self.history: List[Dict[str, Any]] = []
+        self.best_acc1, self.best_epoch, self.bad_epochs = -1.0, 0, 0
+        if self.resume_state is not None:
+            self._load_state(self.resume_state)
+
+    def _read_data(self) -> Tuple[List[D.Sample], List[D.Sample]]:
+        """The readable train and val samples; unreadable images are skipped with a warning (or raise with strict_data)."""
+        c = self.config
         splits = D.load_splits(c.data, val_split=c.val_split, seed=c.seed)
         train_samples, bad = D.check_images(splits.train, strict=c.strict_data)
         val_samples, bad_val = D.check_images(splits.val, strict=c.strict_data)
@@ -146,37 +104,37 @@ class Trainer:
             print(f"warning: skipped {len(self.skipped)} unreadable image(s), e.g. {path} ({reason}); "
                   "--strict-data makes this an error", file=sys.stderr)
         if not train_samples or not val_samples:
-            raise ValueError(f"{c.data}: no readable images left in the train or val split")
+            raise DataError(f"{c.data}: no readable images left in the train or val split")
         self.class_names = splits.class_names
+        return train_samples, val_samples
 
+    def _make_model(self) -> nn.Module:
+        c = self.config
         torch.manual_seed(c.seed)  # same initial weights on every rank
         if self._model_override is not None:
             model = self._model_override
         else:
-            kwargs = dict(c.model_args)
-            kwargs["num_classes"] = len(self.class_names)
-            if c.norm:
-                kwargs["norm_layer"] = c.norm
-            if c.memory_efficient:
-                kwargs["memory_efficient"] = c.memory_efficient
-            if c.weights:
-                kwargs["weights"] = c.weights
+            kwargs = dict(c.model_args, num_classes=len(self.class_names))
+            for key, value in (("norm_layer", c.norm), ("memory_efficient", c.memory_efficient), ("weights", c.weights)):
+                if value:
+                    kwargs[key] = value
             model = create_model(c.model, pretrained=c.pretrained or bool(c.weights), **kwargs)
-        torch.manual_seed(c.seed + d.rank)  # dropout differs between ranks
-        in_chans = getattr(model, "in_chans", 3)
-        self.preprocessing = D.resolve_preprocessing(weights_preprocessing(c.model, c.weights) if (c.pretrained or c.weights) else None, c.image_size, in_chans)
-        self.frozen = apply_freeze(model, c.freeze)
-        self.model = model.to(d.device)
-        self.optimizer = make_optimizer(c.optimizer, param_groups(model, c.lr, c.weight_decay, c.layer_decay), c.lr, c.momentum)
+        torch.manual_seed(c.seed + self.dist.rank)  # dropout differs between ranks
+        return model
 
-        self.train_set = D.ImageDataset(train_samples, D.train_transform(self.preprocessing, c.augment), in_chans=in_chans, seed=c.seed)
-        self.val_set = D.ImageDataset(val_samples, D.eval_transform(self.preprocessing), in_chans=in_chans)
+    def _make_schedule(self) -> None:
+        """Batches per rank and epoch, optimizer steps per epoch, and the warm-up + cosine schedule."""
+        c, d = self.config, self.dist
         self.rank_batch = c.batch_size // d.world_size
         self.sampler = EpochBatchSampler(len(self.train_set), self.rank_batch, seed=c.seed, rank=d.rank, world_size=d.world_size)
         self.micro_per_epoch = len(self.sampler)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / c.accum_steps)
         total, warmup = c.epochs * self.steps_per_epoch, round(c.warmup_epochs * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup, total))
+
+    def _make_runtime(self) -> None:
+        """AMP and its scaler, the DDP wrapper and the loader workers."""
+        c, d = self.config, self.dist
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[c.amp]
         if c.amp == "fp16" and d.device.type != "cuda":
             raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
@@ -186,24 +144,16 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None
             )
-        workers = c.workers if c.workers is not None else (0 if d.device.type == "cpu" else min(8, os.cpu_count() or 1))
-        self.workers = workers  # on CPU, loader workers would compete with the model's compute threads
-
-        # Running position, replaced by the saved one on resume.
-        self.epoch, self.batches_done, self.global_step = 0, 0, 0
-        self.partial = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1, top-5, count of the epoch so far
-        self.history: List[Dict[str, Any]] = []
-        self.best_acc1, self.best_epoch, self.bad_epochs = -1.0, 0, 0
-        if self.resume_state is not None:
-            self._load_state(self.resume_state)
+        # On CPU, loader workers would compete with the model's compute threads.
+        self.workers = c.workers if c.workers is not None else (0 if d.device.type == "cpu" else min(8, os.cpu_count() or 1))
 
     def _load_state(self, s: Dict[str, Any]) -> None:
         if s["class_names"] != self.class_names:
-            raise ValueError(f"{self.out}: the saved run has classes {s['class_names'][:5]}..., the data now has {self.class_names[:5]}...; resume with the same data")
+            raise RunError(f"{self.out}: the saved run has classes {s['class_names'][:5]}..., the data now has {self.class_names[:5]}...; resume with the same data")
         try:
             self.model.load_state_dict(s["model"])
         except RuntimeError:
-            raise ValueError(f"{self.out}: the saved weights do not fit this model; resume with the model the run was started with") from None
+            raise RunError(f"{self.out}: the saved weights do not fit this model; resume with the model the run was started with") from None
         self.optimizer.load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
         if self.scaler is not None and s.get("scaler"):
@@ -236,9 +186,15 @@ class Trainer:
         }
 
     def save_state(self) -> None:
+        """Write the resumable state (collective under DDP; rank 0 writes), then call ``on_save``."""
         state = self._state()
         if self.is_main:
-            io.save_state(state, self.out / io.STATE_FILE)
+            if self.resume_state is None and not (self.out / "config.json").exists():
+                # Written with the first state, not before: a run stopped before any save leaves no files.
+                io.write_json(self.out / "config.json", asdict(self.config))
+            path = io.save_run_state(state, self.out / io.STATE_FILE)
+            if self.on_save is not None:
+                self.on_save(path, {"epoch": self.epoch, "batches_done": self.batches_done, "global_step": self.global_step})
 
     def _save_weights(self, name: str, row: Dict[str, Any]) -> None:
         c = self.config
@@ -255,8 +211,6 @@ class Trainer:
                        torch.backends.cudnn.benchmark)
         try:
             self._build()
-            if self.is_main and self.resume_state is None:
-                io.write_json(self.out / "config.json", asdict(self.config))
             self.log(f"data: {self.config.data}: {len(self.train_set)} train / {len(self.val_set)} val images, "
                      f"{len(self.class_names)} classes; {self.dist.world_size} process(es) on {self.dist.device.type}")
             stopped = False
@@ -276,82 +230,58 @@ class Trainer:
 
     def _run_epoch(self) -> bool:
         c, d = self.config, self.dist
-        model = self.ddp or self.model
         epoch = self.epoch
         self.train_set.set_epoch(epoch)
         self.sampler.set_epoch(epoch, skip=self.batches_done)
         loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=self.workers,
                             pin_memory=d.device.type == "cuda", generator=torch.Generator())
         set_train_mode(self.model, self.frozen)
-        bar = None
-        if self.show_progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.micro_per_epoch, initial=self.batches_done, desc=f"epoch {epoch + 1}/{c.epochs}", unit="batch", leave=False)
+        progress = step.EpochProgress(self.show_progress, self.micro_per_epoch, self.batches_done,
+                                      f"epoch {epoch + 1}/{c.epochs}", d.world_size)
         sums = torch.zeros(4, dtype=torch.float64, device=d.device)
-        start, seen = time.perf_counter(), 0
-        pause_at = int(os.environ.get(_PAUSE_ENV, "0") or 0)
-        autocast = (lambda: torch.autocast(d.device.type, dtype=self.amp_dtype)) if self.amp_dtype else contextlib.nullcontext
-        k = min(5, len(self.class_names))
-        for micro, (x, y) in enumerate(loader, start=self.batches_done):
-            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-            group_start = micro - micro % c.accum_steps
-            group = min(c.accum_steps, self.micro_per_epoch - group_start)
-            step_now = micro + 1 == group_start + group
-            sync = contextlib.nullcontext() if (self.ddp is None or step_now) else self.ddp.no_sync()
-            with sync:
-                with autocast():
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=c.label_smoothing)
-                scaled = loss / group
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            with torch.no_grad():
-                top = logits.detach().float().topk(k, 1).indices
-                hit = top.eq(y[:, None])
-                sums += torch.stack([loss.detach().double() * len(y), hit[:, 0].sum().double(), hit.any(1).sum().double(),
-                                     torch.tensor(float(len(y)), dtype=torch.float64, device=d.device)])
-            seen += len(y)
-            if step_now:
-                if self.scaler:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                self.global_step += 1
-                if c.save_every and self.global_step % c.save_every == 0 and micro + 1 < self.micro_per_epoch:
-                    self.batches_done = micro + 1
-                    self.partial += sums.cpu()
-                    sums.zero_()
-                    self.save_state()
-                    if pause_at == self.global_step:
-                        print(f"paused after step {self.global_step}", file=sys.stderr, flush=True)
-                        time.sleep(3600)
-            if bar is not None:
-                bar.update(1)
-                if micro % 5 == 0 or micro + 1 == self.micro_per_epoch:
-                    tot = (self.partial + sums.cpu()).tolist()
-                    bar.set_postfix(loss=f"{tot[0] / max(tot[3], 1):.3f}", acc=f"{100 * tot[1] / max(tot[3], 1):.1f}%",
-                                    img_s=f"{seen * d.world_size / (time.perf_counter() - start):.0f}")
-        if bar is not None:
-            bar.close()
-        train_time = time.perf_counter() - start
-        tot = reduce_sum(self.partial + sums.cpu(), d).tolist()
+        try:
+            for micro, (x, y) in enumerate(loader, start=self.batches_done):
+                x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+                self._train_batch(micro, x, y, sums)
+                progress.update(micro, len(y), lambda: self.partial + sums.cpu())
+        finally:
+            progress.close()
+        train_time = progress.elapsed()  # before validation: the row reports training speed
+        train = reduce_sum(self.partial + sums.cpu(), d).tolist()
         val = evaluate_loader(self.model, self._val_loader(), len(self.class_names), d, amp_dtype=self.amp_dtype)
-        row = {
-            "epoch": epoch + 1, "lr": self.optimizer.param_groups[-1]["lr"],
-            "train_loss": tot[0] / tot[3], "train_acc1": 100 * tot[1] / tot[3], "train_acc5": 100 * tot[2] / tot[3],
-            "val_loss": val["loss"], "val_acc1": val["acc1"], "val_acc5": val["acc5"],
-            "train_images_per_s": seen * d.world_size / max(train_time, 1e-9), "epoch_time_s": train_time,
-        }
+        row = step.epoch_row(epoch, self.optimizer.param_groups[-1]["lr"], train, val, progress.seen * d.world_size, train_time)
+        return self._end_epoch(row)
+
+    def _train_batch(self, micro: int, x: torch.Tensor, y: torch.Tensor, sums: torch.Tensor) -> None:
+        """Forward/backward of micro-batch ``micro``; an optimizer step (and maybe a state save) when it ends a group."""
+        c = self.config
+        group, step_now = step.accumulation(micro, c.accum_steps, self.micro_per_epoch)
+        sync = self.ddp.no_sync() if (self.ddp is not None and not step_now) else contextlib.nullcontext()
+        with sync:
+            loss, logits = step.forward_backward(self.ddp or self.model, x, y, group=group, scaler=self.scaler,
+                                                 autocast=step.autocast_for(self.dist.device, self.amp_dtype),
+                                                 label_smoothing=c.label_smoothing)
+        sums += step.batch_sums(loss, logits, y, min(5, len(self.class_names)))
+        if not step_now:
+            return
+        step.optimizer_step(self.optimizer, self.scheduler, self.scaler)
+        self.global_step += 1
+        if c.save_every and self.global_step % c.save_every == 0 and micro + 1 < self.micro_per_epoch:
+            self.batches_done = micro + 1
+            self.partial += sums.cpu()
+            sums.zero_()
+            self.save_state()
+
+    def _end_epoch(self, row: Dict[str, Any]) -> bool:
+        """Record the epoch, track the best accuracy, write weights, metrics, curves and state; True to stop early."""
+        c = self.config
         self.history.append(row)
         improved = row["val_acc1"] > self.best_acc1
         if improved:
-            self.best_acc1, self.best_epoch, self.bad_epochs = row["val_acc1"], epoch + 1, 0
+            self.best_acc1, self.best_epoch, self.bad_epochs = row["val_acc1"], row["epoch"], 0
         else:
             self.bad_epochs += 1
-        self.epoch, self.batches_done, self.partial = epoch + 1, 0, torch.zeros(4, dtype=torch.float64)
+        self.epoch, self.batches_done, self.partial = row["epoch"], 0, torch.zeros(4, dtype=torch.float64)
         stop = bool(c.patience) and self.bad_epochs >= c.patience
         if self.is_main:
             if improved:
@@ -372,47 +302,43 @@ class Trainer:
         return DataLoader(torch.utils.data.Subset(self.val_set, idx), batch_size=self.rank_batch, num_workers=self.workers)
 
 
-def _config_from(options: Dict[str, Any]) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise TypeError(f"unknown fine-tuning option(s) {unknown}; known: {sorted(names)}")
-    return TrainConfig(**options)
+def _is_main_process() -> bool:
+    """Rank 0, or a process outside a process group (torchrun sets ``RANK`` before the group exists)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def finetune(data: Optional[str] = None, out: Optional[str] = None, *, resume: Union[bool, str] = False,
-             model_obj: Optional[nn.Module] = None, **options: Any) -> Dict[str, Any]:
+             model_obj: Optional[nn.Module] = None, on_save: Optional[Callable[[Path, Dict[str, int]], None]] = None,
+             **options: Any) -> Dict[str, Any]:
     """Fine-tune a DenseNet on an image dataset; returns the run's summary.
 
-    >>> dz.finetune("data/digits", out="runs/digits", model="densenet121", image_size=32, epochs=3, batch_size=64)
+    >>> dz.finetune("data/digits", out="runs/digits", model="densenet121", image_size=32, batch_size=64, epochs=3,
+    ...             augment="light")   # light: no flips, digits stay digits
     >>> dz.finetune(resume="runs/digits", epochs=5)        # continue, possibly with more epochs
 
-    ``options`` are the fields of :class:`TrainConfig`. A new run refuses an ``out`` folder that
-    already holds one; ``resume`` continues it and accepts changes only to ``RESUMABLE`` settings.
+    ``options`` are the fields of :class:`TrainConfig`. A new run needs a new or empty ``out``
+    folder (nothing of the user's is replaced); ``resume`` continues a run and accepts changes
+    only to ``RESUMABLE`` settings. The folder is locked while the run lasts: a second run into
+    it fails at once. ``on_save`` is passed to :class:`Trainer`.
     """
     if data is not None:
         options["data"] = data
     if resume:
         out = str(resume) if isinstance(resume, (str, os.PathLike)) else out
         if not out:
-            raise ValueError("resume needs the output folder of the run: resume='runs/x' or --resume runs/x")
-        state = io.load_state(Path(out) / io.STATE_FILE)
-        saved = dict(state["config"])
-        for key, value in options.items():
-            if key in RESUMABLE or value is None or saved.get(key) == value:
-                continue
-            if key in ("model", "model_args", "norm", "pretrained", "weights"):
-                raise ValueError(f"{out} holds a run of model {saved['model']!r} {saved.get('model_args') or ''}; "
-                                 f"cannot resume it as {key}={value!r}; start a new run with another --out")
-            raise ValueError(f"cannot change {key} from {saved.get(key)!r} to {value!r} when resuming {out}; "
-                             f"only {', '.join(RESUMABLE)} may change")
-        saved.update({k: v for k, v in options.items() if v is not None})
-        saved["out"] = str(out)
-        config = _config_from(saved)
-        return Trainer(config, model=model_obj, resume_state=state).fit()
-    options["out"] = out or options.get("out") or TrainConfig.out
-    config = _config_from(options)
-    existing = [n for n in (io.STATE_FILE, "best.safetensors", "last.safetensors") if (Path(config.out) / n).exists()]
-    if existing:
-        raise ValueError(f"{config.out} already holds a run ({existing[0]}); pass --resume {config.out} to continue it or choose another --out")
-    return Trainer(config, model=model_obj).fit()
+            raise RunError("resume needs the output folder of the run: resume='runs/x' or --resume runs/x")
+    else:
+        out = str(out or options.get("out") or TrainConfig.out)
+        options["out"] = out
+        config = config_from(options)
+        config.check()  # bad settings fail before the folder is touched
+        io.check_new_run_folder(out)
+    with io.RunLock(out) if _is_main_process() else contextlib.nullcontext():
+        if resume:
+            state = io.load_run_state(Path(out) / io.STATE_FILE)
+            config = resumed_config(state["config"], options, out)
+            return Trainer(config, model=model_obj, resume_state=state, on_save=on_save).fit()
+        io.check_new_run_folder(out)  # again under the lock: another run may have started meanwhile
+        return Trainer(config, model=model_obj, on_save=on_save).fit()

@@ -9,9 +9,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import data as D
+from .._utils import DataError
+from ..models import load_model
 from . import run_files as io
 from .parts import Dist, evaluate_loader
-from ..models import load_model
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, *, batch_size: int = 64, workers: int = 0,
@@ -28,6 +29,10 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, batch_size: int = 64, wor
     ckpt = Path(checkpoint)
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint {str(ckpt)!r} does not exist; give the best.safetensors or last.safetensors of a run")
+    out_dir = Path(out) if out else ckpt.parent
+    if Path(data).is_dir() and Path(data).resolve() in (out_dir.resolve(), *out_dir.resolve().parents):
+        raise DataError(f"--out {out_dir} is inside --data {data}; confusion.png and evaluation.json would become "
+                        "part of the dataset: choose an --out outside it")
     model, meta = load_model(ckpt)
     names = meta.get("class_names")
     if not names:
@@ -43,7 +48,6 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, batch_size: int = 64, wor
     result = evaluate_loader(model, loader, len(names), d, confusion=True)
     matrix = result.pop("confusion")
     per_class = {n: (100.0 * matrix[i, i].item() / row if (row := matrix[i].sum().item()) else None) for i, n in enumerate(names)}
-    out_dir = Path(out) if out else ckpt.parent
     confusion_path = io.plot_confusion(matrix, names, out_dir / "confusion.png", title=f"{ckpt.name} on {data}: acc@1 {result['acc1']:.2f}%")
     report = dict(result, checkpoint=str(ckpt), data=str(data), per_class_acc1=per_class,
                   confusion=matrix.tolist(), skipped_images=[p for p, _ in bad])

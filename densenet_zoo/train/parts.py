@@ -231,7 +231,7 @@ def make_optimizer(name: str, groups: List[Dict[str, Any]], lr: float, momentum:
 
 def weights_preprocessing(model: str, source: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """Preprocessing of the weights a run starts from: the registry entry's, or the metadata of a
-    safetensors file written by :func:`~densenet_zoo.weights.save_model`; ``None`` when unknown.
+    safetensors file written by :func:`~densenet_zoo.save_model`; ``None`` when unknown.
 
     >>> weights_preprocessing("densenet121")["crop_size"]
     224

@@ -7,37 +7,143 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Sequence
 
 import torch
 
-from .._utils import atomic_write
+from .._utils import PathLike, RunError, atomic_write
+from .data import printable
 
-PathLike = Union[str, os.PathLike]
+try:  # POSIX advisory locks; Windows locks a byte range of the file instead
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+    import msvcrt
 
 STATE_FILE = "state.pt"
 STATE_FORMAT = 1
+#: Held (locked) by the process that trains into a run folder; ignored when judging a folder empty.
+LOCK_FILE = ".densenet_zoo.lock"
 
 
-def save_state(state: Dict[str, Any], path: PathLike) -> Path:
+def save_run_state(state: Dict[str, Any], path: PathLike) -> Path:
     """Save a training state (plain dicts, lists, numbers, strings and tensors) atomically."""
     buf = io.BytesIO()
     torch.save(state, buf)
     return atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
-def load_state(path: PathLike) -> Dict[str, Any]:
+def load_run_state(path: PathLike) -> Dict[str, Any]:
     """Load a training state with ``torch.load(weights_only=True)``: no code runs while loading."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; --resume needs the output folder of a run that saved its state")
+        raise RunError(f"{path} does not exist; --resume needs the output folder of a run that saved its state")
+    if path.stat().st_size == 0:
+        raise RunError(f"{path} is empty (0 bytes), not a training state; the run cannot be resumed from it: "
+                       "start a new run with another --out")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a foreign or damaged file: say which and why, in one line
-        raise ValueError(f"{path} is not a loadable training state ({str(exc).splitlines()[0]})") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RunError(f"{path} is not a loadable training state ({reason}); start a new run with another --out") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path} is not a densenet_zoo training state (format {STATE_FORMAT}); start a new run with another --out")
+        raise RunError(f"{path} is not a densenet_zoo training state (format {STATE_FORMAT}); start a new run with another --out")
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise RunError(f"{path} lacks {', '.join(missing)}; it is not a complete training state: start a new run with another --out")
     return state
+
+
+_STATE_KEYS = ("config", "class_names", "model", "optimizer", "scheduler", "rng", "epoch", "batches_done",
+               "global_step", "partial", "history", "best_acc1", "best_epoch", "bad_epochs")
+
+
+def _user_files(out: Path) -> List[str]:
+    """Names in ``out`` other than the lock file (sorted), or [] when ``out`` does not exist."""
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a folder; give a new or empty folder for the run")
+    return sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+
+
+def check_new_run_folder(out: PathLike) -> None:
+    """Refuse a folder that holds a run (resume it instead) or anybody's files (they would be replaced)."""
+    out = Path(out)
+    names = _user_files(out)
+    run_files = [n for n in (STATE_FILE, "best.safetensors", "last.safetensors") if n in names]
+    if run_files:
+        raise RunError(f"{out} already holds a run ({run_files[0]}); pass --resume {out} to continue it or choose another --out")
+    if names:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise RunError(f"--out {out} is not empty ({shown}) and holds no run to resume; the run would replace "
+                       "those files: choose a new or empty folder")
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the lifetime of a run: ``with RunLock("runs/x"): ...``.
+
+    A second process asking for the same folder gets a :class:`RunError` at once instead of
+    writing into it; the operating system drops the lock when the process ends, even when killed.
+    The lock file is removed at the end; a run that wrote nothing leaves no new folder behind.
+    """
+
+    def __init__(self, out: PathLike) -> None:
+        self.out = Path(out)
+        self._file: Any = None
+        self._created = False
+
+    def __enter__(self) -> "RunLock":
+        _user_files(self.out)  # --out naming a file: one clear error before mkdir fails on it
+        self._created = not self.out.exists()
+        for _ in range(10):  # the file may be removed by a run ending between our open and lock
+            f = self._open()
+            try:
+                _lock(f)
+            except OSError:
+                f.close()
+                raise RunError(f"{self.out} is in use by another run (it holds {self.out / LOCK_FILE}); "
+                               "wait for that run to end or choose another --out") from None
+            if _same_inode(f, self.out / LOCK_FILE):
+                self._file = f
+                return self
+            f.close()
+        raise RunError(f"could not lock {self.out / LOCK_FILE}; another process keeps replacing it")
+
+    def _open(self) -> Any:
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            return open(self.out / LOCK_FILE, "a+")
+        except OSError as exc:
+            raise RunError(f"cannot write the run folder {self.out} ({exc.strerror or exc}); choose a writable --out") from None
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._file is None:
+            return
+        try:
+            # Removed while still held: a process waiting on the old file sees it replaced and retries.
+            (self.out / LOCK_FILE).unlink()
+            if self._created and not _user_files(self.out):  # nothing written: leave no new folder
+                self.out.rmdir()
+        except OSError:
+            pass  # best effort: a leftover empty folder or lock file is harmless
+        finally:
+            self._file.close()  # closing the file releases the lock
+            self._file = None
+
+
+def _lock(f: Any) -> None:
+    if fcntl is not None:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    else:  # pragma: no cover - Windows
+        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+
+
+def _same_inode(f: Any, path: Path) -> bool:
+    try:
+        return os.fstat(f.fileno()).st_ino == path.stat().st_ino
+    except OSError:
+        return False
 
 
 def rng_state() -> Dict[str, Any]:
@@ -115,6 +221,7 @@ def plot_confusion(matrix: torch.Tensor, class_names: Sequence[str], path: PathL
     import matplotlib.pyplot as plt
 
     n = len(class_names)
+    class_names = [printable(c) for c in class_names]  # the font renders text, not undecodable bytes
     size = max(4.0, min(0.45 * n + 2, 20.0))
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(matrix.numpy(), cmap="Blues")
@@ -122,7 +229,7 @@ def plot_confusion(matrix: torch.Tensor, class_names: Sequence[str], path: PathL
     ax.set_yticks(range(n), class_names)
     ax.set_xlabel("predicted"), ax.set_ylabel("true")
     if title:
-        ax.set_title(title)
+        ax.set_title(printable(title))
     if n <= 30:
         top = matrix.max().item() or 1
         for i in range(n):

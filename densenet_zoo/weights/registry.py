@@ -1,6 +1,6 @@
 """Published weights as data: the registry (``weights/manifest.json`` + user manifests).
 
-Environment (see also :mod:`densenet_zoo.download`):
+Environment (see also :mod:`densenet_zoo.weights.download`):
 ``DENSENET_ZOO_MIRROR``    base URL that replaces ``https://download.pytorch.org/models`` for every URL entry;
 ``DENSENET_ZOO_MANIFEST``  extra manifest file(s), ``os.pathsep``-separated, whose entries add to or override ours.
 """

@@ -2,6 +2,7 @@
 atomic checkpoint writes, torchrun DDP against one process, and bad input."""
 
 import csv
+import json
 import os
 import random
 import signal
@@ -74,24 +75,28 @@ def test_sample_data_finetune_evaluate_predict(tmp_path, capsys):
     assert meta["class_names"] == [str(i) for i in range(10)] and model.num_classes == 10
 
 
+_KILLED_AFTER_STEP_9 = """
+import json, os, signal, sys, torch
+from densenet_zoo.train import finetune
+torch.set_num_threads(1)
+
+def on_save(path, position):  # the public hook: called right after each state write
+    if position["global_step"] == 9:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+finetune(on_save=on_save, **json.loads(sys.argv[1]))
+"""
+
+
 @pytest.mark.timeout(240)
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(small, tmp_path):
     common = dict(epochs=2, save_every=1)
     finetune(**base_options(small, tmp_path / "ref", **common))  # 6 steps per epoch, never interrupted
     out = tmp_path / "run"
-    env = dict(ENV, DENSENET_ZOO_PAUSE_AFTER_STEP="9")  # epoch 2, batch 3 of 6
-    proc = subprocess.Popen([sys.executable, "-m", "densenet_zoo", *map(str, _tiny_flags(small, out, "--epochs", "2", "--save-every", "1"))],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stderr:
-            if "paused after step 9" in line:
-                break
-        else:
-            pytest.fail(f"the run ended before step 9: {proc.stdout.read()}")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        proc.kill()
+    # SIGKILL at a real save point: epoch 2, batch 3 of 6, just after its state was written
+    proc = subprocess.run([sys.executable, "-c", _KILLED_AFTER_STEP_9, json.dumps(base_options(small, out, **common))],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
     state = torch.load(out / "state.pt", weights_only=True)
     assert (state["epoch"], state["batches_done"], state["global_step"]) == (1, 3, 9)
     r = _cli("finetune", "--resume", out, "--threads", "1", timeout=200)
@@ -109,11 +114,11 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(small, tm
 
 _WRITER = """
 import sys, torch
-from densenet_zoo.train.run_files import save_state
+from densenet_zoo.train.run_files import save_run_state
 i = 0
 while True:
     i += 1
-    save_state({"format": 1, "step": i, "model": {"w": torch.full((4_000_000,), float(i))}}, sys.argv[1])
+    save_run_state({"format": 1, "step": i, "model": {"w": torch.full((4_000_000,), float(i))}}, sys.argv[1])
 """
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import densenet_zoo as dz
+from densenet_zoo._utils import RunError
 from densenet_zoo.train import finetune
 from densenet_zoo.train.parts import EpochBatchSampler, apply_freeze, lr_factor, param_groups
 from densenet_zoo.models import load_model
@@ -117,7 +118,7 @@ def test_run_writes_loadable_outputs(run, data):
 def test_a_new_run_refuses_an_output_folder_that_holds_one(run, data):
     out, _ = run
     before = (out / "state.pt").read_bytes()
-    with pytest.raises(ValueError, match="already holds a run"):
+    with pytest.raises(RunError, match="already holds a run"):
         finetune(**base_options(data, out))
     assert (out / "state.pt").read_bytes() == before
 

@@ -1,7 +1,7 @@
 """Seeded fuzzing of every loading path with damaged real checkpoints, under a memory cap and a time limit.
 
 Every outcome must be a working model or one of the package's one-line errors (``ZooError``);
-``train_io.load_state`` may also raise its documented one-line ``ValueError``. ``OSError`` does
+the training-state reader (``load_run_state``) included. ``OSError`` does
 not count as acceptable: the files are readable, only their content is damaged.
 """
 
@@ -35,7 +35,7 @@ def test_damaged_checkpoints_load_or_fail_cleanly(tmp_path, seed=0):
     assert result["bad"] == [], json.dumps(result["bad"][:5], indent=1)
     counts = result["counts"]
     # The damage reached every loader, and both ways out were taken.
-    for loader in ("load_model", "load_weights", "convert_checkpoint", "train_io.load_state"):
+    for loader in ("load_model", "load_weights", "convert_checkpoint", "load_run_state"):
         outcomes = {k.split(" ")[1] for k in counts if k.startswith(loader + " ")}
         assert "ok" in outcomes and outcomes - {"ok"}, (loader, counts)
     # The cases themselves take seconds; the child's start (importing torch) is not counted.
