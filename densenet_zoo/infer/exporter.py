@@ -48,9 +48,11 @@ def export(
 ) -> Path:
     """Write ``model`` to ``path`` as ``format`` and return the path.
 
-    >>> export(densenet121().eval(), "densenet121.onnx")                 # dynamic batch axis
-    >>> export(model.eval(), "model.pt", "torchscript")                  # torch.jit.load(...)
-    >>> export(model.eval(), "model.pt2", "torch.export", image_size=64) # torch.export.load(...)
+    Example::
+
+        export(densenet121().eval(), "densenet121.onnx")                 # dynamic batch axis
+        export(model.eval(), "model.pt", "torchscript")                  # torch.jit.load(...)
+        export(model.eval(), "model.pt2", "torch.export", image_size=64) # torch.export.load(...)
 
     ``model`` must be in eval mode: export writes an inference graph, and a model in training
     mode would bake in batch statistics and dropout, so it is refused with an error (call
@@ -120,7 +122,9 @@ def _write(model: nn.Module, example: torch.Tensor, tmp: Path, format: str, opse
 def load_exported(path: PathLike, format: str):
     """The callable stored by :func:`export`: an onnxruntime session runner, a ScriptModule or a module.
 
-    >>> run = load_exported("densenet121.onnx", "onnx"); logits = run(x)
+    Example::
+
+        run = load_exported("densenet121.onnx", "onnx"); logits = run(x)
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")

@@ -40,7 +40,9 @@ __all__ = ["FastDenseNet", "fold_bn", "norm_as_affine", "optimize_for_inference"
 def norm_as_affine(norm: nn.Module, num_features: int) -> Optional[Tuple[Tensor, Tensor]]:
     """Per-channel ``(scale, shift)`` in float64 with ``norm(x) == scale * x + shift`` in eval, or None.
 
-    >>> scale, shift = norm_as_affine(model.features.norm0, 64)
+    Example::
+
+        scale, shift = norm_as_affine(model.features.norm0, 64)
 
     BatchNorm-like modules (running statistics, ``eps``) are read directly; otherwise, or when
     that reading does not reproduce the module, the module is probed. Either way the result is
@@ -116,7 +118,9 @@ def _fold_into_conv(conv: nn.Conv2d, norm: nn.Module) -> Optional[nn.Conv2d]:
 def fold_bn(model: DenseNet, inplace: bool = False) -> DenseNet:
     """Fold ``norm0`` into ``conv0`` and every ``norm2`` into its ``conv1`` (exact in eval).
 
-    >>> folded = fold_bn(densenet121().eval())   # same outputs, 59 fewer norm layers
+    Example::
+
+        folded = fold_bn(densenet121().eval())   # same outputs, 59 fewer norm layers
 
     The folded norms become ``nn.Identity`` and the convolutions get a bias; the model stays a
     :class:`DenseNet` in eval mode. A norm that is not a per-channel affine in eval (GroupNorm...)
@@ -274,7 +278,9 @@ class _FastBlock(nn.Module):
 class FastDenseNet(nn.Module):
     """Evaluation-only DenseNet with the same outputs as the :class:`DenseNet` it was built from.
 
-    >>> fast = FastDenseNet(densenet121().eval())   # usually through optimize_for_inference()
+    Example::
+
+        fast = FastDenseNet(densenet121().eval())   # usually through optimize_for_inference()
 
     Holds its own folded weights (a snapshot: later changes to the source model are not seen).
     ``dtype`` is the dtype the network will be cast to (thresholds outside its range are resolved).
@@ -357,8 +363,10 @@ def optimize_for_inference(
 ) -> nn.Module:
     """An evaluation-only copy of ``model`` that computes the same outputs faster.
 
-    >>> fast = optimize_for_inference(densenet121(pretrained=True))
-    >>> fast16 = optimize_for_inference(model, dtype=torch.bfloat16)   # bf16 weights and activations
+    Example::
+
+        fast = optimize_for_inference(densenet121(pretrained=True))
+        fast16 = optimize_for_inference(model, dtype=torch.bfloat16)   # bf16 weights and activations
 
     Folds every norm into the convolutions where that is exact (see the module docstring),
     writes dense blocks into one buffer, uses channels_last (``channels_last=False`` keeps the

@@ -18,7 +18,9 @@ __all__ = ["count_flops", "model_info", "format_info"]
 def count_flops(model: nn.Module, image_size: int = 224, in_chans: Optional[int] = None) -> int:
     """FLOPs of one forward on one image, counted by ``torch.utils.flop_counter`` (2 per multiply-add).
 
-    >>> count_flops(densenet121()) / 1e9    # about 5.7
+    Example::
+
+        count_flops(densenet121()) / 1e9    # about 5.7
     """
     in_chans = in_chans or int(getattr(model, "in_chans", 3))
     param = next(model.parameters())

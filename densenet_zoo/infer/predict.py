@@ -40,7 +40,9 @@ class Prediction:
 def collect_images(inputs: Iterable[PathLike]) -> List[Path]:
     """Image files named in ``inputs`` plus those found (recursively, sorted) in folders among them.
 
-    >>> collect_images(["cat.jpg", "photos/"])
+    Example::
+
+        collect_images(["cat.jpg", "photos/"])
     """
     found: List[Path] = []
     for item in inputs:
@@ -73,9 +75,11 @@ def _imagenet_categories(num_classes: int) -> Optional[List[str]]:
 class Predictor:
     """A model with its preprocessing and class names.
 
-    >>> p = Predictor.from_checkpoint("runs/digits/best.safetensors")
-    >>> p = Predictor.from_pretrained("densenet121")
-    >>> results = p.predict(collect_images(["photos/"]), batch_size=32, top_k=5)
+    Example::
+
+        p = Predictor.from_checkpoint("runs/digits/best.safetensors")
+        p = Predictor.from_pretrained("densenet121")
+        results = p.predict(collect_images(["photos/"]), batch_size=32, top_k=5)
 
     ``optimize=True`` runs :func:`densenet_zoo.optimize_for_inference` (same outputs up to float
     rounding, faster on CPU).

@@ -51,8 +51,9 @@ def _block_config(args: Mapping[str, Any], source: str) -> tuple:
 def min_weights(args: Mapping[str, Any], parts: Collection[str] = ALL_PARTS, *, source: str = "checkpoint") -> int:
     """Number of convolution and classifier weights of ``DenseNet(**args)``, counting only ``parts``.
 
-    >>> min_weights(dz.model_config("densenet121")) <= sum(t.numel() for t in tv121.state_dict().values())
-    True
+    Example::
+
+        min_weights(dz.model_config("densenet121")) <= sum(t.numel() for t in tv121.state_dict().values())  # -> True
 
     Norm parameters are left out, so this never exceeds what a valid checkpoint of that model holds.
     Computed in closed form: no loop over layers, whatever the layer counts claim.
@@ -83,7 +84,9 @@ def check_model_args(args: Mapping[str, Any], state: Mapping[str, torch.Tensor],
                      parts: Collection[str] = ALL_PARTS, hint: str = _HINT) -> Dict[str, Any]:
     """``args`` as constructor keywords, after checking that they describe a DenseNet ``state`` can fill.
 
-    >>> args = check_model_args(meta["model_args"], state, source="best.safetensors")
+    Example::
+
+        args = check_model_args(meta["model_args"], state, source="best.safetensors")
 
     Raises :class:`CheckpointError` (one line, naming ``source``) for unknown or ill-typed
     arguments, and when the model would need more weights (in ``parts``) than ``state`` holds.
@@ -115,7 +118,9 @@ def build_checked(args: Mapping[str, Any], state: Mapping[str, torch.Tensor], *,
                   parts: Collection[str] = ALL_PARTS, hint: str = _HINT) -> DenseNet:
     """``DenseNet(**args)`` once :func:`check_model_args` passed; a constructor refusal becomes :class:`CheckpointError`.
 
-    >>> model = build_checked(meta["model_args"], state, source="best.safetensors")
+    Example::
+
+        model = build_checked(meta["model_args"], state, source="best.safetensors")
     """
     args = check_model_args(args, state, source=source, parts=parts, hint=hint)
     try:

@@ -49,7 +49,9 @@ _SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
 def save_model(model: DenseNet, path: PathLike, **metadata: Any) -> Path:
     """Write ``model``'s weights and what rebuilds it to a safetensors file, atomically.
 
-    >>> save_model(model, "best.safetensors", class_names=["cat", "dog"], preprocessing={...})
+    Example::
+
+        save_model(model, "best.safetensors", class_names=["cat", "dog"], preprocessing={...})
 
     ``metadata`` must be JSON-serialisable; ``arch`` and ``model_args`` are added from the model,
     and for a model built with pretrained weights, their ``preprocessing`` and (same number of
@@ -105,7 +107,9 @@ def _rebuildable(model: Any) -> bool:
 def load_model(path: PathLike, **overrides: Any) -> Tuple[DenseNet, Dict[str, Any]]:
     """Rebuild a model saved by :func:`save_model`; returns ``(model, metadata)``.
 
-    >>> model, meta = load_model("best.safetensors", memory_efficient=True)
+    Example::
+
+        model, meta = load_model("best.safetensors", memory_efficient=True)
 
     ``overrides`` go to the constructor (``memory_efficient=True``, ``norm_layer="frozen_bn"``...).
     The metadata is checked against the tensors before the model is built: a damaged or forged
@@ -134,7 +138,9 @@ def _is_url(s: str) -> bool:
 def resolve_weights(weights: Any, arch: Optional[str] = None, *, progress: bool = True) -> Tuple[Any, Optional[WeightsEntry], str]:
     """``(path or in-memory state, registry entry or None, description)`` for anything ``weights=`` accepts.
 
-    >>> path, entry, _ = resolve_weights("IMAGENET1K_V1", "densenet121")
+    Example::
+
+        path, entry, _ = resolve_weights("IMAGENET1K_V1", "densenet121")
     """
     if isinstance(weights, (Mapping, nn.Module)):
         return weights, None, "state dict"
@@ -158,8 +164,10 @@ def load_weights(model: nn.Module, weights: WeightsSource, *, strict: bool = Fal
                  progress: bool = True) -> LoadReport:
     """Load a checkpoint (path, URL, registered name, state dict) into ``model``; returns what happened.
 
-    >>> report = dz.load_weights(model, "someone_elses_checkpoint.pth")
-    >>> print(report)          # loaded / adapted / freshly initialised / missing / unexpected / shape mismatches
+    Example::
+
+        report = dz.load_weights(model, "someone_elses_checkpoint.pth")
+        print(report)          # loaded / adapted / freshly initialised / missing / unexpected / shape mismatches
 
     Keys are normalised (torchvision legacy names, ``module.``/``model.``/``backbone.`` prefixes,
     wrapper dicts); a classifier of another size stays freshly initialised and a 3-channel first
@@ -201,7 +209,9 @@ def _load_resolved(model: nn.Module, source: Any, entry: Optional[WeightsEntry],
 def build_pretrained(arch: str, config: Dict[str, Any], *, weights: Any = None, progress: bool = True) -> DenseNet:
     """Build ``arch`` with ``config`` and load pretrained weights into it (what ``densenet121(pretrained=True)`` calls).
 
-    >>> model = build_pretrained("densenet121", model_config("densenet121"), weights="DEFAULT")
+    Example::
+
+        model = build_pretrained("densenet121", model_config("densenet121"), weights="DEFAULT")
 
     ``weights``: ``None``/``"DEFAULT"`` (the architecture's default), a tag (``"IMAGENET1K_V1"``,
     ``"tv_in1k"``), a full name (``"densenet121.ra_in1k"``), a hub id (``"timm/densenet121.ra_in1k"``),
@@ -247,7 +257,9 @@ def _match_arch(cfg: Mapping[str, Any]) -> Optional[str]:
 def convert_checkpoint(src: WeightsSource, dest: PathLike, *, use_ema: bool = False, **metadata: Any) -> Path:
     """Any supported DenseNet checkpoint -> a safetensors file that :func:`load_model` rebuilds.
 
-    >>> convert_checkpoint("densenet121-a639ec97.pth", "densenet121.safetensors")
+    Example::
+
+        convert_checkpoint("densenet121-a639ec97.pth", "densenet121.safetensors")
 
     The architecture is read off the tensor shapes; the result is checked by loading it strictly.
     """

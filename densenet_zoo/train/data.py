@@ -56,8 +56,9 @@ class Splits:
 def printable(text: PathLike) -> str:
     """``text`` (a path, a class name) as valid UTF-8: bytes of a file name that are not UTF-8 become ``\\xNN``.
 
-    >>> printable(os.fsdecode(b"caf\\xe9"))
-    'caf\\\\xe9'
+    Example::
+
+        printable(os.fsdecode(b"caf\\xe9"))  # -> 'caf\\\\xe9'
     """
     try:
         raw = os.fsencode(text)
@@ -173,7 +174,9 @@ def load_splits(data: PathLike, *, val_split: float = 0.2, seed: int = 0) -> Spl
 def folder_samples(data: PathLike, class_names: Sequence[str]) -> List[Sample]:
     """Samples of a folder of class folders (or of its ``val/``), indexed by ``class_names``.
 
-    >>> folder_samples("data/digits/val", ["0", "1", ...])
+    Example::
+
+        folder_samples("data/digits/val", ["0", "1", ...])
     """
     root = Path(data)
     if not root.is_dir():
@@ -195,7 +198,9 @@ def folder_samples(data: PathLike, class_names: Sequence[str]) -> List[Sample]:
 def check_images(samples: Sequence[Sample], *, strict: bool = False) -> Tuple[List[Sample], List[Tuple[str, str]]]:
     """Decode every image once; return the readable samples and ``(path, reason)`` of the others.
 
-    >>> good, bad = check_images(splits.train)
+    Example::
+
+        good, bad = check_images(splits.train)
 
     ``strict=True`` raises on the first unreadable image instead. JPEGs decode at reduced size
     (``draft``) so the check stays fast on large photos.
@@ -221,8 +226,9 @@ def check_images(samples: Sequence[Sample], *, strict: bool = False) -> Tuple[Li
 def resolve_preprocessing(preprocessing: Optional[Dict[str, Any]] = None, image_size: Optional[int] = None, in_chans: int = 3) -> Dict[str, Any]:
     """A complete preprocessing dict (size, crop_pct, interpolation, mean, std).
 
-    >>> resolve_preprocessing({"size": 224, "crop_pct": 0.875, "interpolation": "bilinear"}, image_size=160)
-    {'size': 160, 'crop_pct': 0.875, 'interpolation': 'bilinear', 'mean': [...], 'std': [...]}
+    Example::
+
+        resolve_preprocessing({"size": 224, "crop_pct": 0.875, "interpolation": "bilinear"}, image_size=160)  # -> {'size': 160, 'crop_pct': 0.875, 'interpolation': 'bilinear', 'mean': [...], 'std': [...]}
 
     Keys missing from ``preprocessing`` (e.g. weights without metadata) default to ImageNet's
     mean/std, bilinear, crop_pct 1.0 (whole image, nothing cut) and ``image_size``; timm's
@@ -281,7 +287,9 @@ def train_transform(pre: Dict[str, Any], augment: str = "standard") -> v2.Compos
 class ImageDataset(Dataset):
     """``(image tensor, label)`` pairs from ``(path, label)`` samples.
 
-    >>> ds = ImageDataset(splits.train, train_transform(pre), seed=0); ds.set_epoch(3)
+    Example::
+
+        ds = ImageDataset(splits.train, train_transform(pre), seed=0); ds.set_epoch(3)
 
     With ``seed`` set, the random transform of sample ``i`` in epoch ``e`` is seeded from
     ``(seed, e, i)`` inside a forked RNG: the same in any worker, on any rank, after any resume,
@@ -325,8 +333,9 @@ _MARKER = ".densenet_zoo_sample"
 def write_sample_data(name: str, root: PathLike, *, val_fraction: float = 0.2, seed: int = 0) -> Dict[str, int]:
     """Write a real image dataset as PNG class folders ``root/train`` and ``root/val``.
 
-    >>> write_sample_data("digits", "data/digits")
-    {'train': 1437, 'val': 360}
+    Example::
+
+        write_sample_data("digits", "data/digits")  # -> {'train': 1437, 'val': 360}
 
     ``digits`` is scikit-learn's ``load_digits`` (1,797 8x8 grayscale handwritten digits, 10
     classes), split per class with a fixed seed. The folder is built next to ``root`` and renamed

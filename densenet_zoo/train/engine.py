@@ -1,8 +1,10 @@
 """Fine-tuning engine: one loop for a single process and for DDP under ``torchrun``.
 
->>> import densenet_zoo as dz
->>> result = dz.finetune("data/digits", out="runs/digits", model="densenet121", image_size=32, batch_size=64,
-...                      epochs=3, augment="light")
+Example::
+
+    import densenet_zoo as dz
+    result = dz.finetune("data/digits", out="runs/digits", model="densenet121", image_size=32, batch_size=64,
+                         epochs=3, augment="light")
 
 Exact resume: the data order of epoch ``e`` is a permutation seeded by ``(seed, e)``, every
 sample's augmentation is seeded by ``(seed, e, index)`` (see :class:`~densenet_zoo.train.data.ImageDataset`),
@@ -40,7 +42,9 @@ from .parts import (
 class Trainer:
     """Runs a fine-tuning job described by a :class:`TrainConfig`.
 
-    >>> Trainer(TrainConfig(data="data/digits", out="runs/d", model="densenet121", image_size=32)).fit()
+    Example::
+
+        Trainer(TrainConfig(data="data/digits", out="runs/d", model="densenet121", image_size=32)).fit()
 
     ``model`` replaces the model built from the config (any ``nn.Module`` classifier with a
     ``features`` part, e.g. torchvision's DenseNet); ``resume_state`` continues a saved run.
@@ -314,9 +318,11 @@ def finetune(data: Optional[str] = None, out: Optional[str] = None, *, resume: U
              **options: Any) -> Dict[str, Any]:
     """Fine-tune a DenseNet on an image dataset; returns the run's summary.
 
-    >>> dz.finetune("data/digits", out="runs/digits", model="densenet121", image_size=32, batch_size=64, epochs=3,
-    ...             augment="light")   # light: no flips, digits stay digits
-    >>> dz.finetune(resume="runs/digits", epochs=5)        # continue, possibly with more epochs
+    Example::
+
+        dz.finetune("data/digits", out="runs/digits", model="densenet121", image_size=32, batch_size=64, epochs=3,
+                    augment="light")   # light: no flips, digits stay digits
+        dz.finetune(resume="runs/digits", epochs=5)        # continue, possibly with more epochs
 
     ``options`` are the fields of :class:`TrainConfig`. A new run needs a new or empty ``out``
     folder (nothing of the user's is replaced); ``resume`` continues a run and accepts changes

@@ -20,7 +20,9 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, batch_size: int = 64, wor
     """Top-1/top-5 accuracy and loss of ``checkpoint`` on ``data``; writes ``confusion.png`` and
     ``evaluation.json`` into ``out`` (default: the checkpoint's folder).
 
-    >>> evaluate_checkpoint("runs/digits/best.safetensors", "data/digits/val")["acc1"]
+    Example::
+
+        evaluate_checkpoint("runs/digits/best.safetensors", "data/digits/val")["acc1"]
 
     ``data`` is a folder of class folders (or one with ``val/``), named like the checkpoint's classes.
     """

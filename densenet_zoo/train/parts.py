@@ -30,7 +30,9 @@ class Dist:
     def setup(cls, device: str = "auto") -> "Dist":
         """Use an existing process group, or start one when launched by torchrun (``WORLD_SIZE`` > 1).
 
-        >>> d = Dist.setup("auto")   # gloo on CPU, nccl on CUDA
+        Example::
+
+            d = Dist.setup("auto")   # gloo on CPU, nccl on CUDA
         """
         if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
@@ -72,7 +74,9 @@ class EpochBatchSampler(Sampler[List[int]]):
     multiple of the world size by repeating its start (as ``DistributedSampler``), then rank ``r``
     takes positions ``r, r + world, ...``.
 
-    >>> s = EpochBatchSampler(100, 16, seed=0); s.set_epoch(2, skip=3)   # resume at batch 3 of epoch 2
+    Example::
+
+        s = EpochBatchSampler(100, 16, seed=0); s.set_epoch(2, skip=3)   # resume at batch 3 of epoch 2
 
     With a global batch ``B = world * b``, the ranks' batch ``k`` together hold exactly positions
     ``kB .. (k+1)B - 1`` of the permutation: the same samples as batch ``k`` of one process with
@@ -121,7 +125,9 @@ def apply_freeze(model: nn.Module, freeze: str) -> List[nn.Module]:
     (and its transition); returns the frozen modules, whose norm layers stay in eval mode
     (running statistics of a frozen part are not updated). ``"none"`` freezes nothing.
 
-    >>> apply_freeze(model, "block2")
+    Example::
+
+        apply_freeze(model, "block2")
     """
     if freeze == "none":
         return []
@@ -160,7 +166,9 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: 
     ``lr``, dense block k of n (with its transition) ``lr * d**(n - k + 1)``, the stem
     ``lr * d**(n + 1)``. Biases and norm parameters (1-D) get no weight decay.
 
-    >>> torch.optim.SGD(param_groups(model, 0.1, 1e-4, layer_decay=0.7), lr=0.1)
+    Example::
+
+        torch.optim.SGD(param_groups(model, 0.1, 1e-4, layer_decay=0.7), lr=0.1)
     """
     stages = _stages(model)
     n_blocks = sum(1 for s in stages if s and s[0].startswith("denseblock"))
@@ -195,7 +203,9 @@ def evaluate_loader(model: nn.Module, loader: Any, num_classes: int, d: Optional
                     amp_dtype: Optional[torch.dtype] = None, confusion: bool = False) -> Dict[str, Any]:
     """Loss, top-1 and top-5 accuracy (%) over ``loader``, summed over ranks; optionally the confusion matrix.
 
-    >>> evaluate_loader(model, val_loader, 10)["acc1"]
+    Example::
+
+        evaluate_loader(model, val_loader, 10)["acc1"]
     """
     d = d or Dist()
     was_training = model.training
@@ -233,8 +243,9 @@ def weights_preprocessing(model: str, source: Optional[str] = None) -> Optional[
     """Preprocessing of the weights a run starts from: the registry entry's, or the metadata of a
     safetensors file written by :func:`~densenet_zoo.save_model`; ``None`` when unknown.
 
-    >>> weights_preprocessing("densenet121")["crop_size"]
-    224
+    Example::
+
+        weights_preprocessing("densenet121")["crop_size"]  # -> 224
     """
     if source and Path(source).is_file() and source.endswith(".safetensors"):
         pre = read_safetensors(source)[1].get("preprocessing")

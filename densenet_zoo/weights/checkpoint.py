@@ -44,7 +44,9 @@ _EMA_WRAPPERS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict", "ema_mo
 def read_safetensors(path: PathLike, *, metadata: bool = True) -> Tuple[StateDict, Dict[str, Any]]:
     """State dict and our metadata (``{}`` when the file has none) of a safetensors file.
 
-    >>> state, meta = read_safetensors("best.safetensors")
+    Example::
+
+        state, meta = read_safetensors("best.safetensors")
 
     ``metadata=False`` skips (and so never fails on) the metadata: what loading tensors into a
     model one built needs.
@@ -65,8 +67,9 @@ def read_safetensors(path: PathLike, *, metadata: bool = True) -> Tuple[StateDic
 def parse_metadata(text: Optional[str], path: PathLike = "checkpoint") -> Dict[str, Any]:
     """Our JSON metadata entry as a dict (``{}`` for none); damaged metadata raises :class:`CheckpointError`.
 
-    >>> parse_metadata('{"arch": "densenet121"}')
-    {'arch': 'densenet121'}
+    Example::
+
+        parse_metadata('{"arch": "densenet121"}')  # -> {'arch': 'densenet121'}
     """
     if text is None:
         return {}
@@ -98,7 +101,9 @@ def _is_safetensors(path: Path) -> bool:
 def read_checkpoint(path: PathLike, *, metadata: bool = True) -> Tuple[Any, Dict[str, Any]]:
     """The raw object of a ``.safetensors``/``.pth``/``.pt``/``.bin`` file and our metadata.
 
-    >>> obj, meta = read_checkpoint("densenet121-a639ec97.pth")
+    Example::
+
+        obj, meta = read_checkpoint("densenet121-a639ec97.pth")
 
     ``.pth`` files are read with ``torch.load(weights_only=True)``: a pickle that would build
     arbitrary Python objects (and so could run code) is refused with :class:`CheckpointError`;
@@ -141,7 +146,9 @@ def _is_state_dict(obj: Any) -> bool:
 def extract_state_dict(obj: Any, *, use_ema: bool = False) -> Tuple[StateDict, str]:
     """The tensors of a checkpoint object and where they were found (``""`` for the top level).
 
-    >>> state, where = extract_state_dict({"epoch": 3, "state_dict": sd, "optimizer": opt_sd})   # where == "state_dict"
+    Example::
+
+        state, where = extract_state_dict({"epoch": 3, "state_dict": sd, "optimizer": opt_sd})   # where == "state_dict"
 
     Wrappers searched, in order: ``state_dict``, ``model``, ``model_state``, ... and, with
     ``use_ema=True`` first, ``state_dict_ema``, ``model_ema``, ``ema``. Optimizer state beside them is ignored.
@@ -188,8 +195,9 @@ def normalize_keys(state: Mapping[str, torch.Tensor], target_keys: Optional[Any]
                    source: str = "checkpoint") -> Tuple[StateDict, int]:
     """Rename checkpoint keys to ours; returns ``(state, number of keys renamed)``.
 
-    >>> normalize_keys({"module.features.denseblock1.denselayer1.norm.1.weight": w})[0]
-    {'features.denseblock1.denselayer1.norm1.weight': w}
+    Example::
+
+        normalize_keys({"module.features.denseblock1.denselayer1.norm.1.weight": w})[0]  # -> {'features.denseblock1.denselayer1.norm1.weight': w}
 
     With ``target_keys`` a prefix is stripped only as far as needed to match a key of the model;
     without, every known prefix is stripped. A key that is not a string, or a value that is not a
@@ -224,7 +232,9 @@ def _check_entry(key: Any, value: Any, source: str) -> None:
 def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     """First-conv weights for ``in_chans`` input channels from RGB weights (timm's rule).
 
-    >>> adapt_input_conv(w_rgb, 1)   # == w_rgb.sum(1, keepdim=True)
+    Example::
+
+        adapt_input_conv(w_rgb, 1)   # == w_rgb.sum(1, keepdim=True)
 
     ``in_chans=1`` sums over RGB (a grey image x gives the RGB response to (x, x, x)); otherwise the
     RGB filters are repeated and scaled by 3/in_chans so that the activation scale is kept.
@@ -248,7 +258,9 @@ def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
 class LoadReport:
     """What :func:`load_state` did with each key.
 
-    >>> report = load_weights(model, "ckpt.pth"); print(report)
+    Example::
+
+        report = load_weights(model, "ckpt.pth"); print(report)
     """
 
     source: str = ""
@@ -296,7 +308,9 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: b
                wrapper: str = "", adapt_classifier: bool = True, adapt_in_chans: bool = True) -> LoadReport:
     """Load a (normalised) state dict into ``model``, adapting what can be adapted.
 
-    >>> report = load_state(model, torchvision_model.state_dict(), strict=True)
+    Example::
+
+        report = load_state(model, torchvision_model.state_dict(), strict=True)
 
     A classifier of another size is left freshly initialised (``report.reinitialized``); a 3-channel
     first conv is adapted to ``model``'s input channels. ``strict=True`` raises
@@ -348,8 +362,9 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: b
 def infer_config(state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
     """DenseNet constructor arguments that fit a (normalised) state dict.
 
-    >>> infer_config(torchvision.models.densenet121().state_dict())["block_config"]
-    (6, 12, 24, 16)
+    Example::
+
+        infer_config(torchvision.models.densenet121().state_dict())["block_config"]  # -> (6, 12, 24, 16)
     """
     if FIRST_CONV not in state:
         raise CheckpointError(f"cannot tell the architecture: no {FIRST_CONV!r} in the checkpoint; is this a DenseNet?")

@@ -33,8 +33,9 @@ _HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,64})\.")  # torchvision's convention: 
 def cache_dir() -> Path:
     """``DENSENET_ZOO_CACHE``, else ``$TORCH_HOME/densenet_zoo``, else ``~/.cache/torch/densenet_zoo``.
 
-    >>> cache_dir()
-    PosixPath('/root/.cache/torch/densenet_zoo')
+    Example::
+
+        cache_dir()  # -> PosixPath('/root/.cache/torch/densenet_zoo')
     """
     if os.environ.get("DENSENET_ZOO_CACHE"):
         return Path(os.environ["DENSENET_ZOO_CACHE"]).expanduser()
@@ -112,8 +113,8 @@ def cache_name(url: str, filename: Optional[str] = None, sha256: Optional[str] =
 
     >>> cache_name("https://download.pytorch.org/models/densenet121-a639ec97.pth")
     'densenet121-a639ec97.pth'
-    >>> cache_name("http://host/a/w.safetensors")
-    'w.c13803ec740c.safetensors'
+    >>> cache_name("http://host/a/w.safetensors") != cache_name("http://host/b/w.safetensors")
+    True
 
     A name that carries the expected hash (torchvision's ``name-<sha256 prefix>.ext``) names its
     content, which is verified on every use, so mirrors of it share one file; any other name gets
@@ -134,8 +135,10 @@ def cache_name(url: str, filename: Optional[str] = None, sha256: Optional[str] =
 def torch_hub_copy(url: str, sha256: Optional[str] = None, file_size: Optional[int] = None) -> Optional[Path]:
     """torch.hub's cached copy of ``url`` (``torch.hub.get_dir()/checkpoints/<name>``), when its hash checks out.
 
-    >>> torch_hub_copy("https://download.pytorch.org/models/densenet121-a639ec97.pth")   # after torchvision's pretrained=True
-    PosixPath('/root/.cache/torch/hub/checkpoints/densenet121-a639ec97.pth')
+    Example::
+
+        # after torchvision's pretrained=True: PosixPath('/root/.cache/torch/hub/checkpoints/densenet121-a639ec97.pth')
+        torch_hub_copy("https://download.pytorch.org/models/densenet121-a639ec97.pth")
 
     Only a file whose expected hash is known is taken: a name alone does not identify weights.
     """
@@ -164,8 +167,9 @@ def download(url: str, filename: Optional[str] = None, *, sha256: Optional[str] 
              progress: bool = True, cache: Optional[Path] = None, timeout: float = 60.0) -> Path:
     """A verified local copy of ``url`` in the cache, downloaded once across processes.
 
-    >>> download("https://download.pytorch.org/models/densenet121-a639ec97.pth")
-    PosixPath('/root/.cache/torch/densenet_zoo/densenet121-a639ec97.pth')
+    Example::
+
+        download("https://download.pytorch.org/models/densenet121-a639ec97.pth")  # -> PosixPath('/root/.cache/torch/densenet_zoo/densenet121-a639ec97.pth')
 
     The file is written to a temporary name and renamed only after its size and sha256 (or the
     hash prefix in its name) check out. A cached file is checked again on every use; a bad one is
@@ -310,7 +314,9 @@ def hf_cache_dir() -> str:
 def hf_download(repo_id: str, filename: str = "model.safetensors", *, progress: bool = True) -> Path:
     """A file of a Hugging Face hub repository through ``huggingface_hub`` (its own cache and lock).
 
-    >>> hf_download("timm/densenet121.ra_in1k")
+    Example::
+
+        hf_download("timm/densenet121.ra_in1k")
 
     A file already in the hub cache (put there by timm, or by ``huggingface-cli download``) is used
     without any request; otherwise it is downloaded (``HF_ENDPOINT`` is honoured).

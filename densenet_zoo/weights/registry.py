@@ -42,9 +42,11 @@ def data_dir() -> Path:
 class WeightsEntry:
     """One set of published weights: where to get it, how to check it, how it was evaluated.
 
-    >>> entry = get_weights("densenet121")           # the default: torchvision's IMAGENET1K_V1
-    >>> entry.url, entry.sha256, entry.metrics["acc@1"]
-    >>> preprocess = entry.transforms()
+    Example::
+
+        entry = get_weights("densenet121")           # the default: torchvision's IMAGENET1K_V1
+        entry.url, entry.sha256, entry.metrics["acc@1"]
+        preprocess = entry.transforms()
     """
 
     name: str
@@ -101,7 +103,9 @@ class WeightsEntry:
     def transforms(self) -> Callable[[Any], Any]:
         """Evaluation preprocessing for these weights: PIL image or uint8/float tensor -> normalised float tensor.
 
-        >>> x = get_weights("densenet121").transforms()(Image.open("cat.jpg")).unsqueeze(0)
+        Example::
+
+            x = get_weights("densenet121").transforms()(Image.open("cat.jpg")).unsqueeze(0)
         """
         return ImageTransform(**{k: v for k, v in self.preprocessing.items() if k in ImageTransform.FIELDS})
 
@@ -182,7 +186,9 @@ _LOADED_MANIFESTS: List[str] = []
 def read_manifest(path: Union[str, os.PathLike]) -> List[WeightsEntry]:
     """Entries of a manifest file (``{"entries": [...]}`` or a bare list).
 
-    >>> read_manifest("my_weights.json")
+    Example::
+
+        read_manifest("my_weights.json")
     """
     try:
         doc = json.loads(Path(path).read_text())
@@ -226,8 +232,10 @@ def _add(entry: WeightsEntry, *, overwrite: bool, keep_existing: bool = False) -
 def register_weights(entry: Union[WeightsEntry, Mapping[str, Any]], *, overwrite: bool = False) -> WeightsEntry:
     """Add (or, with ``overwrite=True``, replace) an entry.
 
-    >>> register_weights({"name": "densenet121.mine", "arch": "densenet121",
-    ...                   "url": "https://example.org/densenet121-0123abcd.pth", "num_classes": 10})
+    Example::
+
+        register_weights({"name": "densenet121.mine", "arch": "densenet121",
+                          "url": "https://example.org/densenet121-0123abcd.pth", "num_classes": 10})
 
     An entry with ``default=True`` becomes the default of its architecture.
     """
@@ -247,8 +255,9 @@ def get_weights(name: Any, arch: Optional[str] = None) -> WeightsEntry:
     ``"timm/densenet121.ra_in1k"``, ``"IMAGENET1K_V1"``/``"DEFAULT"`` with ``arch``, or a
     torchvision ``DenseNet121_Weights`` member.
 
-    >>> get_weights("densenet121").url
-    'https://download.pytorch.org/models/densenet121-a639ec97.pth'
+    Example::
+
+        get_weights("densenet121").url  # -> 'https://download.pytorch.org/models/densenet121-a639ec97.pth'
     """
     reg = _registry()
     if isinstance(name, WeightsEntry):
@@ -290,7 +299,9 @@ def get_weights(name: Any, arch: Optional[str] = None) -> WeightsEntry:
 def fetch(entry: WeightsEntry, *, progress: bool = True) -> Path:
     """The local file of ``entry``, from the cache or downloaded and verified.
 
-    >>> fetch(get_weights("densenet121"))
+    Example::
+
+        fetch(get_weights("densenet121"))
     """
     if entry.hf_hub_id and not entry.url:
         return hf_download(entry.hf_hub_id, entry.hf_filename, progress=progress)
