@@ -159,3 +159,18 @@ def test_modules_and_functions_stay_small(path):
     long = [f"{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(ast.parse(source))
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60]
     assert long == []
+
+
+def test_no_package_attribute_hides_a_module():
+    # ``import densenet_zoo.x.y as m`` must give the module y, not a function that a package re-exports as y.
+    import importlib
+
+    hidden = []
+    for module in sorted(_modules()):
+        if module.count(".") < 1 or module.endswith("__main__"):
+            continue
+        parent, _, leaf = module.rpartition(".")
+        imported = importlib.import_module(module)
+        if getattr(importlib.import_module(parent), leaf) is not imported:
+            hidden.append(module)
+    assert hidden == []

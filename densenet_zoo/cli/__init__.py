@@ -1,5 +1,5 @@
 """The ``densenet-zoo`` command: each subcommand parses its flags, calls the library and prints."""
 
-from .main import main
+from .app import main
 
 __all__ = ["main"]

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .cli_common import refuse_folder, refuse_overwriting_inputs
+from .common import refuse_folder, refuse_overwriting_inputs
 
 
 def _load_model(args: argparse.Namespace):

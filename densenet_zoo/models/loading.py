@@ -17,20 +17,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save as safetensors_bytes
 
-from ..weights.checkpoint import (
-    FIRST_CONV,
-    METADATA_KEY,
-    CheckpointError,
-    LoadReport,
-    extract_state_dict,
-    infer_config,
-    load_state,
-    normalize_keys,
-    read_checkpoint,
-    read_safetensors,
-)
-from ..weights.registry import WeightsEntry, WeightsError, download, fetch, get_weights, list_weights, register_weights
-from .._utils import atomic_write
+from .._utils import CheckpointError, WeightsError, atomic_write
+from ..weights.checkpoint import METADATA_KEY, extract_state_dict, read_checkpoint, read_safetensors
+from ..weights.registry import WeightsEntry, download, fetch, get_weights, list_weights, register_weights
+from ..weights.state_dict import FIRST_CONV, LoadReport, infer_config, load_state, normalize_keys
 from .arch_check import build_checked
 from .densenet import DenseNet
 from .configs import list_architectures, model_config

@@ -2,8 +2,9 @@
 cache, and checkpoint reading with key normalisation. Putting tensors into a DenseNet is
 :mod:`densenet_zoo.models.loading`'s job."""
 
-from .checkpoint import LoadReport, read_checkpoint, read_safetensors
-from .download import cache_dir, download, hf_download, is_offline, sha256_file
+from .checkpoint import read_checkpoint, read_safetensors
+from .state_dict import LoadReport
+from .cache import cache_dir, download, hf_download, is_offline, sha256_file
 from .registry import WeightsEntry, fetch, get_weights, list_weights, read_manifest, register_weights
 
 __all__ = [

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
-from .download import WeightsError, cache_dir, download, hf_download, is_offline, sha256_file
+from .cache import WeightsError, cache_dir, download, hf_download, is_offline, sha256_file
 
 __all__ = ["WeightsEntry", "WeightsError", "cache_dir", "download", "fetch", "get_weights", "hf_download",
            "is_offline", "list_weights", "read_manifest", "register_weights", "sha256_file"]

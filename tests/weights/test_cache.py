@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import densenet_zoo as dz
-from densenet_zoo.weights import download as dl
+from densenet_zoo.weights import cache as dl
 from densenet_zoo.weights import registry as hub
 from _hostile_helpers import PACKAGE_ROOT, SMALL, small_model
 from _weights_helpers import LoopbackServer, randomize
@@ -111,7 +111,7 @@ def test_bad_cached_file_without_hash_is_fetched_again_once(env, server, tmp_pat
 
 _KILLED = textwrap.dedent("""
     import sys
-    from densenet_zoo.weights import download
+    from densenet_zoo.weights import cache as download
     download.download(sys.argv[1], progress=False)
 """)
 

@@ -15,7 +15,8 @@ from PIL import Image
 
 import densenet_zoo as dz
 from densenet_zoo.weights import registry as hub
-from densenet_zoo.weights.checkpoint import adapt_input_conv, infer_config, read_checkpoint
+from densenet_zoo.weights.checkpoint import read_checkpoint
+from densenet_zoo.weights.state_dict import adapt_input_conv, infer_config
 from densenet_zoo.cli import main as cli_main
 from densenet_zoo.memory import list_memory_strategies
 from densenet_zoo.norms.registry import get_norm_factory
