@@ -44,6 +44,21 @@ def call_norm(norm: nn.Module, x: Tensor) -> Tensor:
     return tracer.call_module(norm, as_node, (x,), {})
 
 
+def checked_input(x: Tensor, in_chans: int, min_size: int) -> Tensor:
+    """``x`` after checking that it is an (N, in_chans, H, W) batch of at least min_size x min_size pixels."""
+    if x.dim() != 4:
+        hint = "; add a batch dimension with x.unsqueeze(0)" if x.dim() == 3 else ""
+        raise ValueError(f"DenseNet expects a 4-D input (N, {in_chans}, H, W), got shape {list(x.shape)}{hint}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"input has {x.shape[1]} channels but the model was built with in_chans={in_chans}; "
+                         f"convert the images or build the model with in_chans={x.shape[1]}")
+    h, w = x.shape[-2], x.shape[-1]
+    if h < min_size or w < min_size:
+        raise ValueError(f"input of {h}x{w} pixels is too small for this DenseNet: it needs at least "
+                         f"{min_size}x{min_size}; resize the images")
+    return x
+
+
 def run_children(container: nn.Module, x: Tensor) -> Tensor:
     """Apply the children of ``container`` in order, the norms through :func:`call_norm`."""
     for name, module in container.named_children():
@@ -98,7 +113,7 @@ def forward_intermediates(
     """
     if output_fmt not in OUTPUT_FORMATS:
         raise ValueError(f"output_fmt must be one of {OUTPUT_FORMATS}, got {output_fmt!r}")
-    model.check_input(x)
+    x = model.check_input(x)
     info = model.feature_info
     take = take_indices(len(info), indices)
     tap_of = {entry["module"]: i for i, entry in enumerate(info)}

@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .features import Indices, InteropMixin, call_norm, min_input_size, run_children, symbolic, take_indices
+from .features import (Indices, InteropMixin, call_norm, checked_input, min_input_size, run_children, symbolic,
+                       take_indices)
 from .memory import MemoryStrategy, get_memory_strategy
 from .norm import NormSpec, resolve_norm
 
@@ -217,6 +218,10 @@ def _add_blocks(features: nn.Sequential, block_config: Tuple[int, ...], num_init
     return num_features, info
 
 
+# A leaf of torch.fx graphs (the name is patched in this module): traced models keep the input checks.
+torch.fx.wrap("checked_input")
+
+
 class DenseNet(InteropMixin, nn.Module):
     """DenseNet-BC (Huang et al., "Densely Connected Convolutional Networks", 2017).
 
@@ -323,32 +328,17 @@ class DenseNet(InteropMixin, nn.Module):
         return self
 
     # -- input checks --------------------------------------------------------------------------
-    def check_input(self, x: Tensor) -> None:
-        """One-line errors for inputs the network cannot take (skipped while torch.fx traces symbolically)."""
+    def check_input(self, x: Tensor) -> Tensor:
+        """``x`` if the network can take it, else a one-line error (kept as a node in torch.fx graphs)."""
         if not torch.jit.is_scripting():
-            if symbolic(x):
-                return
-            if not isinstance(x, Tensor):
+            if not isinstance(x, Tensor) and not symbolic(x):
                 raise TypeError(f"DenseNet expects a torch.Tensor of shape (N, {self.in_chans}, H, W), got {type(x).__name__}")
-        if x.dim() != 4:
-            hint = "; add a batch dimension with x.unsqueeze(0)" if x.dim() == 3 else ""
-            raise ValueError(f"DenseNet expects a 4-D input (N, {self.in_chans}, H, W), got shape {list(x.shape)}{hint}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"input has {x.shape[1]} channels but the model was built with in_chans={self.in_chans}; "
-                f"convert the images or build the model with in_chans={x.shape[1]}"
-            )
-        h, w = x.shape[-2], x.shape[-1]
-        if h < self.min_input_size or w < self.min_input_size:
-            raise ValueError(
-                f"input of {h}x{w} pixels is too small for this DenseNet: it needs at least "
-                f"{self.min_input_size}x{self.min_input_size}; resize the images"
-            )
+        return checked_input(x, self.in_chans, self.min_input_size)
 
     # -- forward -------------------------------------------------------------------------------
     def forward_features(self, x: Tensor) -> Tensor:
         """Feature map after ``norm5`` and ReLU, shape (N, num_features, H/32, W/32)."""
-        self.check_input(x)
+        x = self.check_input(x)
         if torch.jit.is_scripting():
             x = self.features(x)
         elif self.training and torch.is_grad_enabled() and not symbolic(x):

@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch.nn as nn
-from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_arch_pretrained_cfgs, register_model
 
 from . import hub
 from ._utils import IMAGENET_MEAN, IMAGENET_STD, WeightsError
@@ -92,11 +92,11 @@ def _default_cfgs() -> Dict[str, Any]:
     cfgs: Dict[str, Any] = {}
     for arch in list_models():
         mine = sorted((e for e in entries if e.arch == arch), key=lambda e: not e.default)
-        if not mine or not mine[0].default:  # no default weights: pretrained=True needs a tag
-            cfgs[f"{timm_name(arch)}.untrained*"] = timm_pretrained_cfg(arch)
         for i, entry in enumerate(mine):
             star = "*" if i == 0 and entry.default else ""
             cfgs[f"{timm_name(arch)}.{entry.tag}{star}"] = timm_pretrained_cfg(arch, entry)
+        if not mine or not mine[0].default:  # no default weights: the default cfg is untrained, as in our registry
+            cfgs[f"{timm_name(arch)}.untrained*"] = timm_pretrained_cfg(arch)
     return cfgs
 
 
@@ -135,7 +135,7 @@ def _create(arch: str, pretrained: bool = False, pretrained_cfg: Any = None, pre
     if isinstance(weights, WeightsEntry):
         tag = weights.tag
     variant = timm_name(arch)
-    if tag is not None and get_pretrained_cfg(f"{variant}.{tag}") is None:
+    if tag is not None and f"{variant}.{tag}" not in get_arch_pretrained_cfgs(variant):
         # weights registered after import (register_weights, DENSENET_ZOO_MANIFEST): build their cfg now
         entry = weights if isinstance(weights, WeightsEntry) else hub.get_weights(f"{arch}.{tag}")
         pretrained_cfg = dict(timm_pretrained_cfg(arch, entry), architecture=variant, tag=tag)
