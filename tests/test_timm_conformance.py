@@ -19,7 +19,6 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 import densenet_zoo as dz
 from densenet_zoo import hub
-from densenet_zoo.features import JOIN_PREVIOUS_GROUP
 from _weights_helpers import LoopbackServer
 
 torch.set_num_threads(1)
@@ -245,7 +244,7 @@ def test_layer_decay_optimizer_groups():
     assert scale[named["features.conv0.weight"]] == pytest.approx(0.7 ** (layers - 1))
     assert scale[named["features.transition1.conv.weight"]] == scale[named["features.denseblock1.denselayer2.conv1.weight"]]
     assert scale[named["features.denseblock2.denselayer1.conv1.weight"]] == pytest.approx(0.7 ** (layers - 4))
-    assert JOIN_PREVIOUS_GROUP == timm.models._manipulate.MATCH_PREV_GROUP
+    assert dz.features.JOIN_PREVIOUS_GROUP == timm.models._manipulate.MATCH_PREV_GROUP
     coarse = timm.models.group_parameters(model, model.group_matcher(coarse=True))
     assert len(coarse) == 1 + 3 + 1
 
