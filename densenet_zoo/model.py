@@ -4,8 +4,6 @@ Module names and parameter shapes are those of torchvision (``features.densebloc
 ``features.transition1.conv``, ``classifier``, ...), so every published checkpoint loads as is.
 """
 
-from __future__ import annotations
-
 import math
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union

@@ -3,7 +3,6 @@
 References: the untraced model itself (same weights, fresh copy) and torchvision's densenet121.
 """
 
-
 import pytest
 import torch
 import torchvision

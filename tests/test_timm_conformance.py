@@ -230,6 +230,24 @@ def test_fx_forward_and_backward(name):
     assert y.shape == (2, 42) and all(p.grad is not None for p in model.parameters())
 
 
+def test_torchscript_of_the_model_of_its_fx_graph_and_of_fx_features():
+    """timm's test_model_forward_torchscript, test_model_forward_fx_torchscript and ..._with_features_fx."""
+    with timm.layers.set_layer_config(scriptable=True):
+        model = timm.create_model("dz_densenet_bc_100").eval()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.inference_mode():
+        out = model(x)
+        assert torch.equal(torch.jit.script(model)(x), out)
+        assert torch.equal(torch.jit.script(_timm_fx_model(model))(x)["classifier"], out)
+    feats = timm.create_model("dz_densenet_bc_100", features_only=True, feature_cls="fx").eval()
+    scripted = torch.jit.script(feats)
+    with torch.inference_mode():
+        maps = scripted(x)
+    assert isinstance(maps, list) and [m.shape[1] for m in maps] == feats.feature_info.channels()
+    with pytest.raises(Exception, match="in_chans=3"):  # the input checks survive tracing and scripting
+        scripted(torch.randn(1, 1, 16, 16))
+
+
 def test_layer_decay_optimizer_groups():
     model = timm.create_model("dz_densenet_bc_100", block_config=(2, 3, 2), num_classes=4)
     opt = timm.optim.create_optimizer_v2(model, "sgd", lr=0.1, layer_decay=0.7)
