@@ -125,22 +125,27 @@ def _timm_kwargs_to_ours(kwargs: Dict[str, Any]) -> None:
                          "(drop_rate and proj_drop_rate are the dropouts)")
 
 
+def _resolve_cfg(arch: str, tag: Optional[str], weights: Any) -> Any:
+    """The pretrained cfg (or registered tag) for ``build_model_with_cfg``: the loaded entry's own when there
+    is one (also for weights registered after import or overridden by a user manifest), else the tag's."""
+    variant = timm_name(arch)
+    if isinstance(weights, WeightsEntry):
+        return dict(timm_pretrained_cfg(arch, weights), architecture=variant, tag=weights.tag)
+    if tag is None or f"{variant}.{tag}" in get_arch_pretrained_cfgs(variant):
+        return tag
+    return dict(timm_pretrained_cfg(arch, hub.get_weights(f"{arch}.{tag}")), architecture=variant, tag=tag)
+
+
 def _create(arch: str, pretrained: bool = False, pretrained_cfg: Any = None, pretrained_cfg_overlay: Any = None,
             cache_dir: Any = None, **kwargs: Any) -> nn.Module:
+    """timm's entrypoint protocol: resolve the weights and the cfg, then let timm build (and wrap) our model."""
     if cache_dir is not None:
         raise ValueError(f"cache_dir={cache_dir!r}: densenet_zoo keeps its own weights cache; set DENSENET_ZOO_CACHE instead")
     overlay = dict(pretrained_cfg_overlay or {})
     tag = pretrained_cfg if isinstance(pretrained_cfg, str) else None
     weights = _weights_to_load(arch, tag, overlay) if pretrained else None
-    if isinstance(weights, WeightsEntry):
-        tag = weights.tag
-    variant = timm_name(arch)
-    if tag is not None and f"{variant}.{tag}" not in get_arch_pretrained_cfgs(variant):
-        # weights registered after import (register_weights, DENSENET_ZOO_MANIFEST): build their cfg now
-        entry = weights if isinstance(weights, WeightsEntry) else hub.get_weights(f"{arch}.{tag}")
-        pretrained_cfg = dict(timm_pretrained_cfg(arch, entry), architecture=variant, tag=tag)
-    elif tag is not None:
-        pretrained_cfg = tag
+    if pretrained_cfg is None or tag is not None:
+        pretrained_cfg = _resolve_cfg(arch, tag, weights)
     _timm_kwargs_to_ours(kwargs)
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
     num_taps = len(model_config(arch)["block_config"]) + 1
@@ -150,7 +155,7 @@ def _create(arch: str, pretrained: bool = False, pretrained_cfg: Any = None, pre
         return create_model(arch, pretrained=weights is not None, weights=weights, progress=False, **model_kwargs)
 
     # pretrained=False: timm must not load anything itself; build() already loaded our weights.
-    model = build_model_with_cfg(build, variant, False, pretrained_cfg=pretrained_cfg,
+    model = build_model_with_cfg(build, timm_name(arch), False, pretrained_cfg=pretrained_cfg,
                                  pretrained_cfg_overlay=overlay or None, feature_cfg=feature_cfg, **kwargs)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
