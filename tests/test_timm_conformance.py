@@ -92,15 +92,16 @@ def test_default_cfg_and_head(name):
 def test_pretrained_cfgs_are_our_registry():
     """Every weights entry is a timm tag whose cfg is the entry's preprocessing; defaults match ours."""
     tags = timm.list_pretrained("dz_*")
-    assert sorted(tags) == sorted("dz_" + n for n in dz.list_weights() if hub.get_weights(n).url or hub.get_weights(n).hf_hub_id)
+    packaged = {e.name: e for e in hub.read_manifest(hub.data_dir() / "manifest.json")}  # tags known at import
+    assert sorted(tags) == sorted("dz_" + n for n in packaged)
     for tag in tags:
-        entry, cfg = dz.get_weights(tag[3:]), timm.models.get_pretrained_cfg(tag)
+        entry, cfg = packaged[tag[3:]], timm.models.get_pretrained_cfg(tag)
         pre = entry.preprocessing
         assert cfg.input_size == (3, pre["crop_size"], pre["crop_size"]) and cfg.interpolation == pre["interpolation"]
         assert cfg.crop_pct == pytest.approx(pre["crop_pct"]) and cfg.mean == tuple(pre["mean"]) and cfg.std == tuple(pre["std"])
         assert cfg.num_classes == entry.num_classes and cfg.first_conv == "features.conv0" and cfg.classifier == "classifier"
         assert cfg.has_weights
-    assert timm.models.get_pretrained_cfg("dz_densenet121").tag == dz.get_weights("densenet121").tag
+    assert timm.models.get_pretrained_cfg("dz_densenet121").tag == next(e.tag for e in packaged.values() if e.default and e.arch == "densenet121")
     assert timm.models.get_pretrained_cfg("dz_densenet121.ra_in1k").test_input_size == (3, 288, 288)
     assert not timm.models.get_pretrained_cfg("dz_densenet_bc_100").has_weights  # no default weights in our registry
 
