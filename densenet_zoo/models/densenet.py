@@ -4,8 +4,6 @@ Module names and parameter shapes are those of torchvision (``features.densebloc
 ``features.transition1.conv``, ``classifier``, ...), so every published checkpoint loads as is.
 """
 
-from __future__ import annotations
-
 import math
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -16,16 +14,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..memory import MemoryStrategy, get_memory_strategy
-from .features import Indices, forward_intermediates as _forward_intermediates, take_indices
 from ..norms import NormSpec, resolve_norm
+from .features import (Indices, InteropMixin, call_norm, checked_input, min_input_size, run_children, symbolic,
+                       take_indices)
 
 __all__ = ["DenseNet"]
 
 MemorySpec = Union[bool, str, MemoryStrategy, None]
+NormMaker = Callable[[str, int], nn.Module]
 
 
 class _DenseLayer(nn.Module):
     """BN-ReLU-1x1 conv (bottleneck) then BN-ReLU-3x3 conv, producing ``growth_rate`` new channels."""
+
+    __jit_unused_properties__ = ["memory_efficient"]
 
     def __init__(
         self,
@@ -57,21 +59,27 @@ class _DenseLayer(nn.Module):
     def bottleneck(self, inputs: List[Tensor]) -> Tensor:
         """concat -> norm1 -> relu1 -> conv1."""
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)
-        return self.conv1(self.relu1(self.norm1(x)))
+        x = self.norm1(x) if torch.jit.is_scripting() else call_norm(self.norm1, x)
+        return self.conv1(self.relu1(x))
 
     def composite(self, bottleneck: Tensor) -> Tensor:
         """norm2 -> relu2 -> conv2 -> dropout."""
-        out = self.conv2(self.relu2(self.norm2(bottleneck)))
+        x = self.norm2(bottleneck) if torch.jit.is_scripting() else call_norm(self.norm2, bottleneck)
+        out = self.conv2(self.relu2(x))
         if self.drop_rate > 0:
             out = F.dropout(out, p=self.drop_rate, training=self.training)
         return out
 
     def forward(self, features: Union[Tensor, List[Tensor]]) -> Tensor:
         if isinstance(features, Tensor):
-            features = [features]
-        if self.training and torch.is_grad_enabled():
-            return self.strategy.layer_forward(self, features)
-        return self.composite(self.bottleneck(features))
+            inputs = [features]
+        else:
+            inputs = features
+        if not torch.jit.is_scripting():
+            # Strategies run custom autograd code: not under torch.fx, whose graph is the plain forward.
+            if self.training and torch.is_grad_enabled() and not symbolic(inputs[0]):
+                return self.strategy.layer_forward(self, inputs)
+        return self.composite(self.bottleneck(inputs))
 
 
 class _DenseBlock(nn.ModuleDict):
@@ -107,8 +115,9 @@ class _DenseBlock(nn.ModuleDict):
             self.add_module(f"denselayer{i + 1}", layer)
 
     def forward(self, init_features: Tensor) -> Tensor:
-        if self.training and torch.is_grad_enabled():
-            return self.strategy.block_forward(self, init_features)
+        if not torch.jit.is_scripting():
+            if self.training and torch.is_grad_enabled() and not symbolic(init_features):
+                return self.strategy.block_forward(self, init_features)
         features = [init_features]
         for layer in self.values():
             features.append(layer(features))
@@ -137,15 +146,18 @@ class _Transition(nn.Sequential):
         self.strategy = get_memory_strategy(memory_efficient)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training and torch.is_grad_enabled():
-            return self.strategy.sequence_forward(list(self), x)
-        return super().forward(x)
+        if not torch.jit.is_scripting():
+            if self.training and torch.is_grad_enabled() and not symbolic(x):
+                return self.strategy.sequence_forward(list(self), x)
+        x = self.norm(x) if torch.jit.is_scripting() else call_norm(self.norm, x)
+        return self.pool(self.conv(self.relu(x)))
 
 
 _POOLS = ("avg", "max", "avgmax", "")
 
 
-def _check_config(growth_rate, block_config, num_init_features, bn_size, drop_rate, num_classes, in_chans, compression, global_pool):
+def _check_config(growth_rate, block_config, num_init_features, bn_size, drop_rate, num_classes, in_chans, compression,
+                  global_pool, head_drop_rate) -> None:
     def positive_int(name: str, value: Any, minimum: int = 1) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -159,15 +171,56 @@ def _check_config(growth_rate, block_config, num_init_features, bn_size, drop_ra
         raise ValueError(f"block_config must be a non-empty sequence of layer counts, e.g. (6, 12, 24, 16), got {block_config!r}")
     for n in block_config:
         positive_int("every entry of block_config", n)
-    if not (isinstance(drop_rate, (int, float)) and 0.0 <= drop_rate < 1.0):
-        raise ValueError(f"drop_rate must be a probability in [0, 1), got {drop_rate!r}")
+    for name, rate in (("drop_rate", drop_rate), ("head_drop_rate", head_drop_rate)):
+        if not (isinstance(rate, (int, float)) and 0.0 <= rate < 1.0):
+            raise ValueError(f"{name} must be a probability in [0, 1), got {rate!r}")
     if not (isinstance(compression, (int, float)) and 0.0 < compression <= 1.0):
         raise ValueError(f"compression must be in (0, 1], got {compression!r}")
     if global_pool not in _POOLS:
         raise ValueError(f"global_pool must be one of {_POOLS}, got {global_pool!r}")
 
 
-class DenseNet(nn.Module):
+def _stem(in_chans: int, num_init_features: int, small_inputs: bool, make_norm: NormMaker) -> nn.Sequential:
+    """conv0 (3x3/1 for small inputs; else 7x7/2, norm0, relu0, 3x3/2 max-pool0)."""
+    if small_inputs:
+        return nn.Sequential(OrderedDict(conv0=nn.Conv2d(in_chans, num_init_features, 3, stride=1, padding=1, bias=False)))
+    return nn.Sequential(OrderedDict([
+        ("conv0", nn.Conv2d(in_chans, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
+        ("norm0", make_norm("features.norm0", num_init_features)),
+        ("relu0", nn.ReLU(inplace=True)),
+        ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+    ]))
+
+
+def _add_blocks(features: nn.Sequential, block_config: Tuple[int, ...], num_init_features: int, small_inputs: bool,
+                compression: float, make_norm: NormMaker, **block_args: Any) -> Tuple[int, List[Dict[str, Any]]]:
+    """Append dense blocks, transitions and norm5 to ``features``; returns (final width, feature taps)."""
+    stem_tap = "features.conv0" if small_inputs else "features.relu0"
+    # Tap 0 is the stem, as in timm: feature indices 1..n are the dense blocks.
+    info = [dict(num_chs=num_init_features, reduction=1 if small_inputs else 2, module=stem_tap)]
+    num_features, reduction = num_init_features, 1 if small_inputs else 4
+    for i, num_layers in enumerate(block_config):
+        name = f"denseblock{i + 1}"
+        block = _DenseBlock(num_layers, num_features, make_norm=make_norm, name=f"features.{name}", **block_args)
+        features.add_module(name, block)
+        num_features += num_layers * block_args["growth_rate"]
+        info.append(dict(num_chs=num_features, reduction=reduction, module=f"features.{name}"))
+        if i != len(block_config) - 1:
+            out_features = int(math.floor(num_features * compression))
+            trans = _Transition(num_features, out_features, make_norm=make_norm, name=f"features.transition{i + 1}",
+                                memory_efficient=block_args["memory_efficient"])
+            features.add_module(f"transition{i + 1}", trans)
+            num_features, reduction = out_features, reduction * 2
+    features.add_module("norm5", make_norm("features.norm5", num_features))
+    info[-1]["module"] = "final_act"  # the ReLU after norm5 (DenseNet.final_act)
+    return num_features, info
+
+
+# A leaf of torch.fx graphs (the name is patched in this module): traced models keep the input checks.
+torch.fx.wrap("checked_input")
+
+
+class DenseNet(InteropMixin, nn.Module):
     """DenseNet-BC (Huang et al., "Densely Connected Convolutional Networks", 2017).
 
     The first six arguments and ``memory_efficient`` follow torchvision's ``DenseNet``; the rest
@@ -179,6 +232,9 @@ class DenseNet(nn.Module):
     >>> model(torch.randn(2, 3, 32, 32)).shape
     torch.Size([2, 10])
     """
+
+    # Python-only properties (they walk the modules): TorchScript must not compile them.
+    __jit_unused_properties__ = ["memory_strategy", "memory_efficient"]
 
     def __init__(
         self,
@@ -202,18 +258,11 @@ class DenseNet(nn.Module):
     ) -> None:
         super().__init__()
         block_config = tuple(block_config) if isinstance(block_config, list) else block_config
-        _check_config(growth_rate, block_config, num_init_features, bn_size, drop_rate, num_classes, in_chans, compression, global_pool)
-        if not (0.0 <= head_drop_rate < 1.0):
-            raise ValueError(f"head_drop_rate must be a probability in [0, 1), got {head_drop_rate!r}")
-        strategy = get_memory_strategy(memory_efficient)
+        _check_config(growth_rate, block_config, num_init_features, bn_size, drop_rate, num_classes, in_chans,
+                      compression, global_pool, head_drop_rate)
         make_norm = resolve_norm(norm_layer, strict=strict_norm)
-
-        self.growth_rate = growth_rate
-        self.block_config = tuple(block_config)
-        self.in_chans = in_chans
-        self.small_inputs = bool(small_inputs)
-        self.drop_rate = float(drop_rate)
-        self.head_drop_rate = float(head_drop_rate)
+        self.growth_rate, self.block_config, self.in_chans = growth_rate, tuple(block_config), in_chans
+        self.small_inputs, self.drop_rate, self.head_drop_rate = bool(small_inputs), float(drop_rate), float(head_drop_rate)
         self.global_pool = global_pool
         #: Constructor arguments that rebuild this architecture (saved with checkpoints).
         self.model_args: Dict[str, Any] = dict(
@@ -226,59 +275,24 @@ class DenseNet(nn.Module):
             self.model_args["norm_layer"] = norm_layer
         self.arch: Optional[str] = None
 
-        if small_inputs:
-            stem = [("conv0", nn.Conv2d(in_chans, num_init_features, kernel_size=3, stride=1, padding=1, bias=False))]
-        else:
-            stem = [
-                ("conv0", nn.Conv2d(in_chans, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
-                ("norm0", make_norm("features.norm0", num_init_features)),
-                ("relu0", nn.ReLU(inplace=True)),
-                ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
-            ]
-        self.features = nn.Sequential(OrderedDict(stem))
-
-        num_features = num_init_features
-        self.feature_info: List[Dict[str, Any]] = []
-        reduction = 1 if small_inputs else 4
-        for i, num_layers in enumerate(block_config):
-            name = f"denseblock{i + 1}"
-            block = _DenseBlock(
-                num_layers=num_layers,
-                num_input_features=num_features,
-                bn_size=bn_size,
-                growth_rate=growth_rate,
-                drop_rate=drop_rate,
-                memory_efficient=strategy,
-                make_norm=make_norm,
-                name=f"features.{name}",
-            )
-            self.features.add_module(name, block)
-            num_features = num_features + num_layers * growth_rate
-            self.feature_info.append(dict(num_chs=num_features, reduction=reduction, module=f"features.{name}"))
-            if i != len(block_config) - 1:
-                out_features = int(math.floor(num_features * compression))
-                trans = _Transition(num_features, out_features, make_norm=make_norm, name=f"features.transition{i + 1}",
-                                    memory_efficient=strategy)
-                self.features.add_module(f"transition{i + 1}", trans)
-                num_features = out_features
-                reduction *= 2
-
-        self.features.add_module("norm5", make_norm("features.norm5", num_features))
-        self.feature_info[-1]["module"] = "features.norm5"
-        # Tap 0 is the stem, as in timm: feature indices 1..n are the dense blocks.
-        stem_tap = "features.conv0" if small_inputs else "features.relu0"
-        self.feature_info.insert(0, dict(num_chs=num_init_features, reduction=1 if small_inputs else 2, module=stem_tap))
+        self.features = _stem(in_chans, num_init_features, small_inputs, make_norm)
+        self.num_features, self.feature_info = _add_blocks(
+            self.features, self.block_config, num_init_features, self.small_inputs, compression, make_norm,
+            growth_rate=growth_rate, bn_size=bn_size, drop_rate=drop_rate, memory_efficient=get_memory_strategy(memory_efficient))
+        make_norm.check_unused()  # type: ignore[attr-defined]
+        # torchvision applies this ReLU as a function; a module makes it a tap that timm's hook, list and
+        # fx feature classes can name (prune_intermediate_layers replaces it when norm5 is pruned away).
+        self.final_act: nn.Module = nn.ReLU(inplace=True)
         #: With ``features_only=True`` forward returns the list of feature maps ``out_indices``.
         self.features_only = bool(features_only)
         self.out_indices = take_indices(len(self.feature_info), out_indices)
         if features_only:
             self.model_args.update(features_only=True, out_indices=list(self.out_indices))
-        make_norm.check_unused()  # type: ignore[attr-defined]
 
-        self.num_features = num_features
         self.num_classes = num_classes
-        self.classifier: nn.Module = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.min_input_size = _min_input_size(len(block_config), small_inputs)
+        self.head_hidden_size = self.num_features  # width after pooling (avgmax averages the two)
+        self.classifier: nn.Module = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.min_input_size = min_input_size(len(block_config), small_inputs)
         self._init_weights()
 
     # -- initialisation ------------------------------------------------------------------------
@@ -302,6 +316,7 @@ class DenseNet(nn.Module):
     def memory_efficient(self) -> bool:
         return self.memory_strategy.name != "none"
 
+    @torch.jit.ignore
     def set_memory_efficient(self, strategy: MemorySpec = True) -> "DenseNet":
         """Switch every dense block to ``strategy`` (``True``, ``False`` or a strategy name)."""
         strategy = get_memory_strategy(strategy)
@@ -310,36 +325,28 @@ class DenseNet(nn.Module):
                 m.strategy = strategy
         return self
 
-    def set_grad_checkpointing(self, enable: bool = True) -> "DenseNet":
-        """timm's name for :meth:`set_memory_efficient`."""
-        return self.set_memory_efficient("bottleneck" if enable else "none")
-
     # -- input checks --------------------------------------------------------------------------
-    def check_input(self, x: Tensor) -> None:
-        """One-line errors for inputs the network cannot take."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"DenseNet expects a torch.Tensor of shape (N, {self.in_chans}, H, W), got {type(x).__name__}")
-        if x.dim() != 4:
-            hint = "; add a batch dimension with x.unsqueeze(0)" if x.dim() == 3 else ""
-            raise ValueError(f"DenseNet expects a 4-D input (N, {self.in_chans}, H, W), got shape {tuple(x.shape)}{hint}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"input has {x.shape[1]} channels but the model was built with in_chans={self.in_chans}; "
-                f"convert the images or build the model with in_chans={x.shape[1]}"
-            )
-        h, w = x.shape[-2:]
-        if h < self.min_input_size or w < self.min_input_size:
-            raise ValueError(
-                f"input of {h}x{w} pixels is too small for this DenseNet: it needs at least "
-                f"{self.min_input_size}x{self.min_input_size}; resize the images"
-            )
+    def check_input(self, x: Tensor) -> Tensor:
+        """``x`` if the network can take it, else a one-line error (kept as a node in torch.fx graphs)."""
+        if not torch.jit.is_scripting():
+            if not isinstance(x, Tensor) and not symbolic(x):
+                raise TypeError(f"DenseNet expects a torch.Tensor of shape (N, {self.in_chans}, H, W), got {type(x).__name__}")
+        return checked_input(x, self.in_chans, self.min_input_size)
 
     # -- forward -------------------------------------------------------------------------------
     def forward_features(self, x: Tensor) -> Tensor:
         """Feature map after ``norm5`` and ReLU, shape (N, num_features, H/32, W/32)."""
-        self.check_input(x)
-        if not (self.training and torch.is_grad_enabled()):
-            return F.relu(self.features(x), inplace=True)
+        x = self.check_input(x)
+        if torch.jit.is_scripting():
+            x = self.features(x)
+        elif self.training and torch.is_grad_enabled() and not symbolic(x):
+            x = self._features_with_strategy(x)
+        else:
+            x = run_children(self.features, x)
+        return self.final_act(x)
+
+    @torch.jit.unused
+    def _features_with_strategy(self, x: Tensor) -> Tensor:
         modules, strategy = list(self.features), self.memory_strategy
         if x.dim() == 4 and strategy.prefers_channels_last([m for m in modules if isinstance(m, _DenseBlock)]):
             x = x.contiguous(memory_format=torch.channels_last)
@@ -347,7 +354,7 @@ class DenseNet(nn.Module):
         x = strategy.sequence_forward(modules[:stem], x)
         for module in modules[stem:]:
             x = module(x)
-        return F.relu(x, inplace=True)
+        return x
 
     def pool(self, x: Tensor) -> Tensor:
         if self.global_pool == "avg":
@@ -365,21 +372,19 @@ class DenseNet(nn.Module):
             x = F.dropout(x, p=self.head_drop_rate, training=self.training)
         return x if pre_logits else self.classifier(x)
 
-    def forward_intermediates(
-        self, x: Tensor, indices: Indices = None, *, stop_early: bool = False, intermediates_only: bool = False
-    ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
-        """Final features and the feature maps ``indices`` (0 stem, 1..n blocks); see :mod:`densenet_zoo.models.features`."""
-        return _forward_intermediates(self, x, indices, stop_early=stop_early, intermediates_only=intermediates_only)
-
-    def forward(self, x: Tensor) -> Union[Tensor, List[Tensor]]:
-        if self.features_only:
-            return self.forward_intermediates(x, self.out_indices, stop_early=True, intermediates_only=True)
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits; a ``features_only`` model (not scriptable) returns its list of feature maps instead."""
+        if not torch.jit.is_scripting():
+            if self.features_only:
+                return self.forward_intermediates(x, self.out_indices, stop_early=True, intermediates_only=True)  # type: ignore[return-value]
         return self.forward_head(self.forward_features(x))
 
     # -- classifier ----------------------------------------------------------------------------
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
+    @torch.jit.ignore
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace the classifier by a freshly initialised one (``num_classes=0``: no classifier)."""
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
@@ -397,20 +402,3 @@ class DenseNet(nn.Module):
             nn.init.constant_(self.classifier.bias, 0)
         else:
             self.classifier = nn.Identity()
-
-
-def _min_input_size(num_blocks: int, small_inputs: bool) -> int:
-    """Smallest square input whose final feature map is at least 1x1."""
-
-    def final_size(s: int) -> int:
-        if not small_inputs:
-            s = (s + 2 * 3 - 7) // 2 + 1  # conv0 7x7/2
-            s = (s + 2 * 1 - 3) // 2 + 1  # pool0 3x3/2
-        for _ in range(num_blocks - 1):
-            s //= 2  # transition pooling
-        return s
-
-    size = 1
-    while final_size(size) < 1:
-        size += 1
-    return size
