@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Dict, List, Tuple
 
-__all__ = ["canonical_name", "list_architectures", "model_config"]
+__all__ = ["POOLS", "canonical_name", "check_config", "list_architectures", "model_config"]
 
 #: name -> (growth_rate, block_config, num_init_features, extra kwargs)
 _CONFIGS: Dict[str, Tuple[int, Tuple[int, ...], int, Dict[str, Any]]] = {
@@ -52,3 +52,33 @@ def list_architectures() -> List[str]:
     ['densenet121', 'densenet161', 'densenet169']
     """
     return sorted(_CONFIGS)
+
+
+#: Global pooling choices of the head (timm's names; "" keeps the feature map).
+POOLS = ("avg", "max", "avgmax", "")
+
+
+def check_config(growth_rate, block_config, num_init_features, bn_size, drop_rate, num_classes, in_chans, compression,
+                 global_pool, head_drop_rate) -> None:
+    """One-line errors for constructor arguments no DenseNet can have."""
+
+    def positive_int(name: str, value: Any, minimum: int = 1) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+    positive_int("growth_rate", growth_rate)
+    positive_int("num_init_features", num_init_features)
+    positive_int("bn_size", bn_size)
+    positive_int("in_chans", in_chans)
+    positive_int("num_classes", num_classes, minimum=0)
+    if not isinstance(block_config, (tuple, list)) or not block_config:
+        raise ValueError(f"block_config must be a non-empty sequence of layer counts, e.g. (6, 12, 24, 16), got {block_config!r}")
+    for n in block_config:
+        positive_int("every entry of block_config", n)
+    for name, rate in (("drop_rate", drop_rate), ("head_drop_rate", head_drop_rate)):
+        if not (isinstance(rate, (int, float)) and 0.0 <= rate < 1.0):
+            raise ValueError(f"{name} must be a probability in [0, 1), got {rate!r}")
+    if not (isinstance(compression, (int, float)) and 0.0 < compression <= 1.0):
+        raise ValueError(f"compression must be in (0, 1], got {compression!r}")
+    if global_pool not in POOLS:
+        raise ValueError(f"global_pool must be one of {POOLS}, got {global_pool!r}")

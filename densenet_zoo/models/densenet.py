@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..memory import MemoryStrategy, get_memory_strategy
 from ..norms import NormSpec, resolve_norm
+from .configs import POOLS, check_config
 from .features import (Indices, InteropMixin, call_norm, checked_input, min_input_size, run_children, symbolic,
                        take_indices)
 
@@ -153,33 +154,6 @@ class _Transition(nn.Sequential):
         return self.pool(self.conv(self.relu(x)))
 
 
-_POOLS = ("avg", "max", "avgmax", "")
-
-
-def _check_config(growth_rate, block_config, num_init_features, bn_size, drop_rate, num_classes, in_chans, compression,
-                  global_pool, head_drop_rate) -> None:
-    def positive_int(name: str, value: Any, minimum: int = 1) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-    positive_int("growth_rate", growth_rate)
-    positive_int("num_init_features", num_init_features)
-    positive_int("bn_size", bn_size)
-    positive_int("in_chans", in_chans)
-    positive_int("num_classes", num_classes, minimum=0)
-    if not isinstance(block_config, (tuple, list)) or not block_config:
-        raise ValueError(f"block_config must be a non-empty sequence of layer counts, e.g. (6, 12, 24, 16), got {block_config!r}")
-    for n in block_config:
-        positive_int("every entry of block_config", n)
-    for name, rate in (("drop_rate", drop_rate), ("head_drop_rate", head_drop_rate)):
-        if not (isinstance(rate, (int, float)) and 0.0 <= rate < 1.0):
-            raise ValueError(f"{name} must be a probability in [0, 1), got {rate!r}")
-    if not (isinstance(compression, (int, float)) and 0.0 < compression <= 1.0):
-        raise ValueError(f"compression must be in (0, 1], got {compression!r}")
-    if global_pool not in _POOLS:
-        raise ValueError(f"global_pool must be one of {_POOLS}, got {global_pool!r}")
-
-
 def _stem(in_chans: int, num_init_features: int, small_inputs: bool, make_norm: NormMaker) -> nn.Sequential:
     """conv0 (3x3/1 for small inputs; else 7x7/2, norm0, relu0, 3x3/2 max-pool0)."""
     if small_inputs:
@@ -258,7 +232,7 @@ class DenseNet(InteropMixin, nn.Module):
     ) -> None:
         super().__init__()
         block_config = tuple(block_config) if isinstance(block_config, list) else block_config
-        _check_config(growth_rate, block_config, num_init_features, bn_size, drop_rate, num_classes, in_chans,
+        check_config(growth_rate, block_config, num_init_features, bn_size, drop_rate, num_classes, in_chans,
                       compression, global_pool, head_drop_rate)
         make_norm = resolve_norm(norm_layer, strict=strict_norm)
         self.growth_rate, self.block_config, self.in_chans = growth_rate, tuple(block_config), in_chans
@@ -390,8 +364,8 @@ class DenseNet(InteropMixin, nn.Module):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
         if global_pool is not None:
-            if global_pool not in _POOLS:
-                raise ValueError(f"global_pool must be one of {_POOLS}, got {global_pool!r}")
+            if global_pool not in POOLS:
+                raise ValueError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
             self.global_pool = global_pool
             self.model_args["global_pool"] = global_pool
         device = next(self.parameters()).device

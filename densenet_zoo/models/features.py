@@ -69,8 +69,8 @@ def run_children(container: nn.Module, x: Tensor) -> Tensor:
 def take_indices(num_taps: int, indices: Indices) -> List[int]:
     """Sorted tap indices: ``None`` all, an int ``n`` the last ``n``, or a sequence (negatives count from the end).
 
-    >>> take_indices(5, (1, 2, 3, 4))
-    [1, 2, 3, 4]
+    >>> take_indices(5, (1, 2, 3, 4)), take_indices(5, 2)
+    ([1, 2, 3, 4], [3, 4])
     """
     if indices is None:
         return list(range(num_taps))
@@ -103,7 +103,9 @@ def forward_intermediates(
 ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
     """Run ``model.features`` and collect the feature maps of ``indices`` (see the module docstring).
 
-    >>> final, maps = model.forward_intermediates(x, indices=(1, 2, 3, 4))
+    Example::
+
+        final, maps = model.forward_intermediates(x, indices=(1, 2, 3, 4))
 
     Returns ``(final_features, maps)``, or only ``maps`` when ``intermediates_only``;
     ``stop_early`` stops after the last requested tap (``final_features`` is then that tap).

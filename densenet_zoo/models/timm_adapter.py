@@ -54,8 +54,9 @@ def _square(channels: int, side: int) -> Tuple[int, int, int]:
 def timm_pretrained_cfg(arch: str, entry: Optional[WeightsEntry] = None) -> Dict[str, Any]:
     """timm's ``pretrained_cfg`` for ``arch`` with the weights ``entry`` (None: untrained defaults).
 
-    >>> timm_pretrained_cfg("densenet121", dz.get_weights("densenet121"))["crop_pct"]
-    0.875
+    Example::
+
+        timm_pretrained_cfg("densenet121", dz.get_weights("densenet121"))["crop_pct"]  # -> 0.875
     """
     config = model_config(arch)
     small, blocks = bool(config.get("small_inputs")), len(config["block_config"])
