@@ -37,8 +37,14 @@ def seeds(folder: Path) -> dict:
     torch.save(sd, folder / "zip.pth")
     torch.save(legacy, folder / "legacy.pth", _use_new_zipfile_serialization=False)
     torch.save({"epoch": 3, "state_dict": sd, "optimizer": {"lr": 0.1}}, folder / "wrapped.pth")
-    run_files.save_run_state({"format": run_files.STATE_FORMAT, "model": sd, "epoch": 2, "rng": {"torch": torch.get_rng_state()}},
-                        folder / "state.pt")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()  # momentum buffers: the optimizer state a real run saves
+    run_files.save_run_state({
+        "format": run_files.STATE_FORMAT, "config": {"model": "custom", "epochs": 3}, "class_names": list("abcde"),
+        "model": sd, "optimizer": optimizer.state_dict(), "scheduler": {"last_epoch": 4}, "rng": run_files.rng_state(),
+        "epoch": 2, "batches_done": 1, "global_step": 5, "partial": {}, "history": [{"epoch": 1, "acc1": 0.5}],
+        "best_acc1": 0.5, "best_epoch": 1, "bad_epochs": 0}, folder / "state.pt")
     files.update({n: folder / f"{n.split('.')[0]}.{'pt' if n == 'state' else 'pth'}" for n in ("zip", "legacy", "wrapped", "state")})
     return files
 
