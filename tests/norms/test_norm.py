@@ -142,7 +142,7 @@ def test_convert_round_trips_pretrained_state():
     model.eval()
     for target in ["custom_bn", "sync_bn", "frozen_bn", "caffe_bn"]:
         assert dz.convert_norm(model, target) is model
-        cls = dz.norm.get_norm_factory(target)
+        cls = dz.norms.get_norm_factory(target)
         assert all(type(m) is cls for m in _norms(model).values()), target
         converted = model.state_dict()
         assert list(converted) == list(state), target
