@@ -15,10 +15,11 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
+from .._utils import PathLike
+
 __all__ = ["EXPORT_FORMATS", "export", "load_exported"]
 
 EXPORT_FORMATS = ("onnx", "torchscript", "torch.export")
-PathLike = Union[str, os.PathLike]
 
 
 def _input_shape(model: nn.Module, image_size: Optional[int]) -> tuple:

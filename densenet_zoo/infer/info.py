@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .._utils import IMAGENET_MEAN, IMAGENET_STD
 from ..models import create_model
 from ..weights import get_weights, list_weights
 from ..models.densenet import DenseNet, _DenseLayer, _Transition
@@ -47,7 +48,7 @@ def model_info(name: str, image_size: Optional[int] = None) -> Dict[str, Any]:
     mods = list(model.modules())
     weights = []
     preprocessing: Dict[str, Any] = {"size": image_size, "crop_pct": 1.0 if small else 0.875, "interpolation": "bilinear",
-                                     "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+                                     "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     try:
         for wname in list_weights(f"{model.arch}.*"):
             e = get_weights(wname)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from .._utils import DataError, PathLike, atomic_write
 from ..models import DenseNet, create_model, load_model
+from ..weights.registry import class_names
 from ..train import data as D
 from ..train.images import UnreadableImageError
 from .fast import optimize_for_inference
@@ -65,11 +66,7 @@ def collect_images(inputs: Iterable[PathLike]) -> List[Path]:
 
 
 def _imagenet_categories(num_classes: int) -> Optional[List[str]]:
-    if num_classes != 1000:
-        return None
-    from torchvision.models import DenseNet121_Weights
-
-    return list(DenseNet121_Weights.IMAGENET1K_V1.meta["categories"])
+    return list(class_names("imagenet1k")) if num_classes == 1000 else None
 
 
 class Predictor:

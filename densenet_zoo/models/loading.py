@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save as safetensors_bytes
 
-from .._utils import CheckpointError, WeightsError, atomic_write
+from .._utils import CheckpointError, PathLike, WeightsError, atomic_write
 from ..weights.checkpoint import METADATA_KEY, extract_state_dict, read_checkpoint, read_safetensors
 from ..weights.registry import WeightsEntry, download, fetch, get_weights, list_weights, register_weights
 from ..weights.state_dict import FIRST_CONV, LoadReport, infer_config, load_state, normalize_keys
@@ -31,7 +31,6 @@ __all__ = [
     "register_weights", "save_model",
 ]
 
-PathLike = Union[str, os.PathLike]
 WeightsSource = Union[str, os.PathLike, WeightsEntry, Mapping[str, torch.Tensor], nn.Module, Any]
 _SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
 

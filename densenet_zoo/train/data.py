@@ -20,7 +20,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from .._utils import IMAGENET_MEAN, IMAGENET_STD, DataError, PathLike
+from ..weights.registry import eval_pipeline
 from .images import UNREADABLE_IMAGE_ERRORS, UnreadableImageError, open_image, probe_image  # noqa: F401 (public here too)
 
 Sample = Tuple[str, int]
@@ -256,16 +257,11 @@ def resolve_preprocessing(preprocessing: Optional[Dict[str, Any]] = None, image_
     return {"size": int(size), "crop_pct": crop_pct, "interpolation": interpolation, "mean": mean, "std": std}
 
 
-def eval_transform(pre: Dict[str, Any]) -> v2.Compose:
-    """Resize the short side to ``size / crop_pct``, centre-crop ``size``, scale to [0, 1], normalise."""
-    size, interp = pre["size"], _INTERPOLATIONS[pre["interpolation"]]
-    return v2.Compose([
-        v2.PILToTensor(),
-        v2.Resize(int(math.floor(size / pre["crop_pct"])), interpolation=interp, antialias=True),
-        v2.CenterCrop(size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(pre["mean"], pre["std"]),
-    ])
+def eval_transform(pre: Dict[str, Any]) -> Callable[[Any], torch.Tensor]:
+    """Resize the short side to ``size / crop_pct``, centre-crop ``size``, scale to [0, 1], normalise
+    (the weights' own :func:`~densenet_zoo.weights.registry.eval_pipeline`)."""
+    size = pre["size"]
+    return eval_pipeline(int(math.floor(size / pre["crop_pct"])), size, pre["interpolation"], pre["mean"], pre["std"])
 
 
 def train_transform(pre: Dict[str, Any], augment: str = "standard") -> v2.Compose:

@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -23,6 +24,7 @@ import torch.hub
 from filelock import FileLock
 
 from .._utils import WeightsError
+from .checkpoint import check_safetensors, is_safetensors, read_checkpoint
 
 
 
@@ -84,25 +86,16 @@ def _verify(path: Path, url: str, sha256: Optional[str], file_size: Optional[int
 
 def _unreadable(path: Path) -> Optional[str]:
     """Why a file with no known hash is not a complete checkpoint (truncated, not weights), or None."""
-    import zipfile
-
-    with open(path, "rb") as f:
-        head = f.read(9)
     try:
-        if len(head) == 9 and head[8:9] == b"{":  # safetensors: header length, then JSON
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as st:  # checks that the data fills the file exactly
-                st.keys()
+        if is_safetensors(path):  # reading the header checks that the data fills the file exactly
+            check_safetensors(path)
         elif zipfile.is_zipfile(path):  # torch.save's format: every member's CRC
             with zipfile.ZipFile(path) as z:
                 broken = z.testzip()
             if broken:
                 return f"its member {broken} is corrupted"
         else:  # torch's legacy format has no index to check: read it (weights_only, never runs code)
-            import torch
-
-            torch.load(str(path), map_location="cpu", weights_only=True)
+            read_checkpoint(path, metadata=False)
     except Exception as exc:
         return f"it is not a complete weights file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     return None

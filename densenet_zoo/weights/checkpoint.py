@@ -14,9 +14,8 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from .._utils import CheckpointError
+from .._utils import CheckpointError, PathLike
 
-PathLike = Union[str, os.PathLike]
 StateDict = Dict[str, torch.Tensor]
 
 #: Key of the safetensors metadata entry that holds our JSON metadata.
@@ -51,6 +50,12 @@ def read_safetensors(path: PathLike, *, metadata: bool = True) -> Tuple[StateDic
     return state, (parse_metadata(raw.get(METADATA_KEY), path) if metadata else {})
 
 
+def check_safetensors(path: PathLike) -> None:
+    """Raise unless ``path`` is a complete safetensors file (its header must describe data that fills it)."""
+    with safe_open(str(path), framework="pt") as f:
+        f.keys()
+
+
 def parse_metadata(text: Optional[str], path: PathLike = "checkpoint") -> Dict[str, Any]:
     """Our JSON metadata entry as a dict (``{}`` for none); damaged metadata raises :class:`CheckpointError`.
 
@@ -76,7 +81,8 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
-def _is_safetensors(path: Path) -> bool:
+def is_safetensors(path: Path) -> bool:
+    """A ``.safetensors`` name, or the format's start: an 8-byte header length, then a JSON object."""
     if path.suffix == ".safetensors":
         return True
     with open(path, "rb") as f:
@@ -101,7 +107,7 @@ def read_checkpoint(path: PathLike, *, metadata: bool = True) -> Tuple[Any, Dict
         raise CheckpointError(f"checkpoint {str(path)!r} is a folder; give the path of a .safetensors/.pth file in it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; check the path")
-    if _is_safetensors(path):
+    if is_safetensors(path):
         return read_safetensors(path, metadata=metadata)
     with open(path, "rb") as f:
         head = f.read(64).lstrip().lower()

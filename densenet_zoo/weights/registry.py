@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
+from .._utils import IMAGENET_MEAN, IMAGENET_STD
 from .cache import WeightsError, cache_dir, download, hf_download, is_offline, sha256_file
 
 __all__ = ["WeightsEntry", "WeightsError", "cache_dir", "download", "fetch", "get_weights", "hf_download",
@@ -78,7 +79,7 @@ class WeightsEntry:
         """Class names, index = output unit (``None`` when unknown)."""
         if not self.categories_ref:
             return None
-        return list(_categories(self.categories_ref))
+        return list(class_names(self.categories_ref))
 
     @property
     def filename(self) -> str:
@@ -134,29 +135,43 @@ class WeightsEntry:
         return cls(**d)
 
 
+def eval_pipeline(resize_size: int, crop_size: int, interpolation: str = "bilinear",
+                  mean: Tuple[float, ...] = IMAGENET_MEAN, std: Tuple[float, ...] = IMAGENET_STD) -> Callable[[Any], Any]:
+    """The evaluation preprocessing of every published DenseNet, and the only one in this package.
+
+    Resize the short side to ``resize_size``, centre-crop ``crop_size``, scale to [0, 1], normalise:
+    torchvision's ImageClassification preset. A PIL image is resized by PIL, as torchvision's and
+    timm's presets do, so pretrained weights see the pixels they were evaluated with.
+    """
+    import torch
+    from torchvision.transforms import InterpolationMode, v2
+
+    return v2.Compose([
+        v2.Resize(int(resize_size), interpolation=InterpolationMode(interpolation), antialias=True),
+        v2.CenterCrop(int(crop_size)),
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(mean), list(std)),
+        v2.ToPureTensor(),
+    ])
+
+
 class ImageTransform:
-    """Resize the short side, centre-crop, scale to [0, 1], normalise (torchvision's ImageClassification preset)."""
+    """Resize the short side, centre-crop, scale to [0, 1], normalise (:func:`eval_pipeline` with named fields)."""
 
     FIELDS = ("resize_size", "crop_size", "interpolation", "mean", "std")
 
     def __init__(self, resize_size: int = 256, crop_size: int = 224, interpolation: str = "bilinear",
-                 mean: Tuple[float, ...] = (0.485, 0.456, 0.406), std: Tuple[float, ...] = (0.229, 0.224, 0.225)) -> None:
+                 mean: Tuple[float, ...] = IMAGENET_MEAN, std: Tuple[float, ...] = IMAGENET_STD) -> None:
         if interpolation not in _INTERP:
             raise WeightsError(f"interpolation must be one of {_INTERP}, got {interpolation!r}")
         self.resize_size, self.crop_size, self.interpolation = int(resize_size), int(crop_size), interpolation
         self.mean, self.std = list(mean), list(std)
 
-    def __call__(self, img: Any) -> Any:
-        import torch
-        import torchvision.transforms.functional as TF
-        from torchvision.transforms import InterpolationMode
+        self._pipeline = eval_pipeline(self.resize_size, self.crop_size, interpolation, self.mean, self.std)
 
-        img = TF.resize(img, [self.resize_size], interpolation=InterpolationMode(self.interpolation), antialias=True)
-        img = TF.center_crop(img, [self.crop_size])
-        if not isinstance(img, torch.Tensor):
-            img = TF.pil_to_tensor(img)
-        img = TF.convert_image_dtype(img, torch.float)
-        return TF.normalize(img, mean=self.mean, std=self.std)
+    def __call__(self, img: Any) -> Any:
+        return self._pipeline(img)
 
     def __repr__(self) -> str:
         return (f"ImageTransform(resize_size={self.resize_size}, crop_size={self.crop_size}, "
@@ -166,7 +181,12 @@ class ImageTransform:
 _CATEGORIES: Dict[str, Tuple[str, ...]] = {}
 
 
-def _categories(ref: str) -> Tuple[str, ...]:
+def class_names(ref: str) -> Tuple[str, ...]:
+    """A class-name list shipped in the weights folder (``weights/<ref>_classes.json``).
+
+    >>> class_names("imagenet1k")[:2]
+    ('tench', 'goldfish')
+    """
     if ref not in _CATEGORIES:
         path = data_dir() / f"{ref}_classes.json"
         if not path.is_file():

@@ -6,8 +6,9 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
+
+import densenet_zoo as dz
 
 from densenet_zoo.train import data as D
 
@@ -176,17 +177,26 @@ def test_eval_transform_matches_a_hand_written_reference(tmp_path):
     Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(path)
     pre = D.resolve_preprocessing({"crop_pct": 0.875, "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}, 16)
     out = D.eval_transform(pre)(D.open_image(path))
-    x = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1)[None].float()
-    short = math.floor(16 / 0.875)  # 18: short side 30 -> 18, long side 40 -> 24
-    ref = F.interpolate(x, size=(short, int(40 * short / 30)), mode="bilinear", antialias=True, align_corners=False)
-    ref = ref.round().clamp(0, 255)[0]  # v2 resizes uint8 images and rounds
+    # torchvision's preset on a PIL image: PIL resizes the short side (30 -> floor(16 / 0.875) = 18,
+    # 40 -> 24), then a centred 16x16 crop, scaling to [0, 1] and normalising.
+    short = math.floor(16 / 0.875)
+    resized = np.asarray(Image.open(path).convert("RGB").resize((int(40 * short / 30), short), Image.BILINEAR))
+    ref = torch.from_numpy(resized.copy()).permute(2, 0, 1).float()
     top, left = (short - 16) // 2, (ref.shape[-1] - 16) // 2
     ref = ref[:, top:top + 16, left:left + 16] / 255
     ref = (ref - torch.tensor(pre["mean"])[:, None, None]) / torch.tensor(pre["std"])[:, None, None]
-    assert out.shape == (3, 16, 16)
-    # torch's uint8 resize kernel may round a value to the other side: at most one grey level.
-    torch.testing.assert_close(out, ref, atol=1.01 / 255 / 0.2, rtol=0)
-    assert (out - ref).abs().lt(1e-5).float().mean() > 0.7
+    assert out.shape == (3, 16, 16) and type(out) is torch.Tensor
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+def test_eval_transform_is_the_weights_preprocessing(tmp_path):
+    # One pipeline: a run's eval transform at the registry's settings equals the weights' own transforms().
+    path = tmp_path / "y.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 260, 3), dtype=np.uint8)).save(path)
+    entry = dz.get_weights("densenet121")
+    pre = D.resolve_preprocessing(entry.preprocessing, None, 3)
+    img = D.open_image(path)
+    torch.testing.assert_close(D.eval_transform(pre)(img), entry.transforms()(img), atol=0, rtol=0)
 
 
 def test_augmentation_is_seeded_per_sample_and_leaves_the_global_rng_alone(tmp_path):

@@ -349,3 +349,10 @@ def test_weights_list_cli(capsys):
     out = capsys.readouterr().out
     assert "densenet121.IMAGENET1K_V1" in out and "74.43" in out and "hf-hub:timm/densenet121.ra_in1k" in out
     assert cli_main(["weights", "download", "densenet999"]) == 1
+
+
+def test_shipped_imagenet_class_names_are_torchvisions():
+    from densenet_zoo.weights.registry import class_names
+
+    assert list(class_names("imagenet1k")) == torchvision.models.DenseNet121_Weights.IMAGENET1K_V1.meta["categories"]
+    assert dz.get_weights("densenet121").categories == list(class_names("imagenet1k"))
