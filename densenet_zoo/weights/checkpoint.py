@@ -5,10 +5,9 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
