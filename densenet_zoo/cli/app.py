@@ -1,6 +1,7 @@
 """``densenet-zoo``: thin command line over the library (parse, call, print).
 
-Each command group lives in a ``_add_<group>`` function that registers its sub-parsers and
+Each command group has an ``add_<group>`` function (here or in its own module) that registers its
+sub-parsers and
 sets ``func``; the function returns the process exit code. Errors print one line on stderr
 (exit code 1; ``--debug`` shows the traceback), Ctrl-C exits with 130 and a closed pipe with 141.
 """
@@ -12,12 +13,15 @@ import os
 import sys
 from typing import List, Optional
 
+from ..models import convert_checkpoint, create_model, list_models
+from ..weights import fetch, get_weights, list_weights, read_safetensors
 from .common import one_line, refuse_overwriting_inputs
+from .infer import add_inference
+from .profile import add_profile
+from .train import add_train
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from ..models import create_model, list_models
-
     names = list_models(args.pattern)
     if not names:
         raise LookupError(f"no model name matches {args.pattern!r}; `densenet-zoo models` lists them all")
@@ -35,8 +39,6 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_weights_list(args: argparse.Namespace) -> int:
-    from ..weights import get_weights, list_weights
-
     names = list_weights(args.pattern)
     if not names:
         raise LookupError(f"no weights name matches {args.pattern!r}; `densenet-zoo weights list` lists them all")
@@ -49,8 +51,6 @@ def _cmd_weights_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_weights_download(args: argparse.Namespace) -> int:
-    from ..weights import fetch, get_weights
-
     for name in args.names:
         print(fetch(get_weights(name), progress=not args.quiet))
     return 0
@@ -69,9 +69,6 @@ def _add_weights(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from ..models import convert_checkpoint
-    from ..weights import read_safetensors
-
     refuse_overwriting_inputs("output", args.output, [("input", args.input)])
     out = convert_checkpoint(args.input, args.output, use_ema=args.ema)
     _, meta = read_safetensors(out)
@@ -87,27 +84,6 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_convert)
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    """``sample-data``, ``finetune`` and ``evaluate`` (their flags live in cli/train.py)."""
-    from .train import add_train
-
-    add_train(sub)
-
-
-def _add_inference(sub: argparse._SubParsersAction) -> None:
-    """``predict``, ``info`` and ``export`` (their flags live in cli/infer.py)."""
-    from .infer import add_inference
-
-    add_inference(sub)
-
-
-def _add_profile(sub: argparse._SubParsersAction) -> None:
-    """``profile`` (its flags live in cli/profile.py)."""
-    from .profile import add_profile
-
-    add_profile(sub)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="densenet-zoo", description="DenseNet model zoo for PyTorch.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -115,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_weights(sub)
     _add_convert(sub)
-    _add_train(sub)
-    _add_inference(sub)
-    _add_profile(sub)
+    add_train(sub)      # sample-data, finetune, evaluate (cli/train.py)
+    add_inference(sub)  # predict, info, export (cli/infer.py)
+    add_profile(sub)    # profile (cli/profile.py)
     for command in sub.choices.values():  # --debug also after the command name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser

@@ -72,12 +72,12 @@ def test_debug_shows_the_traceback(tree):
 
 
 def test_an_unexpected_error_is_one_line_with_a_hint(monkeypatch, capsys):
-    import densenet_zoo.infer.info as info
+    import densenet_zoo.cli.infer as cli_infer
 
     def broken(*a, **k):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(info, "model_info", broken)
+    monkeypatch.setattr(cli_infer, "model_info", broken)
     assert main(["info", "densenet121"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ZeroDivisionError: division by zero" in err and "--debug" in err
