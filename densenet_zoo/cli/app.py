@@ -1,8 +1,7 @@
 """``densenet-zoo``: thin command line over the library (parse, call, print).
 
 Each command group has an ``add_<group>`` function (here or in its own module) that registers its
-sub-parsers and
-sets ``func``; the function returns the process exit code. Errors print one line on stderr
+sub-parsers and sets ``func``; the function returns the process exit code. Errors print one line on stderr
 (exit code 1; ``--debug`` shows the traceback), Ctrl-C exits with 130 and a closed pipe with 141.
 """
 
