@@ -11,6 +11,8 @@ import os
 import sys
 from typing import List, Optional
 
+from .allocator import reexec_with_preferred
+
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from .zoo import create_model, list_models
@@ -117,6 +119,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
+        reexec_with_preferred(args.command, argv)  # finetune: tcmalloc/jemalloc when installed (DENSENET_ZOO_ALLOCATOR)
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
         return code

@@ -19,7 +19,9 @@ blocks run the per-layer strategy the fused one derives from.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple
+import ctypes
+import ctypes.util
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -59,6 +61,28 @@ def fused_supported(block: "_DenseBlock", x: Optional[Tensor] = None) -> bool:
         and _plain_conv(layer.conv1, 1) and _plain_conv(layer.conv2, 3)
         for layer in block.values()
     )
+
+
+def _find_malloc_trim() -> Optional[Callable[[int], int]]:
+    """glibc's ``malloc_trim``, or ``None`` where the C library has none (musl, macOS, Windows)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def release_freed_memory(x: Tensor) -> None:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``), for tensors in host memory.
+
+    glibc keeps freed blocks below its mmap threshold (raised up to 32 MiB as tensors are freed) in
+    its heaps, fragmented, so a block's many per-layer temporaries would leave the process resident
+    memory the strategy saved. Called at block boundaries; the allocator's settings stay as they are.
+    """
+    if _MALLOC_TRIM is not None and x.device.type == "cpu":
+        _MALLOC_TRIM(0)
 
 
 def _moments(t: Tensor) -> Tuple[Tensor, Tensor]:
@@ -111,6 +135,7 @@ class FusedDenseBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, layers: List["_DenseLayer"], keep_bottleneck: bool, x: Tensor, *params: Tensor) -> Tensor:
+        release_freed_memory(x)  # what the stem or the transition before freed
         n, c0, h, w = x.shape
         pixels, growth = n * h * w, layers[0].conv2.out_channels
         total = c0 + growth * len(layers)
@@ -149,11 +174,13 @@ class FusedDenseBlock(torch.autograd.Function):
         ctx.layers, ctx.keep_bottleneck, ctx.shape, ctx.c0 = layers, keep_bottleneck, (n, h, w), c0
         ctx.norm2_stats = norm2_stats
         ctx.save_for_backward(out, means, variances, *kept, *params)
+        release_freed_memory(out)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
+        release_freed_memory(grad_out)
         layers: List["_DenseLayer"] = ctx.layers
         n, h, w = ctx.shape
         saved = ctx.saved_tensors
@@ -212,6 +239,8 @@ class FusedDenseBlock(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[2]:
             grad_x = _nhwc(grad[:, : ctx.c0], (n, h, w)).contiguous(memory_format=torch.channels_last)
+        del grad, mat, out
+        release_freed_memory(grad_out)
         return (None, None, grad_x, *[param_grads.get(id(p)) for p in params])
 
 

@@ -40,6 +40,20 @@ def parse_bytes(value: Union[int, float, str]) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def _check_budget(budget: object) -> Union[float, int]:
+    """A fraction of normal mode in (0, 1] stays a float; anything else must be a positive number of bytes."""
+    if isinstance(budget, float):
+        if not 0.0 < budget <= 1.0:  # also refuses NaN and infinity
+            raise ValueError(f"budget as a fraction of normal mode must be in (0, 1], got {budget}; give bytes as '2GiB'")
+        return budget
+    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
+        raise ValueError(f"budget must be a fraction in (0, 1], a number of bytes or a size such as '2GiB', got {budget!r}")
+    size = parse_bytes(budget)
+    if size < 1:
+        raise ValueError(f"budget must be at least 1 byte, got {budget!r}; give a fraction such as 0.5 or a size such as '2GiB'")
+    return size
+
+
 Measurement = Dict[str, Tuple[int, float]]  # candidate name -> (bytes kept for backward, seconds)
 
 
@@ -58,9 +72,7 @@ class AutoStrategy(MemoryStrategy):
     default_candidates = ("none", "efficient", "shared", "norms", "layer", "fused", "fused_lean")
 
     def __init__(self, budget: Union[float, int, str] = 0.5, candidates: Optional[Sequence[str]] = None, name: str = "auto") -> None:
-        if isinstance(budget, float) and not 0.0 < budget <= 1.0:
-            raise ValueError(f"budget as a fraction of normal mode must be in (0, 1], got {budget}; give bytes as '2GiB'")
-        self.budget = budget if isinstance(budget, float) else parse_bytes(budget)
+        self.budget = _check_budget(budget)
         self.candidates = [get_memory_strategy(c) for c in (candidates or self.default_candidates)]
         if any(isinstance(c, AutoStrategy) for c in self.candidates):
             raise ValueError("the candidates of an AutoStrategy cannot include another AutoStrategy")

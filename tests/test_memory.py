@@ -350,3 +350,9 @@ def test_auto_rejects_bad_budgets():
         dz.AutoStrategy(budget=1.5)
     with pytest.raises(ValueError, match="8GiB"):
         dz.AutoStrategy(budget="lots")
+
+
+@pytest.mark.parametrize("budget", [-1, 0, "0MB", float("nan"), float("inf"), -0.5, None, True, [1], "-1GiB"])
+def test_auto_refuses_non_positive_and_garbage_budgets(budget):
+    with pytest.raises(ValueError, match="budget|memory size"):
+        dz.AutoStrategy(budget=budget)
