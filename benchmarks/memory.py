@@ -98,8 +98,12 @@ def main() -> int:
     print(report.table(), flush=True)
     check_targets(report, args.device.startswith("cuda"))
     out = Path(args.out)
-    for path in (report.to_json(out / "profile.json"), report.to_csv(out / "profile.csv"), report.plot(out / "profile.png")):
+    for path in (report.to_json(out / "profile.json"), report.to_csv(out / "profile.csv")):
         print(f"wrote {path}")
+    try:
+        print(f"wrote {report.plot(out / 'profile.png')}")
+    except ImportError as exc:  # matplotlib is optional
+        print(f"no plot: {exc}")
     if args.max_batch:
         found = dz.max_batch(args.model, budget=args.max_batch, image_size=args.image_size, modes=args.modes,
                              device=args.device, threads=args.threads, allocator=args.allocator,

@@ -105,7 +105,7 @@ def _check_sizes(ref: str, kwargs: Dict[str, Any], batch_size: int, image_size: 
 def _run_config(config: Dict[str, Any], subprocess_mode: bool, timeout: Optional[float] = None) -> Dict[str, Any]:
     """One configuration: in a fresh worker process (CPU) or here (CUDA, or subprocess_mode=False)."""
     if not subprocess_mode:
-        return measure(config)
+        return _measure_here(config)
     # Time and memory from separate processes (the high-water resets cost a little time), unless
     # separate_timing=False; both run with the configuration's allocator.
     env = allocator_env(config.get("allocator", "default"))
@@ -298,9 +298,12 @@ def max_batch(
 
 
 def _run_probe(config: Dict[str, Any], subprocess_mode: bool, timeout: Optional[float]) -> Dict[str, Any]:
-    """One max-batch probe; on CUDA an out-of-memory error is a probe that does not fit, not a failure."""
-    if subprocess_mode:
-        return _run_config(config, True, timeout)
+    """One max-batch probe (an out-of-memory error is a probe that does not fit)."""
+    return _run_config(config, subprocess_mode, timeout)
+
+
+def _measure_here(config: Dict[str, Any]) -> Dict[str, Any]:
+    """:func:`measure` in this process; a CUDA out-of-memory error becomes the row's error."""
     try:
         return measure(config)
     except torch.cuda.OutOfMemoryError as exc:
