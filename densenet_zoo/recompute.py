@@ -22,6 +22,13 @@ from torch import Tensor
 
 
 
+def _autocast_state(device: str) -> Dict[str, Any]:
+    """``torch.autocast`` arguments that reproduce the current autocast state of ``device``."""
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return {"device_type": device if device in ("cpu", "cuda") else "cpu", "enabled": False}
+    return {"device_type": device, "dtype": torch.get_autocast_dtype(device), "enabled": True}
+
+
 class Stage:
     """``conv(act(norm(x)))`` taken from a layer's modules; ``params`` are what autograd sees."""
 
@@ -49,12 +56,18 @@ class Stage:
         return self.act(y)
 
     def conv_backward(self, grad: Tensor, a: Tensor, mask: Sequence[bool]) -> Tuple[Optional[Tensor], ...]:
+        """Gradients of input, weight and bias; under autocast the weight is cast as the forward cast it."""
         c = self.conv
         bias_sizes = [c.out_channels] if c.bias is not None else None
-        return torch.ops.aten.convolution_backward(
-            grad, a, c.weight, bias_sizes, list(c.stride), list(c.padding), list(c.dilation),
-            False, [0, 0], c.groups, list(mask),
+        device = a.device.type
+        autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device) and a.dtype != torch.float64
+        dtype = torch.get_autocast_dtype(device) if autocast else a.dtype
+        grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad.to(dtype), a.to(dtype), c.weight.to(dtype), bias_sizes, list(c.stride), list(c.padding),
+            list(c.dilation), False, [0, 0], c.groups, list(mask),
         )
+        return (None if grad_a is None else grad_a.to(a.dtype), None if grad_w is None else grad_w.to(c.weight.dtype),
+                None if grad_b is None else grad_b.to(c.bias.dtype))
 
 
 def storage_alias(t: Tensor) -> Tensor:
@@ -96,6 +109,7 @@ class RecomputedStages(torch.autograd.Function):
     def forward(ctx: Any, stages: List[Stage], n_inputs: int, shared: Optional[Tuple[SharedBuffer, int]], *tensors: Tensor) -> Tensor:
         inputs = tensors[:n_inputs]
         ctx.stages, ctx.n_inputs, ctx.shared = stages, n_inputs, shared
+        ctx.autocast = _autocast_state(inputs[0].device.type)
         ctx.sizes = [t.shape[1] for t in inputs]
         if shared is not None:
             holder, channels = shared
@@ -127,7 +141,8 @@ class RecomputedStages(torch.autograd.Function):
         # convolutions between stages; the last convolution is not run again.
         leaves: List[Tensor] = []
         acts: List[Tensor] = []
-        with preserved_buffers([s.norm for s in stages]):
+        # The recomputation runs under the forward's autocast state, so it recomputes the same values.
+        with preserved_buffers([s.norm for s in stages]), torch.autocast(**ctx.autocast):
             for j, stage in enumerate(stages):
                 need = (inputs_need_grad if j == 0 else True) or any(p.requires_grad for p in stage.norm_params)
                 leaf = x.detach().requires_grad_(need and (j > 0 or inputs_need_grad))

@@ -72,3 +72,25 @@ def test_fused_under_autocast_saves_less_than_normal_mode_under_autocast():
         out.float().sum().backward()
         saved[mode] = counter.bytes
     assert saved["fused_lean"] < saved["fused"] < 0.7 * saved["none"]
+
+
+@pytest.mark.parametrize("strategy", ["efficient", "shared", "norms", "layer"])
+def test_per_layer_recompute_under_bf16_autocast_matches_normal_mode(strategy, monkeypatch):
+    from densenet_zoo import recompute
+
+    calls, real = [], recompute.RecomputedStages.apply
+    monkeypatch.setattr(recompute.RecomputedStages, "apply", lambda *a: calls.append(1) or real(*a))
+    base = _model()
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+    reference, normal, ours = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base).set_memory_efficient(strategy)
+    out_fp32 = _step(reference, x, y, None)
+    out_normal = _step(normal, x, y, torch.bfloat16)
+    out_ours = _step(ours, x, y, torch.bfloat16)
+    assert len(calls) >= 8  # every layer ran the recompute function, not the checkpoint fallback
+    assert _rel(out_ours, out_normal) < 4 * max(_rel(out_normal, out_fp32), 2**-8)
+    for (name, p), q, r in zip(normal.named_parameters(), ours.parameters(), reference.parameters()):
+        assert q.grad.dtype == torch.float32, name
+        assert _rel(q.grad, p.grad) < 4 * max(_rel(p.grad, r.grad), 2**-7), name
+    for (name, a), b in zip(normal.named_buffers(), ours.buffers()):
+        if a.dtype == torch.long:
+            assert torch.equal(a, b), name
