@@ -134,8 +134,23 @@ def _affine(norm: nn.Module, mean: Tensor, invstd: Tensor) -> Tuple[Tensor, Tens
     return scale, shift
 
 
-def _norm_relu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype)).relu_()
+def _norm_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype), out=out).relu_()
+
+
+class _Workspace:
+    """One allocation reused for a per-layer (pixels, channels) temporary whose width changes each layer.
+
+    Widths grow layer by layer in the forward: fresh allocations would each be too large for the
+    block freed before, and glibc's heap would keep every one of them.
+    """
+
+    def __init__(self, like: Tensor, rows: int, max_cols: int) -> None:
+        self.flat = like.new_empty(rows * max_cols)
+        self.rows = rows
+
+    def take(self, cols: int) -> Tensor:
+        return self.flat[: self.rows * cols].view(self.rows, cols)
 
 
 def _nhwc(t: Tensor, shape: Tuple[int, int, int]) -> Tensor:
@@ -173,13 +188,14 @@ class FusedDenseBlock(torch.autograd.Function):
         means[:c0], variances[:c0] = _moments(x_mat)
         del x_mat
 
+        work = _Workspace(x, pixels, total - growth)
         kept: List[Tensor] = []
         norm2_stats: List[Tuple[Tensor, Tensor]] = []
         for i, layer in enumerate(layers):
             c = c0 + i * growth
             _update_running(layer.norm1, means[:c], variances[:c], pixels)
             scale, shift = _affine(layer.norm1, means[:c], (variances[:c] + layer.norm1.eps).rsqrt())
-            a = _norm_relu(mat[:, :c], scale, shift)
+            a = _norm_relu(mat[:, :c], scale, shift, out=work.take(c))
             z = torch.mm(a, layer.conv1.weight.reshape(-1, c).to(x.dtype).t())
             del a
             norm2 = layer.norm2
@@ -218,6 +234,8 @@ class FusedDenseBlock(torch.autograd.Function):
         grad.view(n, h, w, -1).copy_(grad_out.permute(0, 2, 3, 1))
         growth = layers[0].conv2.out_channels
         param_grads: dict = {}
+        widest = ctx.c0 + growth * (len(layers) - 1)
+        work_x, work_a = _Workspace(mat, mat.shape[0], widest), _Workspace(mat, mat.shape[0], widest)
 
         def want(p: Optional[Tensor]) -> bool:
             return p is not None and p.requires_grad
@@ -226,10 +244,10 @@ class FusedDenseBlock(torch.autograd.Function):
             layer = layers[i]
             norm1, norm2, conv1, conv2 = layer.norm1, layer.norm2, layer.conv1, layer.conv2
             c = ctx.c0 + i * growth
-            x = mat[:, :c].contiguous()  # the kernels below are much faster on a dense matrix
+            x = work_x.take(c).copy_(mat[:, :c])  # the kernels below are much faster on a dense matrix
             invstd1 = (variances[:c] + norm1.eps).rsqrt()
             scale1, shift1 = _affine(norm1, means[:c], invstd1)
-            a = _norm_relu(x, scale1, shift1)
+            a = _norm_relu(x, scale1, shift1, out=work_a.take(c))
             w1 = conv1.weight.reshape(-1, c).to(mat.dtype)
             z = kept.pop() if ctx.keep_bottleneck else torch.mm(a, w1.t())
             mean2, invstd2 = ctx.norm2_stats[i]
@@ -265,7 +283,7 @@ class FusedDenseBlock(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[2]:
             grad_x = _nhwc(grad[:, : ctx.c0], (n, h, w)).contiguous(memory_format=torch.channels_last)
-        del grad, mat, out
+        del grad, mat, out, work_x, work_a
         release_freed_memory(grad_out)
         return (None, None, grad_x, *[param_grads.get(id(p)) for p in params])
 
