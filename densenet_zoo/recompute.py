@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .fused import release_freed_memory
+
 
 
 def _autocast_state(device: str) -> Dict[str, Any]:
@@ -197,8 +199,10 @@ class SharedConcat(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, holder: SharedBuffer, *features: Tensor) -> Tensor:
         ctx.sizes = [f.shape[1] for f in features]
+        release_freed_memory(holder.buffer)  # the block's per-layer temporaries, kept by glibc otherwise
         return holder.buffer
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        release_freed_memory(grad)  # what the backward of the later blocks freed
         return (None, *grad.split(ctx.sizes, 1))
