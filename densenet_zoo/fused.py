@@ -164,6 +164,10 @@ def _matrix(t: Tensor) -> Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
+def _wants_grad(p: Optional[Tensor]) -> bool:
+    return p is not None and p.requires_grad
+
+
 class FusedDenseBlock(torch.autograd.Function):
     """``apply(layers, keep_bottleneck, x, *params)`` -> the block output (channels-last)."""
 
@@ -236,10 +240,7 @@ class FusedDenseBlock(torch.autograd.Function):
         param_grads: dict = {}
         widest = ctx.c0 + growth * (len(layers) - 1)
         work_x, work_a = _Workspace(mat, mat.shape[0], widest), _Workspace(mat, mat.shape[0], widest)
-
-        def want(p: Optional[Tensor]) -> bool:
-            return p is not None and p.requires_grad
-
+        want = _wants_grad
         for i in reversed(range(len(layers))):
             layer = layers[i]
             norm1, norm2, conv1, conv2 = layer.norm1, layer.norm2, layer.conv1, layer.conv2
