@@ -14,6 +14,7 @@ Run it on a quiet machine: the times are only meaningful then.
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -105,9 +106,17 @@ def main() -> int:
     except ImportError as exc:  # matplotlib is optional
         print(f"no plot: {exc}")
     if args.max_batch:
+        partial: dict = {}
+
+        def save(mode: str, result: dict) -> None:  # a search cut short still leaves the modes it finished
+            partial[mode] = {"max_batch": result["max_batch"], "probes": [
+                {k: p.get(k) for k in ("batch_size", "absolute_peak_bytes", "step_s", "fits", "error")} for p in result["probes"]]}
+            print(f"max batch {mode}: {result['max_batch']}", flush=True)
+            (out / "max_batch.json").write_text(json.dumps({"budget": args.max_batch, "results": partial}, indent=2))
+
         found = dz.max_batch(args.model, budget=args.max_batch, image_size=args.image_size, modes=args.modes,
                              device=args.device, threads=args.threads, allocator=args.allocator,
-                             autocast=args.autocast, start=args.batch_size, limit=args.max_batch_limit)
+                             autocast=args.autocast, start=args.batch_size, limit=args.max_batch_limit, on_mode=save)
         print(found.table())
         print(f"wrote {found.to_json(out / 'max_batch.json')}")
     return 0

@@ -256,11 +256,12 @@ def max_batch(
     allocator: str = "default",
     autocast: Optional[str] = None,
     probe_timeout: Optional[float] = None,
+    on_mode: Optional[Callable[[str, Dict[str, Any]], None]] = None,
 ) -> MaxBatchReport:
     """Largest batch per mode whose training step stays within ``budget`` (absolute peak of the step).
 
     Doubling from ``start`` until a probe does not fit, then bisection; every CPU probe is a fresh
-    process (one warm-up and one measured step).
+    process (one warm-up and two measured steps); ``on_mode(mode, result)`` is called as each mode is done.
 
     >>> max_batch("densenet121", budget="8GiB", image_size=224, modes="none,efficient").table()
     """
@@ -293,6 +294,8 @@ def max_batch(
             return ok
 
         results[mode] = dict(max_batch=largest_fitting(fits, start, limit), probes=probes)
+        if on_mode is not None:  # e.g. to save partial results of a long search
+            on_mode(mode, results[mode])
     return MaxBatchReport(results, dict(environment(device, threads), model=ref, budget_bytes=budget_bytes, image_size=image_size,
                                         autocast=autocast, allocator=describe(allocator) if subprocess_mode else "as this process runs"))
 

@@ -100,7 +100,7 @@ def test_fused_function_directly_on_cuda_gradcheck_in_float64():
 @pytest.mark.timeout(300)
 def test_profiler_on_cuda_reports_every_mode():
     report = dz.profile("densenet_bc_100", batch_size=4, image_size=32, modes="all", device=DEVICE, steps=1,
-                        model_kwargs=dict(growth_rate=8, block_config=[2, 2, 2], num_init_features=16))
+                        model_kwargs=dict(growth_rate=12, block_config=[6, 6, 6], num_init_features=24))
     for row in report.rows:
         assert "error" not in row, row
         assert row["peak_bytes"] > 0 and row["step_s"] > 0 and row["allocator"] == "cuda caching allocator"
