@@ -92,6 +92,15 @@ class SharedBuffer:
         self.filled = 0  # channels written so far
         self.version: Optional[int] = None  # set when the block's forward is done
 
+    def dense_copy(self, part: Tensor) -> Tensor:
+        """A contiguous copy of ``part`` (the first channels of the buffer) in an allocation as large as the buffer.
+
+        The copies grow layer by layer; allocated at one size, each reuses the block glibc freed
+        before instead of leaving it behind (pages past ``part``'s size are never touched).
+        """
+        flat = part.new_empty(self.buffer.numel())
+        return flat[: part.numel()].view(part.shape).copy_(part)
+
     def check(self) -> None:
         if self.version is not None and self.buffer._version != self.version:
             raise RuntimeError(
@@ -118,7 +127,7 @@ class RecomputedStages(torch.autograd.Function):
             saved = storage_alias(holder.buffer[:, :channels])
             ctx.save_for_backward(saved)
             # Same kernels on the same memory layout as normal mode: results match it bit for bit.
-            x = saved.contiguous()
+            x = holder.dense_copy(saved)
         else:
             x = inputs[0] if n_inputs == 1 else torch.cat(inputs, 1)
             ctx.save_for_backward(*inputs)
@@ -132,7 +141,7 @@ class RecomputedStages(torch.autograd.Function):
         saved = ctx.saved_tensors
         if ctx.shared is not None:
             ctx.shared[0].check()
-            x = saved[0].contiguous()
+            x = ctx.shared[0].dense_copy(saved[0])
         else:
             x = saved[0] if len(saved) == 1 else torch.cat(saved, 1)
         inputs_need_grad = any(ctx.needs_input_grad[3 : 3 + ctx.n_inputs])
