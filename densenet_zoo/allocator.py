@@ -103,7 +103,7 @@ def reexec_with_preferred(command: Optional[str], argv: Optional[List[str]], com
     """Command line hook: re-execute ``python -m densenet_zoo ARGV`` once with the preferred allocator.
 
     Only for a real command line (``argv`` is ``None``) running one of ``commands``; says which
-    allocator runs on stderr. Returns when nothing is to be done or the library is absent.
+    allocator runs in the first line of stdout. Returns when nothing is to be done or the library is absent.
     """
     if argv is not None or command not in commands:
         return
@@ -118,8 +118,9 @@ def reexec_with_preferred(command: Optional[str], argv: Optional[List[str]], com
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, "-m", "densenet_zoo", *sys.argv[1:]], env)
+    # stdout: stderr stays for errors (bad input gives exactly one line there)
     print(f"densenet-zoo {command}: memory allocator {describe(active)}; set {ENV_VAR}=default, tcmalloc or "
-          "jemalloc to choose", file=sys.stderr)
+          "jemalloc to choose", flush=True)
 
 
 def run_script(argv: List[str]) -> int:
