@@ -306,11 +306,13 @@ def _run_probe(config: Dict[str, Any], subprocess_mode: bool, timeout: Optional[
 
 
 def _measure_here(config: Dict[str, Any]) -> Dict[str, Any]:
-    """:func:`measure` in this process; a CUDA out-of-memory error becomes the row's error."""
+    """:func:`measure` in this process; a failure (CUDA out of memory included) becomes the row's error,
+    as it does for a worker process, so one mode cannot stop the others."""
     try:
         return measure(config)
-    except torch.cuda.OutOfMemoryError as exc:
-        return {"mode": config["mode"], "batch_size": config["batch_size"], "error": str(exc).splitlines()[0]}
+    except (RuntimeError, ValueError, TypeError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return {"mode": config["mode"], "batch_size": config["batch_size"], "error": f"{type(exc).__name__}: {first}"}
     finally:
         if config["device"].startswith("cuda"):
             torch.cuda.empty_cache()
