@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # Pinned so that pip takes the build this project is tested with.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run test install clean
+.PHONY: run test install clean allocators
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,18 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-run: install
-	$(PY) examples/main_job.py
+# tcmalloc and jemalloc for the allocator tests and the profiler's --allocator (skipped when absent);
+# installed only where apt-get runs as root, otherwise left to the reader.
+allocators:
+	-@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		dpkg -s libtcmalloc-minimal4 libjemalloc2 >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4 libjemalloc2); fi
 
-test: install
+# The main job runs with tcmalloc when installed (DENSENET_ZOO_ALLOCATOR=default turns it off).
+run: install
+	$(PY) -c "import sys; from densenet_zoo.allocator import run_script; sys.exit(run_script(['examples/main_job.py']))"
+
+test: install allocators
 	$(PY) -m pytest -q
 
 clean:

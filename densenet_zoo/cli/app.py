@@ -12,6 +12,7 @@ import os
 import sys
 from typing import List, Optional
 
+from ..allocator import reexec_with_preferred
 from ..models import convert_checkpoint, create_model, list_models
 from ..weights import fetch, get_weights, list_weights, read_safetensors
 from .common import one_line, refuse_overwriting_inputs
@@ -105,6 +106,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
+        reexec_with_preferred(args.command, argv)  # finetune: tcmalloc/jemalloc when installed (DENSENET_ZOO_ALLOCATOR)
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
         return code

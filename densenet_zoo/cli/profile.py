@@ -6,6 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..allocator import ALLOCATORS, describe
+from ..profiling import depth_sweep, max_batch, profile
+
 
 def _write_all(report: Any, out: str, stem: str) -> None:
     if not out:
@@ -23,8 +26,10 @@ def _ints(text: str) -> list:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from ..profiling import depth_sweep, max_batch, profile
-
+    if args.image_size is not None and args.image_size < 1:
+        raise ValueError(f"--image-size must be >= 1 pixel, got {args.image_size}")
+    if not args.depth_sweep and not args.device.startswith("cuda"):
+        print(f"# measured processes run with allocator {describe(args.allocator)}", flush=True)
     if args.depth_sweep:
         report = depth_sweep(args.depth_sweep, growth_rate=args.growth_rate, image_size=args.image_size or 32,
                              batch_size=args.batch_size, modes=args.modes)
@@ -36,12 +41,13 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         if not args.budget:
             raise ValueError("--max-batch needs --budget, e.g. --budget 8GiB")
         report = max_batch(args.model, budget=args.budget, image_size=image_size, modes=args.modes,
-                           device=args.device, threads=args.threads)
+                           device=args.device, threads=args.threads, allocator=args.allocator, autocast=args.autocast)
         print(report.table())
         _write_all(report, args.out, "max_batch")
         return 0
     report = profile(args.model, batch_size=args.batch_size, image_size=image_size, modes=args.modes,
-                     device=args.device, reference=args.reference, steps=args.steps, warmup=args.warmup, threads=args.threads, rounds=args.rounds)
+                     device=args.device, reference=args.reference, steps=args.steps, warmup=args.warmup, threads=args.threads,
+                     rounds=args.rounds, allocator=args.allocator, autocast=args.autocast)
     print(report.table())
     _write_all(report, args.out, "profile")
     return 0
@@ -56,11 +62,16 @@ def add_profile(sub: argparse._SubParsersAction) -> None:
                    "append ':channels_last' to run a mode on channels-last tensors")
     p.add_argument("--reference", choices=["torchvision"], default=None, help="add torchvision's normal and memory_efficient rows")
     p.add_argument("--device", default="cpu", help="cpu (one fresh process per configuration) or cuda[:N]")
-    p.add_argument("--steps", type=int, default=3, help="measured steps after warm-up (time is their median)")
+    p.add_argument("--steps", type=int, default=5, help="measured steps after warm-up (time is their median; "
+                   "memory is the peak over at least 5)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=1, help="CPU: time each mode in this many fresh processes, modes taking turns; "
                    "0: all modes in one process, taking turns step by step")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each worker")
+    p.add_argument("--allocator", choices=ALLOCATORS, default="default",
+                   help="C allocator of the measured CPU processes (default: none preloaded, as a user runs; "
+                        "tcmalloc/jemalloc are preloaded when installed)")
+    p.add_argument("--autocast", choices=["bfloat16", "float16"], default=None, help="run the forward under torch.autocast")
     p.add_argument("--max-batch", action="store_true", help="largest batch per mode within --budget")
     p.add_argument("--budget", default=None, help="memory budget for --max-batch, e.g. 8GiB")
     p.add_argument("--depth-sweep", type=_ints, default=None, metavar="DEPTHS", help="DenseNet-BC depths, e.g. 40,100,160,250")

@@ -32,13 +32,31 @@ _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb"
 
 
 def parse_bytes(value: Union[int, float, str]) -> int:
-    """``"8GiB"``, ``"512MB"``, ``"1.5g"`` or a number of bytes -> bytes: ``parse_bytes("8GiB")``."""
+    """``"8GiB"``, ``"512MB"``, ``"1.5g"`` or a number of bytes -> bytes.
+
+    >>> parse_bytes("8GiB"), parse_bytes("512MB"), parse_bytes(1024)
+    (8589934592, 512000000, 1024)
+    """
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return int(value)
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
     if not match or match.group(2).lower() not in _UNITS:
         raise ValueError(f"memory size {value!r} is not understood; write it like '8GiB', '512MB' or a number of bytes")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _check_budget(budget: object) -> Union[float, int]:
+    """A fraction of normal mode in (0, 1] stays a float; anything else must be a positive number of bytes."""
+    if isinstance(budget, float):
+        if not 0.0 < budget <= 1.0:  # also refuses NaN and infinity
+            raise ValueError(f"budget as a fraction of normal mode must be in (0, 1], got {budget}; give bytes as '2GiB'")
+        return budget
+    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
+        raise ValueError(f"budget must be a fraction in (0, 1], a number of bytes or a size such as '2GiB', got {budget!r}")
+    size = parse_bytes(budget)
+    if size < 1:
+        raise ValueError(f"budget must be at least 1 byte, got {budget!r}; give a fraction such as 0.5 or a size such as '2GiB'")
+    return size
 
 
 Measurement = Dict[str, Tuple[int, float]]  # candidate name -> (bytes kept for backward, seconds)
@@ -50,8 +68,10 @@ class AutoStrategy(MemoryStrategy):
     ``budget``: a float in (0, 1] is a fraction of normal mode's bytes; an int or a string such as
     ``"2GiB"`` is an absolute number of bytes for the dense blocks' saved tensors.
 
-    >>> model = dz.densenet121(memory_efficient=dz.AutoStrategy(budget="1GiB"))
-    >>> model.memory_strategy.plan(model.features.denseblock1)   # after two training steps
+    Example::
+
+        model = dz.densenet121(memory_efficient=dz.AutoStrategy(budget="1GiB"))
+        model.memory_strategy.plan(model.features.denseblock1)   # after two training steps
     """
 
     name = "auto"
@@ -59,9 +79,7 @@ class AutoStrategy(MemoryStrategy):
     default_candidates = ("none", "efficient", "shared", "norms", "layer", "fused", "fused_lean")
 
     def __init__(self, budget: Union[float, int, str] = 0.5, candidates: Optional[Sequence[str]] = None, name: str = "auto") -> None:
-        if isinstance(budget, float) and not 0.0 < budget <= 1.0:
-            raise ValueError(f"budget as a fraction of normal mode must be in (0, 1], got {budget}; give bytes as '2GiB'")
-        self.budget = budget if isinstance(budget, float) else parse_bytes(budget)
+        self.budget = _check_budget(budget)
         self.candidates = [get_memory_strategy(c) for c in (candidates or self.default_candidates)]
         if any(isinstance(c, AutoStrategy) for c in self.candidates):
             raise ValueError("the candidates of an AutoStrategy cannot include another AutoStrategy")

@@ -138,8 +138,6 @@ def needs_graph(tensors: Iterable[Tensor], module: nn.Module) -> bool:
 
 
 def custom_functions_unavailable() -> bool:
-    """``torch.compile`` does not trace the recompute functions and they do not replay autocast."""
-    if torch.compiler.is_compiling():
-        return True
-    return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+    """``torch.compile`` does not trace the recompute functions (they replay autocast themselves)."""
+    return torch.compiler.is_compiling()
 

@@ -13,8 +13,9 @@ The backward runs the layers in reverse, adding each layer's input gradient into
 buffer in place.
 
 Supported: ``nn.BatchNorm2d``-semantics norms in training mode (torch's or ours), ReLU, the
-standard convolutions, no dropout, float32/float64, no autocast and no ``torch.compile``. Other
-blocks run the per-layer strategy the fused one derives from.
+standard convolutions, no dropout, float32/float64 (or, under autocast, an input in the autocast
+dtype: bfloat16 or float16, with float32 statistics and float32 parameter gradients) and no
+``torch.compile``. Other blocks run the per-layer strategy the fused one derives from.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..allocator import release_freed_memory
 from ..norms.batchnorm import BatchNorm2d as _OwnBatchNorm2d
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,11 +49,27 @@ def _plain_conv(conv: nn.Module, kernel: int) -> bool:
     )
 
 
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _compute_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype the block computes in: ``x``'s float32/float64, or under autocast the autocast dtype.
+
+    Under autocast normal mode's activations all have the autocast dtype (convolutions cast to it,
+    batch norm and ReLU keep it), so the fused block runs when its input has that dtype already.
+    """
+    device = x.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return dtype if dtype in _LOW_PRECISION and x.dtype == dtype else None
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else None
+
+
 def fused_supported(block: "_DenseBlock", x: Optional[Tensor] = None) -> bool:
     """Whether :class:`FusedDenseBlock` computes this block (for input ``x``) exactly; else the per-layer path runs."""
-    if x is not None and (x.dim() != 4 or x.dtype not in (torch.float32, torch.float64)):
+    if x is not None and (x.dim() != 4 or _compute_dtype(x) is None):
         return False
-    if torch.compiler.is_compiling() or any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
+    if torch.compiler.is_compiling():
         return False
     return all(
         layer.drop_rate == 0 and _plain_batchnorm(layer.norm1) and _plain_batchnorm(layer.norm2)
@@ -61,8 +79,15 @@ def fused_supported(block: "_DenseBlock", x: Optional[Tensor] = None) -> bool:
     )
 
 
+def _input_grad(grad: Tensor, shape: Tuple[int, int, int]) -> Tensor:
+    """The block input's gradient, from the first columns of the gradient buffer, in channels-last."""
+    return _nhwc(grad, shape).contiguous(memory_format=torch.channels_last)
+
+
 def _moments(t: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per-column mean and biased variance of a (pixels, channels) matrix (two-pass, accurate)."""
+    """Per-column mean and biased variance of a (pixels, channels) matrix (two-pass, in float32 at least)."""
+    if t.dtype in _LOW_PRECISION:
+        t = t.float()
     mean = t.mean(0)
     return mean, (t - mean).square_().mean(0)
 
@@ -91,8 +116,23 @@ def _affine(norm: nn.Module, mean: Tensor, invstd: Tensor) -> Tuple[Tensor, Tens
     return scale, shift
 
 
-def _norm_relu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    return torch.addcmul(shift, x, scale).relu_()
+def _norm_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype), out=out).relu_()
+
+
+class _Workspace:
+    """One allocation reused for a per-layer (pixels, channels) temporary whose width changes each layer.
+
+    Widths grow layer by layer in the forward: fresh allocations would each be too large for the
+    block freed before, and glibc's heap would keep every one of them.
+    """
+
+    def __init__(self, like: Tensor, rows: int, max_cols: int) -> None:
+        self.flat = like.new_empty(rows * max_cols)
+        self.rows = rows
+
+    def take(self, cols: int) -> Tensor:
+        return self.flat[: self.rows * cols].view(self.rows, cols)
 
 
 def _nhwc(t: Tensor, shape: Tuple[int, int, int]) -> Tensor:
@@ -106,11 +146,22 @@ def _matrix(t: Tensor) -> Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
+def _wants_grad(p: Optional[Tensor]) -> bool:
+    return p is not None and p.requires_grad
+
+
 class FusedDenseBlock(torch.autograd.Function):
     """``apply(layers, keep_bottleneck, x, *params)`` -> the block output (channels-last)."""
 
     @staticmethod
     def forward(ctx: Any, layers: List["_DenseLayer"], keep_bottleneck: bool, x: Tensor, *params: Tensor) -> Tensor:
+        # Under autocast x already has the autocast dtype; every cast below is explicit, as in backward.
+        with torch.autocast(x.device.type, enabled=False):
+            return FusedDenseBlock._forward(ctx, layers, keep_bottleneck, x, params)
+
+    @staticmethod
+    def _forward(ctx: Any, layers: List["_DenseLayer"], keep_bottleneck: bool, x: Tensor, params: Tuple[Tensor, ...]) -> Tensor:
+        release_freed_memory(x)  # what the stem or the transition before freed
         n, c0, h, w = x.shape
         pixels, growth = n * h * w, layers[0].conv2.out_channels
         total = c0 + growth * len(layers)
@@ -118,25 +169,27 @@ class FusedDenseBlock(torch.autograd.Function):
         mat = _matrix(out)
         x_mat = _matrix(x)
         mat[:, :c0].copy_(x_mat)
-        means, variances = x.new_empty(total), x.new_empty(total)
+        stats_dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+        means, variances = x.new_empty(total, dtype=stats_dtype), x.new_empty(total, dtype=stats_dtype)
         means[:c0], variances[:c0] = _moments(x_mat)
         del x_mat
 
+        work = _Workspace(x, pixels, total - growth)
         kept: List[Tensor] = []
         norm2_stats: List[Tuple[Tensor, Tensor]] = []
         for i, layer in enumerate(layers):
             c = c0 + i * growth
             _update_running(layer.norm1, means[:c], variances[:c], pixels)
             scale, shift = _affine(layer.norm1, means[:c], (variances[:c] + layer.norm1.eps).rsqrt())
-            a = _norm_relu(mat[:, :c], scale, shift)
-            z = torch.mm(a, layer.conv1.weight.reshape(-1, c).t())
+            a = _norm_relu(mat[:, :c], scale, shift, out=work.take(c))
+            z = torch.mm(a, layer.conv1.weight.reshape(-1, c).to(x.dtype).t())
             del a
             norm2 = layer.norm2
             factor = _average_factor(norm2)
             a2, mean2, invstd2 = aten.native_batch_norm(
                 z, norm2.weight, norm2.bias, norm2.running_mean, norm2.running_var, True, factor, norm2.eps
             )
-            y = F.conv2d(_nhwc(a2.relu_(), (n, h, w)), layer.conv2.weight, None, 1, 1)
+            y = F.conv2d(_nhwc(a2.relu_(), (n, h, w)), layer.conv2.weight.to(x.dtype), None, 1, 1)
             del a2
             y_mat = _matrix(y)
             mat[:, c : c + growth].copy_(y_mat)
@@ -149,11 +202,13 @@ class FusedDenseBlock(torch.autograd.Function):
         ctx.layers, ctx.keep_bottleneck, ctx.shape, ctx.c0 = layers, keep_bottleneck, (n, h, w), c0
         ctx.norm2_stats = norm2_stats
         ctx.save_for_backward(out, means, variances, *kept, *params)
+        release_freed_memory(out)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
+        release_freed_memory(grad_out)
         layers: List["_DenseLayer"] = ctx.layers
         n, h, w = ctx.shape
         saved = ctx.saved_tensors
@@ -165,26 +220,25 @@ class FusedDenseBlock(torch.autograd.Function):
         grad.view(n, h, w, -1).copy_(grad_out.permute(0, 2, 3, 1))
         growth = layers[0].conv2.out_channels
         param_grads: dict = {}
-
-        def want(p: Optional[Tensor]) -> bool:
-            return p is not None and p.requires_grad
-
+        widest = ctx.c0 + growth * (len(layers) - 1)
+        work_x, work_a = _Workspace(mat, mat.shape[0], widest), _Workspace(mat, mat.shape[0], widest)
+        want = _wants_grad
         for i in reversed(range(len(layers))):
             layer = layers[i]
             norm1, norm2, conv1, conv2 = layer.norm1, layer.norm2, layer.conv1, layer.conv2
             c = ctx.c0 + i * growth
-            x = mat[:, :c].contiguous()  # the kernels below are much faster on a dense matrix
+            x = work_x.take(c).copy_(mat[:, :c])  # the kernels below are much faster on a dense matrix
             invstd1 = (variances[:c] + norm1.eps).rsqrt()
             scale1, shift1 = _affine(norm1, means[:c], invstd1)
-            a = _norm_relu(x, scale1, shift1)
-            w1 = conv1.weight.reshape(-1, c)
+            a = _norm_relu(x, scale1, shift1, out=work_a.take(c))
+            w1 = conv1.weight.reshape(-1, c).to(mat.dtype)
             z = kept.pop() if ctx.keep_bottleneck else torch.mm(a, w1.t())
             mean2, invstd2 = ctx.norm2_stats[i]
             a2 = _norm_relu(z, *_affine(norm2, mean2, invstd2))
 
             grad_y = _nhwc(grad[:, c : c + growth].contiguous(), (n, h, w))
             grad_a2, grad_w2, _ = aten.convolution_backward(
-                grad_y, _nhwc(a2, (n, h, w)), conv2.weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                grad_y, _nhwc(a2, (n, h, w)), conv2.weight.to(mat.dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
                 [True, want(conv2.weight), False],
             )
             grad_a2 = aten.threshold_backward(_matrix(grad_a2), a2, 0)
@@ -194,7 +248,7 @@ class FusedDenseBlock(torch.autograd.Function):
                 [True, want(norm2.weight), want(norm2.bias)],
             )
             del grad_a2, z
-            grad_w1 = torch.mm(grad_z.t(), a).view_as(conv1.weight) if want(conv1.weight) else None
+            grad_w1 = torch.mm(grad_z.t(), a).view(conv1.weight.shape) if want(conv1.weight) else None
             grad_a = aten.threshold_backward(torch.mm(grad_z, w1), a, 0)
             del grad_z, a
             grad_x, grad_g1, grad_b1 = aten.native_batch_norm_backward(
@@ -207,11 +261,11 @@ class FusedDenseBlock(torch.autograd.Function):
             for p, g in ((norm1.weight, grad_g1), (norm1.bias, grad_b1), (conv1.weight, grad_w1),
                          (norm2.weight, grad_g2), (norm2.bias, grad_b2), (conv2.weight, grad_w2)):
                 if want(p):
-                    param_grads[id(p)] = g.view_as(p)
+                    param_grads[id(p)] = g.view(p.shape).to(p.dtype)  # autocast: weights were cast down
 
-        grad_x = None
-        if ctx.needs_input_grad[2]:
-            grad_x = _nhwc(grad[:, : ctx.c0], (n, h, w)).contiguous(memory_format=torch.channels_last)
+        grad_x = _input_grad(grad[:, : ctx.c0], (n, h, w)) if ctx.needs_input_grad[2] else None
+        del grad, mat, out, work_x, work_a
+        release_freed_memory(grad_out)
         return (None, None, grad_x, *[param_grads.get(id(p)) for p in params])
 
 

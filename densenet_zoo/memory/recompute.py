@@ -20,8 +20,15 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..allocator import release_freed_memory
 from .base import preserved_buffers
 
+
+def _autocast_state(device: str) -> Dict[str, Any]:
+    """``torch.autocast`` arguments that reproduce the current autocast state of ``device``."""
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return {"device_type": device if device in ("cpu", "cuda") else "cpu", "enabled": False}
+    return {"device_type": device, "dtype": torch.get_autocast_dtype(device), "enabled": True}
 
 
 class Stage:
@@ -51,12 +58,18 @@ class Stage:
         return self.act(y)
 
     def conv_backward(self, grad: Tensor, a: Tensor, mask: Sequence[bool]) -> Tuple[Optional[Tensor], ...]:
+        """Gradients of input, weight and bias; under autocast the weight is cast as the forward cast it."""
         c = self.conv
         bias_sizes = [c.out_channels] if c.bias is not None else None
-        return torch.ops.aten.convolution_backward(
-            grad, a, c.weight, bias_sizes, list(c.stride), list(c.padding), list(c.dilation),
-            False, [0, 0], c.groups, list(mask),
+        device = a.device.type
+        autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device) and a.dtype != torch.float64
+        dtype = torch.get_autocast_dtype(device) if autocast else a.dtype
+        grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad.to(dtype), a.to(dtype), c.weight.to(dtype), bias_sizes, list(c.stride), list(c.padding),
+            list(c.dilation), False, [0, 0], c.groups, list(mask),
         )
+        return (None if grad_a is None else grad_a.to(a.dtype), None if grad_w is None else grad_w.to(c.weight.dtype),
+                None if grad_b is None else grad_b.to(c.bias.dtype))
 
 
 def storage_alias(t: Tensor) -> Tensor:
@@ -79,6 +92,15 @@ class SharedBuffer:
         self.filled = 0  # channels written so far
         self.version: Optional[int] = None  # set when the block's forward is done
 
+    def dense_copy(self, part: Tensor) -> Tensor:
+        """A contiguous copy of ``part`` (the first channels of the buffer) in an allocation as large as the buffer.
+
+        The copies grow layer by layer; allocated at one size, each reuses the block glibc freed
+        before instead of leaving it behind (pages past ``part``'s size are never touched).
+        """
+        flat = part.new_empty(self.buffer.numel())
+        return flat[: part.numel()].view(part.shape).copy_(part)
+
     def check(self) -> None:
         if self.version is not None and self.buffer._version != self.version:
             raise RuntimeError(
@@ -98,13 +120,14 @@ class RecomputedStages(torch.autograd.Function):
     def forward(ctx: Any, stages: List[Stage], n_inputs: int, shared: Optional[Tuple[SharedBuffer, int]], *tensors: Tensor) -> Tensor:
         inputs = tensors[:n_inputs]
         ctx.stages, ctx.n_inputs, ctx.shared = stages, n_inputs, shared
+        ctx.autocast = _autocast_state(inputs[0].device.type)
         ctx.sizes = [t.shape[1] for t in inputs]
         if shared is not None:
             holder, channels = shared
             saved = storage_alias(holder.buffer[:, :channels])
             ctx.save_for_backward(saved)
             # Same kernels on the same memory layout as normal mode: results match it bit for bit.
-            x = saved.contiguous()
+            x = holder.dense_copy(saved)
         else:
             x = inputs[0] if n_inputs == 1 else torch.cat(inputs, 1)
             ctx.save_for_backward(*inputs)
@@ -118,7 +141,7 @@ class RecomputedStages(torch.autograd.Function):
         saved = ctx.saved_tensors
         if ctx.shared is not None:
             ctx.shared[0].check()
-            x = saved[0].contiguous()
+            x = ctx.shared[0].dense_copy(saved[0])
         else:
             x = saved[0] if len(saved) == 1 else torch.cat(saved, 1)
         inputs_need_grad = any(ctx.needs_input_grad[3 : 3 + ctx.n_inputs])
@@ -127,7 +150,8 @@ class RecomputedStages(torch.autograd.Function):
         # convolutions between stages; the last convolution is not run again.
         leaves: List[Tensor] = []
         acts: List[Tensor] = []
-        with preserved_buffers([s.norm for s in stages]):
+        # The recomputation runs under the forward's autocast state, so it recomputes the same values.
+        with preserved_buffers([s.norm for s in stages]), torch.autocast(**ctx.autocast):
             for j, stage in enumerate(stages):
                 need = (inputs_need_grad if j == 0 else True) or any(p.requires_grad for p in stage.norm_params)
                 leaf = x.detach().requires_grad_(need and (j > 0 or inputs_need_grad))
@@ -182,8 +206,10 @@ class SharedConcat(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, holder: SharedBuffer, *features: Tensor) -> Tensor:
         ctx.sizes = [f.shape[1] for f in features]
+        release_freed_memory(holder.buffer)  # the block's per-layer temporaries, kept by glibc otherwise
         return holder.buffer
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        release_freed_memory(grad)  # what the backward of the later blocks freed
         return (None, *grad.split(ctx.sizes, 1))

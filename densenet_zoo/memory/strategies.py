@@ -143,7 +143,8 @@ class RecomputedLayer(RecomputedNorms):
 class FusedBlock(RecomputedBothNorms):
     """The whole block as one autograd function (see :mod:`densenet_zoo.memory.fused`), keeping conv1's outputs.
 
-    Blocks it cannot run exactly (other norms, dropout, autocast, ``torch.compile``) run ``"norms"``.
+    Blocks it cannot run exactly (other norms, dropout, ``torch.compile``, an input that is not in the
+    autocast dtype under autocast) run ``"norms"``.
     """
 
     name = "fused"

@@ -1,8 +1,8 @@
-"""Entry point of the profiler's worker processes: ``python -m densenet_zoo.profiling worker CONFIG``."""
+"""Entry point of the profiler's worker processes: ``python -m densenet_zoo.profiling CONFIG_JSON``."""
 
 import sys
 
-from .runner import _worker_main
+from .worker import worker_main
 
 if __name__ == "__main__":
-    raise SystemExit(_worker_main(sys.argv[1:]))
+    raise SystemExit(worker_main(sys.argv[1:]))

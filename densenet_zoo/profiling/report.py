@@ -8,11 +8,12 @@ import math
 import os
 import platform
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional
 
 import torch
 
-PathLike = Union[str, Path]
+from .._utils import PathLike, atomic_write
+
 MB = 2**20
 
 
@@ -37,10 +38,7 @@ def environment(device: str, threads: Optional[int]) -> Dict[str, Any]:
 
 
 def _write(path: PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
+    return atomic_write(path, lambda f: f.write(text), binary=False)
 
 
 def _header(meta: Dict[str, Any]) -> str:
@@ -48,14 +46,17 @@ def _header(meta: Dict[str, Any]) -> str:
             f"threads={meta.get('threads')}", f"torch={meta.get('torch')}", f"torchvision={meta.get('torchvision')}"]
     if meta.get("gpu"):
         bits.insert(2, f"gpu={meta['gpu']}")
+    if meta.get("allocator"):
+        bits.append(f"allocator={meta['allocator']}")
+    if meta.get("autocast"):
+        bits.append(f"autocast={meta['autocast']}")
     return "# " + "  ".join(b for b in bits if b)
 
 
 def _savefig(fig: Any, path: PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format=path.suffix.lstrip(".") or "png"))
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -113,15 +114,17 @@ class ProfileReport:
         first = self.rows[0] if self.rows else {}
         lines = [_header(self.meta),
                  f"# batch {first.get('batch_size')}, {first.get('image_size')}x{first.get('image_size')}, one SGD step; "
-                 f"peak = {first.get('peak_method', 'n/a')} minus the loaded baseline; time = median of {self.meta.get('steps')} steps"
-                 + _timing_note(self.meta.get("rounds", 1)),
-                 f"{'mode':30s} {'peak MB':>9s} {'saved MB':>9s} {'step s':>8s} {'img/s':>8s} {'mem x':>6s} {'saved x':>8s} {'time x':>7s}"]
+                 f"peak = {first.get('peak_method', 'n/a')}, highest of {self.meta.get('memory_steps', 1)} steps after warm-up, "
+                 f"minus the loaded baseline; growth = last step's peak minus the first's; time = median of "
+                 f"{self.meta.get('steps')} steps" + _timing_note(self.meta.get("rounds", 1)),
+                 f"{'mode':30s} {'peak MB':>9s} {'growth':>7s} {'saved MB':>9s} {'step s':>8s} {'img/s':>8s} {'mem x':>6s} "
+                 f"{'saved x':>8s} {'time x':>7s}"]
         for r in self.rows:
             if "error" in r:
                 lines.append(f"{r['mode']:30s} error: {r['error']}")
                 continue
             lines.append(
-                f"{r['mode']:30s} {r['peak_mb']:9.1f} {r['saved_mb']:9.1f} {r['step_s']:8.3f} {r['img_per_s']:8.2f} "
+                f"{r['mode']:30s} {r['peak_mb']:9.1f} {r.get('peak_growth_bytes', 0) / MB:7.1f} {r['saved_mb']:9.1f} {r['step_s']:8.3f} {r['img_per_s']:8.2f} "
                 f"{r.get('mem_ratio', math.nan):6.2f} {r.get('saved_ratio', math.nan):8.3f} {r.get('time_ratio', math.nan):7.2f}"
             )
         return "\n".join(lines)
@@ -130,15 +133,15 @@ class ProfileReport:
         return _write(path, json.dumps({"meta": self.meta, "rows": self.rows}, indent=2, default=str))
 
     def to_csv(self, path: PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        keys = ["mode", "batch_size", "image_size", "peak_bytes", "saved_bytes", "step_s", "img_per_s",
-                "mem_ratio", "saved_ratio", "time_ratio", "baseline_bytes", "error"]
-        with path.open("w", newline="") as f:
+        keys = ["mode", "batch_size", "image_size", "peak_bytes", "peak_growth_bytes", "saved_bytes", "step_s",
+                "img_per_s", "mem_ratio", "saved_ratio", "time_ratio", "baseline_bytes", "allocator", "autocast", "error"]
+
+        def write(f: Any) -> None:
             writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self.rows)
-        return path
+
+        return atomic_write(path, write, binary=False)
 
     def plot(self, path: PathLike) -> Path:
         """Bar charts: peak and saved memory per mode, and step time per mode."""

@@ -1,8 +1,7 @@
-"""Resident memory of this process: current, peak during a block of code, and returning freed memory."""
+"""Resident memory of this process: current, and the peak during a block of code."""
 
 from __future__ import annotations
 
-import ctypes
 import threading
 
 
@@ -47,15 +46,3 @@ class _PeakRss:
             self._stop.set()
             self._thread.join()
             self.peak = max(self.peak, _rss_kib("VmRSS"))
-
-
-def _return_freed_memory() -> str:
-    """Make glibc hand freed blocks back to the system, so resident memory follows live tensors."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: blocks of 64 KiB and more are mmap-ed, unmapped on free
-        libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD: give back the top of the heap at once
-        libc.malloc_trim(0)
-        return "glibc mmap threshold 64 KiB, heap trimmed"
-    except (OSError, AttributeError):
-        return "allocator left as is"

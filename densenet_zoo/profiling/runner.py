@@ -1,47 +1,44 @@
-"""Memory and time of one training step per memory strategy, measured the same way for every mode.
+"""Memory and time of training steps per memory strategy, measured the same way for every mode.
 
 What is measured, per configuration (model, mode, batch size, image size):
 
-* CPU: two fresh ``python -m densenet_zoo.profiling`` processes per configuration. The first
-  times the steps with the default allocator. The second runs with glibc returning every freed
-  block of 64 KiB or more at once (``MALLOC_MMAP_THRESHOLD_``), so resident memory follows live
-  tensors; its *baseline* is VmRSS with the model, the SGD optimizer (momentum state included), the
-  input and the targets allocated after a warm-up step, gradients freed. The high-water mark is
-  reset (``5`` written to ``/proc/self/clear_refs``), one step (forward, backward, optimizer step)
-  runs, and the peak is VmHWM after it. Reported: peak minus baseline.
+* CPU: fresh worker processes per configuration, started with the chosen allocator (``default``:
+  the process exactly as a user starts it; see :mod:`densenet_zoo.allocator`). The peak is the
+  highest resident memory over the measured steps (>= 5 by default) after warm-up, above the
+  baseline with the model, the optimizer state and the data loaded, before the first step; the
+  growth of the per-step peak from the first measured step to the last is reported too
+  (:mod:`densenet_zoo.profiling.worker` has the details).
 * CUDA: ``torch.cuda.reset_peak_memory_stats`` before and ``max_memory_allocated`` after each
   step, minus ``memory_allocated`` at the same baseline.
 * Saved for backward: unique storages packed by ``saved_tensors_hooks`` during one forward
   (parameters excluded); deterministic, the same on any machine.
-* Time: median over the measured steps after warm-up.
+* Time: median over the measured steps after warm-up; ``rounds=0`` runs every mode in one process,
+  the modes taking turns step by step.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import statistics
 import subprocess
 import sys
-import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-from ..models import DenseNet, create_model
+from ..allocator import allocator_env, describe
+from ..memory import SavedTensorBytes, list_memory_strategies, parse_bytes
+from ..models import DenseNet
 from ..models.configs import canonical_name
-from ..memory import SavedTensorBytes, get_memory_strategy, list_memory_strategies, parse_bytes
-from .rss import _PeakRss, _return_freed_memory, _rss_kib
 from .report import DepthSweepReport, MaxBatchReport, ProfileReport, environment
+from .rss import _PeakRss  # noqa: F401  (part of this module's interface for tests and scripts)
+from .worker import AUTOCAST_DTYPES, CHANNELS_LAST, WORKER_COMMAND, build, measure
 
 __all__ = ["profile", "max_batch", "depth_sweep", "resolve_modes", "ProfileReport", "MaxBatchReport", "DepthSweepReport"]
 
 REFERENCE_MODES = {"torchvision": ["torchvision", "torchvision_memory_efficient"]}
-#: ``"none:channels_last"``: a mode run with the model and the input in channels-last memory format.
-CHANNELS_LAST = ":channels_last"
-_TORCHVISION_ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201")
 ModelSpec = Union[str, Callable[..., nn.Module]]
 
 
@@ -77,162 +74,49 @@ def _model_ref(model: ModelSpec) -> str:
     return f"{module}:{qualname}"
 
 
-def _build(ref: str, mode: str, kwargs: Dict[str, Any]) -> nn.Module:
-    if mode.endswith(CHANNELS_LAST):
-        return _build(ref, mode[: -len(CHANNELS_LAST)], kwargs).to(memory_format=torch.channels_last)
-    if mode.startswith("torchvision"):
-        import torchvision
+def _check_counts(**counts: Any) -> None:
+    """``steps`` >= 1, ``warmup`` >= 0 and ``threads`` (None or >= 1) as integers."""
+    lowest = {"steps": 1, "warmup": 0, "threads": 1}
+    for name, value in counts.items():
+        if value is None and name == "threads":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest[name]:
+            raise ValueError(f"{name} must be an integer >= {lowest[name]}, got {value!r}; pass --{name} {max(lowest[name], 1)} or more")
 
-        arch = ref.rsplit(":", 1)[-1]
-        if arch not in _TORCHVISION_ARCHS:
-            raise ValueError(f"torchvision has no reference for {arch!r}; use one of {', '.join(_TORCHVISION_ARCHS)}")
-        tv_kwargs = {k: v for k, v in kwargs.items() if k in ("num_classes", "drop_rate")}
-        return getattr(torchvision.models, arch)(memory_efficient=mode.endswith("memory_efficient"), **tv_kwargs)
-    if ":" in ref:
-        import importlib
 
-        module, qualname = ref.split(":", 1)
-        obj: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-        model = obj(**kwargs)
-    else:
-        model = create_model(ref, **kwargs)
-    set_mode = getattr(model, "set_memory_efficient", None)
-    if set_mode is None:
-        raise ValueError(f"model {ref!r} has no set_memory_efficient(); memory modes apply to densenet_zoo models")
-    return set_mode(mode)
+def _check_autocast(autocast: Optional[str]) -> Optional[str]:
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "none": None, "": None}
+    name = aliases.get(str(autocast).lower(), autocast) if autocast is not None else None
+    if name is not None and name not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast {autocast!r} is not understood; expected bfloat16 (bf16), float16 (fp16) or none")
+    return name
 
 
 def _check_sizes(ref: str, kwargs: Dict[str, Any], batch_size: int, image_size: int) -> nn.Module:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    model = _build(ref, "none", kwargs)
+    model = build(ref, "none", kwargs)
     low = getattr(model, "min_input_size", 1)
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < low:
         raise ValueError(f"image_size {image_size!r} is too small for this model: it needs at least {low} pixels; raise --image-size")
     return model
 
 
-# -- one configuration (runs inside the worker, or in-process on CUDA) ----------------------------
-def _setup(config: Dict[str, Any]) -> tuple:
-    """Model, optimizer, input and one training step (forward, backward, SGD step) of a configuration."""
-    device = torch.device(config.get("device", "cpu"))
-    torch.manual_seed(0)
-    model = _build(config["model"], config["mode"], config.get("model_kwargs", {})).to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    n, s = config["batch_size"], config["image_size"]
-    x = torch.randn(n, 3, s, s, device=device)
-    if config["mode"].endswith(CHANNELS_LAST):
-        x = x.contiguous(memory_format=torch.channels_last)
-    classes = getattr(model, "num_classes", 1000) or 1
-    y = torch.randint(0, classes, (n,), device=device)
-
-    def step() -> None:
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-
-    return device, model, opt, x, step
-
-
-def measure_together(configs: List[Dict[str, Any]], steps: int, warmup: int) -> Dict[str, List[float]]:
-    """Step times of every configuration in this one process, the modes taking turns step by step.
-
-    A shared machine whose speed drifts over minutes slows every mode alike, not the one measured then.
-    """
-    setups = [(c["mode"], _setup(c)) for c in configs]
-    for _, (_, _, opt, _, step) in setups:
-        for _ in range(warmup):
-            step()
-            opt.zero_grad(set_to_none=True)
-    times: Dict[str, List[float]] = {mode: [] for mode, _ in setups}
-    for i in range(steps):
-        for mode, (_, _, opt, _, step) in setups[i % len(setups):] + setups[: i % len(setups)]:
-            gc.collect()
-            start = time.perf_counter()
-            step()
-            times[mode].append(time.perf_counter() - start)
-            opt.zero_grad(set_to_none=True)
-    return times
-
-
-def measure(config: Dict[str, Any]) -> Dict[str, Any]:
-    """Measure one configuration in this process (see the module docstring): a dict of results."""
-    device, model, opt, x, step = _setup(config)
-    n, s = config["batch_size"], config["image_size"]
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(config.get("warmup", 1)):
-        step()
-        opt.zero_grad(set_to_none=True)
-    gc.collect()
-    sync()
-    cuda = device.type == "cuda"
-    times, peaks, method = [], [], None
-    if cuda:
-        baseline = torch.cuda.memory_allocated(device)
-        for _ in range(config.get("steps", 3)):
-            torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - start)
-            peaks.append(torch.cuda.max_memory_allocated(device) - baseline)
-            opt.zero_grad(set_to_none=True)
-        method = "torch.cuda.max_memory_allocated after reset_peak_memory_stats"
-    else:
-        phase = config.get("phase", "both")
-        if phase != "memory":
-            for _ in range(config.get("steps", 3)):
-                start = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - start)
-                opt.zero_grad(set_to_none=True)
-        if phase == "time":
-            return {"step_s": statistics.median(times), "step_times_s": times}
-        allocator = "allocator set by the environment" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else _return_freed_memory()
-        gc.collect()
-        baseline = _rss_kib("VmRSS") * 1024
-        for _ in range(config.get("memory_steps", 1)):
-            with _PeakRss() as peak:
-                step()
-            peaks.append(peak.peak * 1024 - baseline)
-            opt.zero_grad(set_to_none=True)
-        method = f"{peak.method} ({allocator})"
-    with SavedTensorBytes(exclude=model.parameters()) as saved:
-        out = model(x)
-    del out
-    return {
-        "mode": config["mode"], "batch_size": n, "image_size": s, "peak_bytes": max(peaks),
-        "step_s": statistics.median(times) if times else None, "step_times_s": times, "saved_bytes": saved.bytes,
-        "baseline_bytes": baseline, "absolute_peak_bytes": baseline + max(peaks), "peak_method": method,
-        "params": sum(p.numel() for p in model.parameters()),
-    }
-
-
 def _run_config(config: Dict[str, Any], subprocess_mode: bool, timeout: Optional[float] = None) -> Dict[str, Any]:
     """One configuration: in a fresh worker process (CPU) or here (CUDA, or subprocess_mode=False)."""
     if not subprocess_mode:
-        return measure(config)
-    # Two fresh processes: time with the default allocator, memory with glibc returning every freed
-    # block of 64 KiB or more at once (MALLOC_MMAP_THRESHOLD_), so resident memory follows live tensors.
-    # With separate_timing=False one process does both (times then include the page faults).
+        return _measure_here(config)
+    # Time and memory from separate processes (the high-water resets cost a little time), unless
+    # separate_timing=False; both run with the configuration's allocator.
+    env = allocator_env(config.get("allocator", "default"))
     separate = config.get("separate_timing", True)
-    timed = _worker(dict(config, phase="time"), {}, timeout) if separate and config.get("timed", True) else {}
+    timed = _worker(dict(config, phase="time"), env, timeout) if separate and config.get("timed", True) else {}
     if "error" in timed:
         return timed
-    phase = "memory" if separate else "both"
-    result = _worker(dict(config, phase=phase), _MEMORY_ENV, timeout)
+    result = _worker(dict(config, phase="memory" if separate else "both"), env, timeout)
     if "error" not in result:
         result.update(timed)
     return result
-
-
-_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 def _interleaved_times(configs: List[Dict[str, Any]], rounds: int) -> Dict[str, Any]:
@@ -244,7 +128,7 @@ def _interleaved_times(configs: List[Dict[str, Any]], rounds: int) -> Dict[str, 
         first = configs[0]
         together = dict(mode="together", batch_size=first["batch_size"], phase="together", configs=configs,
                         steps=first["steps"], warmup=first["warmup"], threads=first.get("threads"))
-        result = _worker(together, {}, None)
+        result = _worker(together, allocator_env(first.get("allocator", "default")), None)
         if "error" not in result:
             return result["times"]
         return {c["mode"]: dict(result, mode=c["mode"]) for c in configs}  # every row names its own mode
@@ -254,7 +138,7 @@ def _interleaved_times(configs: List[Dict[str, Any]], rounds: int) -> Dict[str, 
             mode = config["mode"]
             if isinstance(times[mode], dict):  # failed in an earlier round
                 continue
-            result = _worker(dict(config, phase="time"), {}, None)
+            result = _worker(dict(config, phase="time"), allocator_env(config.get("allocator", "default")), None)
             times[mode] = result if "error" in result else times[mode] + result["step_times_s"]
     return times
 
@@ -266,7 +150,7 @@ def _worker(config: Dict[str, Any], extra_env: Dict[str, str], timeout: Optional
     threads = config.get("threads")
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-m", "densenet_zoo.profiling", "worker", json.dumps(config)]
+    cmd = [sys.executable, *WORKER_COMMAND, json.dumps(config)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -287,32 +171,41 @@ def profile(
     device: str = "cpu",
     reference: Optional[str] = None,
     *,
-    steps: int = 3,
+    steps: int = 5,
     warmup: int = 1,
     threads: Optional[int] = None,
     subprocess_mode: Optional[bool] = None,
     separate_timing: bool = True,
     rounds: int = 1,
     model_kwargs: Optional[Dict[str, Any]] = None,
+    allocator: str = "default",
+    autocast: Optional[str] = None,
 ) -> ProfileReport:
     """Peak memory, saved-for-backward bytes and step time of each mode; ratios against normal mode.
 
     On CPU, ``rounds > 1`` times every mode in that many fresh processes, the modes taking turns,
     and reports the median over all their steps; ``rounds=0`` times every mode in one process,
     the modes taking turns step by step (``steps`` each), which cancels a drifting machine speed best.
-
-    >>> report = profile("densenet121", batch_size=16, image_size=224, modes="all", reference="torchvision")
-    >>> print(report.table()); report.to_json("p.json"); report.to_csv("p.csv"); report.plot("p.png")
+    Memory on CPU is the peak over ``max(steps, 5)`` steps after warm-up in a process started with
+    ``allocator`` (``default``, ``tcmalloc``, ``jemalloc`` or ``mmap-threshold``). ``autocast``
+    (``"bfloat16"`` or ``"float16"``) runs the forward under ``torch.autocast`` of the device.
+    Example: ``profile("densenet121", modes="all", reference="torchvision").table()``; the report also
+    writes ``to_json`` / ``to_csv`` / ``plot``.
     """
     ref = _model_ref(model)
     kwargs = dict(model_kwargs or {})
-    _check_sizes(ref, kwargs, batch_size, image_size)
-    names = resolve_modes(modes, reference)
-    subprocess_mode = not device.startswith("cuda") if subprocess_mode is None else subprocess_mode
+    _check_counts(steps=steps, warmup=warmup, threads=threads)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"rounds must be an integer >= 0 (0: all modes in one process, taking turns), got {rounds!r}")
+    _check_sizes(ref, kwargs, batch_size, image_size)
+    names = resolve_modes(modes, reference)
+    autocast = _check_autocast(autocast)
+    subprocess_mode = not device.startswith("cuda") if subprocess_mode is None else subprocess_mode
+    if subprocess_mode:
+        allocator_env(allocator)  # refuses an unknown or absent allocator before anything runs
     configs = [dict(model=ref, model_kwargs=kwargs, mode=mode, batch_size=batch_size, image_size=image_size,
-                    device=device, steps=steps, warmup=warmup, threads=threads, separate_timing=separate_timing)
+                    device=device, steps=steps, memory_steps=max(steps, 5), warmup=warmup, threads=threads,
+                    separate_timing=separate_timing, allocator=allocator, autocast=autocast)
                for mode in names]
     interleaved = subprocess_mode and separate_timing
     times = _interleaved_times(configs, rounds) if interleaved else {}
@@ -327,7 +220,8 @@ def profile(
             row.update(step_s=statistics.median(timed), step_times_s=timed)
         rows.append(row)
     return ProfileReport(rows, dict(environment(device, threads), model=ref, subprocess=subprocess_mode, steps=steps,
-                                    warmup=warmup, rounds=rounds))
+                                    warmup=warmup, rounds=rounds, autocast=autocast, memory_steps=max(steps, 5),
+                                    allocator=describe(allocator) if subprocess_mode else "as this process runs"))
 
 
 def largest_fitting(fits: Callable[[int], bool], start: int = 1, limit: int = 4096) -> int:
@@ -358,17 +252,25 @@ def max_batch(
     limit: int = 4096,
     threads: Optional[int] = None,
     model_kwargs: Optional[Dict[str, Any]] = None,
+    allocator: str = "default",
+    autocast: Optional[str] = None,
+    probe_timeout: Optional[float] = None,
+    on_mode: Optional[Callable[[str, Dict[str, Any]], None]] = None,
 ) -> MaxBatchReport:
     """Largest batch per mode whose training step stays within ``budget`` (absolute peak of the step).
 
     Doubling from ``start`` until a probe does not fit, then bisection; every CPU probe is a fresh
-    process (one warm-up and one measured step).
+    process (one warm-up and two measured steps); ``on_mode(mode, result)`` is called as each mode is done.
 
-    >>> max_batch("densenet121", budget="8GiB", image_size=224, modes="none,efficient").table()
+    Example::
+
+        max_batch("densenet121", budget="8GiB", image_size=224, modes="none,efficient").table()
     """
     ref = _model_ref(model)
     kwargs = dict(model_kwargs or {})
+    _check_counts(threads=threads)
     probe_model = _check_sizes(ref, kwargs, start, image_size)
+    autocast = _check_autocast(autocast)
     budget_bytes = parse_bytes(budget)
     own = sum(p.numel() * p.element_size() for p in probe_model.parameters())
     if budget_bytes <= own:
@@ -377,20 +279,44 @@ def max_batch(
             f"({own / 2**20:.1f} MiB of parameters); give a larger --budget"
         )
     subprocess_mode = not device.startswith("cuda")
+    if subprocess_mode:
+        allocator_env(allocator)
     results: Dict[str, Any] = {}
     for mode in resolve_modes(modes):
         probes: List[Dict[str, Any]] = []
 
         def fits(n: int) -> bool:
             config = dict(model=ref, model_kwargs=kwargs, mode=mode, batch_size=n, image_size=image_size,
-                          device=device, steps=1, warmup=1, threads=threads)
-            row = _run_config(config, subprocess_mode)
+                          device=device, steps=2, warmup=1, threads=threads, allocator=allocator, autocast=autocast,
+                          separate_timing=False)
+            row = _run_probe(config, subprocess_mode, probe_timeout)
             ok = "error" not in row and row["absolute_peak_bytes"] <= budget_bytes
             probes.append(dict(row, fits=ok))
             return ok
 
         results[mode] = dict(max_batch=largest_fitting(fits, start, limit), probes=probes)
-    return MaxBatchReport(results, dict(environment(device, threads), model=ref, budget_bytes=budget_bytes, image_size=image_size))
+        if on_mode is not None:  # e.g. to save partial results of a long search
+            on_mode(mode, results[mode])
+    return MaxBatchReport(results, dict(environment(device, threads), model=ref, budget_bytes=budget_bytes, image_size=image_size,
+                                        autocast=autocast, allocator=describe(allocator) if subprocess_mode else "as this process runs"))
+
+
+def _run_probe(config: Dict[str, Any], subprocess_mode: bool, timeout: Optional[float]) -> Dict[str, Any]:
+    """One max-batch probe (an out-of-memory error is a probe that does not fit)."""
+    return _run_config(config, subprocess_mode, timeout)
+
+
+def _measure_here(config: Dict[str, Any]) -> Dict[str, Any]:
+    """:func:`measure` in this process; a failure (CUDA out of memory included) becomes the row's error,
+    as it does for a worker process, so one mode cannot stop the others."""
+    try:
+        return measure(config)
+    except (RuntimeError, ValueError, TypeError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return {"mode": config["mode"], "batch_size": config["batch_size"], "error": f"{type(exc).__name__}: {first}"}
+    finally:
+        if config["device"].startswith("cuda"):
+            torch.cuda.empty_cache()
 
 
 def depth_sweep(
@@ -404,7 +330,9 @@ def depth_sweep(
 
     Exact counts, measured in this process; the report fits ``bytes ~ depth ** exponent`` per mode.
 
-    >>> depth_sweep([40, 100, 160, 250], growth_rate=12, image_size=32).exponents()
+    Example::
+
+        depth_sweep([40, 100, 160, 250], growth_rate=12, image_size=32).exponents()
     """
     # "auto" decides by measuring on its first forward, which is all a sweep point runs.
     names = [m for m in resolve_modes(modes) if not m.startswith("torchvision") and m != "auto"]
@@ -425,19 +353,3 @@ def depth_sweep(
             del out
             rows.append(dict(depth=depth, mode=mode, saved_bytes=saved.bytes))
     return DepthSweepReport(rows, dict(environment("cpu", None), growth_rate=growth_rate, image_size=image_size, batch_size=batch_size))
-
-
-def _worker_main(argv: List[str]) -> int:
-    if len(argv) != 2 or argv[0] != "worker":
-        print("usage: python -m densenet_zoo.profiling worker CONFIG_JSON", file=sys.stderr)
-        return 2
-    config = json.loads(argv[1])
-    if config.get("threads"):
-        torch.set_num_threads(int(config["threads"]))
-    if config.get("phase") == "together":
-        result: Dict[str, Any] = {"times": measure_together(config["configs"], config["steps"], config["warmup"])}
-    else:
-        result = measure(config)
-    print(json.dumps(result), flush=True)
-    return 0
-
