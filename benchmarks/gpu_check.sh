@@ -8,7 +8,7 @@
 # in all) and a failing part does not stop the next one.
 set -u
 OUT=${OUT:-/tmp/gpu_check}
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -30,7 +30,7 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
     git log --oneline -1 2>/dev/null
 } > "$OUT/env.txt"
 
-part pytest_cuda 90 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_memory_cuda.py
+part pytest_cuda 90 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/memory/test_memory_cuda.py
 
 # DenseNet-121, batch 64, 224x224: normal, torchvision's two modes and every strategy (fp32, then bf16 autocast).
 part memory_fp32 60 "$PY" benchmarks/memory.py --device cuda --batch-size 64 --modes all --steps 5 --out "$WORK/fp32"
