@@ -14,6 +14,7 @@ after the recomputation, so running statistics are updated once, by the real for
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -84,12 +85,19 @@ def storage_alias(t: Tensor) -> Tensor:
     return alias
 
 
-class SharedBuffer:
-    """The pre-allocated output of one dense block; layers read slices of it instead of concatenating."""
+class BufferGuard:
+    """What a layer's backward needs of its block's buffer, without holding the buffer itself.
+
+    A backward context that held the buffer (the block's output, whose autograd node leads back to
+    that context) would close a reference cycle through the autograd graph, which Python's garbage
+    collector cannot free: every training step would leak the block's features.
+    """
+
+    __slots__ = ("_ref", "numel", "version")
 
     def __init__(self, buffer: Tensor) -> None:
-        self.buffer = buffer
-        self.filled = 0  # channels written so far
+        self._ref = weakref.ref(buffer)
+        self.numel = buffer.numel()
         self.version: Optional[int] = None  # set when the block's forward is done
 
     def dense_copy(self, part: Tensor) -> Tensor:
@@ -98,15 +106,25 @@ class SharedBuffer:
         The copies grow layer by layer; allocated at one size, each reuses the block glibc freed
         before instead of leaving it behind (pages past ``part``'s size are never touched).
         """
-        flat = part.new_empty(self.buffer.numel())
+        flat = part.new_empty(self.numel)
         return flat[: part.numel()].view(part.shape).copy_(part)
 
     def check(self) -> None:
-        if self.version is not None and self.buffer._version != self.version:
+        buffer = self._ref()  # gone: nobody can have changed it since
+        if buffer is not None and self.version is not None and buffer._version != self.version:
             raise RuntimeError(
                 "the output of a dense block was modified in place after the forward; the memory strategy "
                 "reads it in backward. Apply the in-place operation to a copy, or use memory_efficient='efficient'"
             )
+
+
+class SharedBuffer:
+    """The pre-allocated output of one dense block; layers read slices of it instead of concatenating."""
+
+    def __init__(self, buffer: Tensor) -> None:
+        self.buffer = buffer
+        self.filled = 0  # channels written so far
+        self.guard = BufferGuard(buffer)
 
 
 class RecomputedStages(torch.autograd.Function):
@@ -119,7 +137,8 @@ class RecomputedStages(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, stages: List[Stage], n_inputs: int, shared: Optional[Tuple[SharedBuffer, int]], *tensors: Tensor) -> Tensor:
         inputs = tensors[:n_inputs]
-        ctx.stages, ctx.n_inputs, ctx.shared = stages, n_inputs, shared
+        ctx.stages, ctx.n_inputs = stages, n_inputs
+        ctx.guard = shared[0].guard if shared is not None else None
         ctx.autocast = _autocast_state(inputs[0].device.type)
         ctx.sizes = [t.shape[1] for t in inputs]
         if shared is not None:
@@ -127,7 +146,7 @@ class RecomputedStages(torch.autograd.Function):
             saved = storage_alias(holder.buffer[:, :channels])
             ctx.save_for_backward(saved)
             # Same kernels on the same memory layout as normal mode: results match it bit for bit.
-            x = holder.dense_copy(saved)
+            x = holder.guard.dense_copy(saved)
         else:
             x = inputs[0] if n_inputs == 1 else torch.cat(inputs, 1)
             ctx.save_for_backward(*inputs)
@@ -139,9 +158,9 @@ class RecomputedStages(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
         stages: List[Stage] = ctx.stages
         saved = ctx.saved_tensors
-        if ctx.shared is not None:
-            ctx.shared[0].check()
-            x = ctx.shared[0].dense_copy(saved[0])
+        if ctx.guard is not None:
+            ctx.guard.check()
+            x = ctx.guard.dense_copy(saved[0])
         else:
             x = saved[0] if len(saved) == 1 else torch.cat(saved, 1)
         inputs_need_grad = any(ctx.needs_input_grad[3 : 3 + ctx.n_inputs])

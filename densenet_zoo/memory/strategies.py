@@ -116,7 +116,7 @@ class RecomputedNorms(MemoryStrategy):
                 features.append(out)
         finally:
             _LOCAL.buffer = previous
-        holder.version = holder.buffer._version
+        holder.guard.version = holder.buffer._version
         return SharedConcat.apply(holder, *features)
 
 

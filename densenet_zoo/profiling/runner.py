@@ -18,6 +18,7 @@ What is measured, per configuration (model, mode, batch size, image size):
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -278,9 +279,9 @@ def max_batch(
             f"budget {budget!r} ({budget_bytes / 2**20:.1f} MiB) is below the model's own size "
             f"({own / 2**20:.1f} MiB of parameters); give a larger --budget"
         )
-    subprocess_mode = not device.startswith("cuda")
-    if subprocess_mode:
-        allocator_env(allocator)
+    # Every probe in a fresh process, on CUDA too: a probe that ran out of memory leaves nothing behind.
+    subprocess_mode = True
+    allocator_env(allocator)
     results: Dict[str, Any] = {}
     for mode in resolve_modes(modes):
         probes: List[Dict[str, Any]] = []
@@ -316,6 +317,7 @@ def _measure_here(config: Dict[str, Any]) -> Dict[str, Any]:
         return {"mode": config["mode"], "batch_size": config["batch_size"], "error": f"{type(exc).__name__}: {first}"}
     finally:
         if config["device"].startswith("cuda"):
+            gc.collect()  # a failed step's traceback holds its frames (and their tensors) in cycles
             torch.cuda.empty_cache()
 
 

@@ -360,3 +360,26 @@ def test_auto_rejects_bad_budgets():
 def test_auto_refuses_non_positive_and_garbage_budgets(budget):
     with pytest.raises(ValueError, match="budget|memory size"):
         dz.AutoStrategy(budget=budget)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_training_steps_leave_nothing_behind(strategy):
+    """After a step, what stays alive is the model and its optimizer state: no feature buffer, graph or
+    saved tensor of an earlier step (a reference cycle through the autograd graph would keep them)."""
+    import gc
+
+    model = _tiny(memory_efficient=strategy)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, model.num_classes, (4,))
+
+    def live_tensor_bytes():
+        gc.collect()
+        return sum(o.untyped_storage().nbytes() for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    seen = []
+    for _ in range(4):
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        seen.append(live_tensor_bytes())
+    assert seen[1:] == seen[1:2] * 3, seen

@@ -27,8 +27,8 @@ def _no_tf32():
 
 def _model(**kwargs):
     torch.manual_seed(0)
-    return dz.DenseNet(growth_rate=8, block_config=(3, 3), num_init_features=16, small_inputs=True, num_classes=5,
-                       **kwargs).to(DEVICE).train()
+    config = dict(growth_rate=8, block_config=(3, 3), num_init_features=16, small_inputs=True, num_classes=5)
+    return dz.DenseNet(**{**config, **kwargs}).to(DEVICE).train()
 
 
 def _steps(model, xs, ys, dtype=None):
