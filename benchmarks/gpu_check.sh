@@ -30,7 +30,7 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
     git log --oneline -1 2>/dev/null
 } > "$OUT/env.txt"
 
-part pytest_cuda 90 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/memory/test_memory_cuda.py
+part pytest_cuda 60 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/memory/test_memory_cuda.py
 
 # DenseNet-121, batch 64, 224x224: normal, torchvision's two modes and every strategy (fp32, then bf16 autocast).
 part memory_fp32 60 "$PY" benchmarks/memory.py --device cuda --batch-size 64 --modes all --steps 5 --out "$WORK/fp32"
@@ -40,8 +40,8 @@ cp "$WORK/bf16/profile.json" "$OUT/memory_bf16.json" 2>/dev/null
 
 # Largest batch per mode within 70 GiB (fits an H100 and an H200 alike), doubling from 64 up to 2048 then bisecting.
 # The JSON is rewritten as each mode finishes, so a search cut short keeps the modes it finished.
-part max_batch 140 "$PY" benchmarks/memory.py --device cuda --batch-size 64 --no-reference --steps 1 \
-    --modes fused_lean,fused,torchvision_memory_efficient --max-batch 70GiB --max-batch-limit 2048 --out "$WORK/mb"
+part max_batch 250 "$PY" benchmarks/memory.py --device cuda --batch-size 64 --no-reference --steps 1 \
+    --modes none,fused_lean,fused,torchvision_memory_efficient --max-batch 70GiB --max-batch-limit 2048 --out "$WORK/mb"
 cp "$WORK/mb/max_batch.json" "$OUT/max_batch.json" 2>/dev/null
 rm -rf "$WORK"
 ls -l "$OUT"
