@@ -41,3 +41,8 @@ def test_layout_section_names_every_subpackage_and_module():
                     if m.name != "__init__.py" and m.name not in block.group(1)]
     missing += [m.name for m in package.glob("*.py") if m.name not in ("__init__.py", "__main__.py") and m.name not in layout]
     assert missing == []
+
+
+def test_every_test_file_the_readme_names_exists():
+    named = set(re.findall(r"tests/[a-z_/]*test_[a-z_]+\.py", (ROOT / "README.md").read_text()))
+    assert named and [n for n in sorted(named) if not (ROOT / n).is_file()] == []
