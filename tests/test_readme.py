@@ -46,3 +46,8 @@ def test_layout_section_names_every_subpackage_and_module():
 def test_every_test_file_the_readme_names_exists():
     named = set(re.findall(r"tests/[a-z_/]*test_[a-z_]+\.py", (ROOT / "README.md").read_text()))
     assert named and [n for n in sorted(named) if not (ROOT / n).is_file()] == []
+
+
+def test_every_source_file_the_readme_names_exists():
+    named = set(re.findall(r"densenet_zoo/[a-z_/]*\.py", (ROOT / "README.md").read_text()))
+    assert [n for n in sorted(named) if not (ROOT / n).is_file()] == []
