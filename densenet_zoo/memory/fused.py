@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..allocator import release_freed_memory
-from ..norms.batchnorm import BatchNorm2d as _OwnBatchNorm2d
+from ..norms.batchnorm import BatchNorm2d as _OwnBatchNorm2d, average_factor, update_running_stats
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.densenet import _DenseBlock, _DenseLayer
@@ -90,23 +90,6 @@ def _moments(t: Tensor) -> Tuple[Tensor, Tensor]:
         t = t.float()
     mean = t.mean(0)
     return mean, (t - mean).square_().mean(0)
-
-
-def _average_factor(norm: nn.Module) -> float:
-    """What ``nn.BatchNorm2d.forward`` does before normalising: count the batch, pick the factor."""
-    if not norm.track_running_stats or norm.running_mean is None:
-        return 0.0
-    if norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-    return 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-
-
-def _update_running(norm: nn.Module, mean: Tensor, var: Tensor, count: int) -> None:
-    factor = _average_factor(norm)
-    if factor == 0.0:  # no running statistics (or momentum 0: they would not move)
-        return
-    norm.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
-    norm.running_var.mul_(1 - factor).add_(var * (count / (count - 1)), alpha=factor)
 
 
 def _affine(norm: nn.Module, mean: Tensor, invstd: Tensor) -> Tuple[Tensor, Tensor]:
@@ -179,13 +162,15 @@ class FusedDenseBlock(torch.autograd.Function):
         norm2_stats: List[Tuple[Tensor, Tensor]] = []
         for i, layer in enumerate(layers):
             c = c0 + i * growth
-            _update_running(layer.norm1, means[:c], variances[:c], pixels)
+            factor = average_factor(layer.norm1)
+            if factor:  # 0: no running statistics (or momentum 0: they would not move)
+                update_running_stats(layer.norm1, factor, pixels, means[:c], variances[:c] * pixels)
             scale, shift = _affine(layer.norm1, means[:c], (variances[:c] + layer.norm1.eps).rsqrt())
             a = _norm_relu(mat[:, :c], scale, shift, out=work.take(c))
             z = torch.mm(a, layer.conv1.weight.reshape(-1, c).to(x.dtype).t())
             del a
             norm2 = layer.norm2
-            factor = _average_factor(norm2)
+            factor = average_factor(norm2)
             a2, mean2, invstd2 = aten.native_batch_norm(
                 z, norm2.weight, norm2.bias, norm2.running_mean, norm2.running_var, True, factor, norm2.eps
             )

@@ -53,6 +53,26 @@ def local_stats(x: Tensor) -> Tuple[int, Tensor, Tensor]:
     return count, mean, m2
 
 
+def average_factor(norm: nn.Module) -> float:
+    """What ``nn.BatchNorm2d`` does in training before it normalises: count the batch in
+    ``num_batches_tracked`` and return the weight of this batch in the running statistics (``momentum``,
+    or ``1 / num_batches_tracked`` for a cumulative average); 0 for a norm without running statistics."""
+    if not norm.track_running_stats or norm.running_mean is None:
+        return 0.0
+    if norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+    return 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+
+
+@torch.no_grad()
+def update_running_stats(norm: nn.Module, factor: float, count: int, mean: Tensor, m2: Tensor) -> None:
+    """Move the running mean towards ``mean`` and the running variance towards the unbiased
+    ``m2 / (count - 1)`` by ``factor``, computed in the statistics' precision."""
+    rm, rv = norm.running_mean, norm.running_var
+    rm.copy_((rm.to(mean.dtype) * (1 - factor) + mean * factor).to(rm.dtype))
+    rv.copy_((rv.to(mean.dtype) * (1 - factor) + m2 / (count - 1) * factor).to(rv.dtype))
+
+
 def merge_stats(counts: Tensor, means: Tensor, m2s: Tensor) -> Tuple[int, Tensor, Tensor]:
     """Combine per-group (count, mean, M2) rows into one (Chan et al.'s parallel variance); empty rows are fine."""
     total = counts.sum()
@@ -188,12 +208,6 @@ class _BatchNorm(_NormBase):
     uses batch statistics always. The running variance is unbiased, normalisation uses the biased one.
     """
 
-    def _exponential_average_factor(self) -> float:
-        if not (self.training and self.track_running_stats):
-            return 0.0
-        self.num_batches_tracked.add_(1)
-        return 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-
     def _batch_stats(self, x: Tensor) -> Tuple[int, Tensor, Tensor]:
         """(count, mean, M2) of this batch; :class:`SyncBatchNorm` makes them global."""
         return local_stats(x)
@@ -207,7 +221,7 @@ class _BatchNorm(_NormBase):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         use_batch_stats = self._use_batch_stats()
-        factor = self._exponential_average_factor() if use_batch_stats else 0.0
+        factor = average_factor(self) if use_batch_stats and self.training else 0.0
         if not use_batch_stats:
             acc = _acc_dtype(x.dtype)
             mean = self.running_mean.to(acc, copy=True)  # saved for backward: not the buffer itself
@@ -223,10 +237,7 @@ class _BatchNorm(_NormBase):
             return BatchNormFunction.apply(x, self.weight, self.bias, mean, mean + 1, False, 0, None)
         var = m2 / count
         if factor > 0:
-            with torch.no_grad():
-                rm, rv = self.running_mean, self.running_var
-                rm.copy_((rm.to(mean.dtype) * (1 - factor) + mean * factor).to(rm.dtype))
-                rv.copy_((rv.to(mean.dtype) * (1 - factor) + m2 / (count - 1) * factor).to(rv.dtype))
+            update_running_stats(self, factor, count, mean, m2)
         invstd = torch.rsqrt(var + self.eps)
         return BatchNormFunction.apply(x, self.weight, self.bias, mean, invstd, True, count, self._group())
 
