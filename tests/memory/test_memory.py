@@ -223,14 +223,36 @@ def _compare_one_step(normal, strategy, x, y, out_atol, grad_atol, grad_rtol, bu
     return efficient
 
 
+def _forward_backward(model, x, y):
+    out = model.train()(x)
+    nn.functional.cross_entropy(out, y).backward()
+    tensors = {"output": out.detach()}
+    tensors.update((n, p.grad) for n, p in model.named_parameters())
+    tensors.update((n, b) for n, b in model.named_buffers() if b.is_floating_point())
+    return {n: t.double() for n, t in tensors.items()}
+
+
 @pytest.mark.parametrize("strategy", FUSED)
-def test_fused_float32_matches_normal_mode_to_rounding(strategy, monkeypatch):
+def test_fused_float32_against_a_float64_reference(strategy, monkeypatch):
+    """densenet121 at 64 px, batch 4: the last blocks normalise 2x2 maps over 4 images, so every
+    float32 implementation is off the float64 result by up to a few percent in some gradients (normal
+    mode too), and which kernels round how depends on the thread count. The reference is the same
+    network in float64; per tensor, the fused block's relative error must stay within 8x normal
+    mode's (measured here: up to 4x, in norm0's gradient, with one thread) and under 0.25."""
     calls = _count_fused_calls(monkeypatch)
     torch.manual_seed(0)
     normal = dz.densenet121(num_classes=10)
     x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
-    _compare_one_step(normal, strategy, x, y, out_atol=1e-4, grad_atol=1e-5, grad_rtol=1e-3, buffer_atol=1e-5)
+    exact = _forward_backward(copy.deepcopy(normal).double(), x.double(), y)
+    plain = _forward_backward(copy.deepcopy(normal), x, y)
+    fused = _forward_backward(copy.deepcopy(normal).set_memory_efficient(strategy), x, y)
     assert len(calls) == 4  # every dense block ran fused
+
+    def rel(t, name):
+        return float((t[name] - exact[name]).norm() / exact[name].norm().clamp_min(1e-30))
+
+    worse = [(n, rel(fused, n), rel(plain, n)) for n in exact if rel(fused, n) > max(8 * rel(plain, n), 1e-6)]
+    assert worse == [] and max(rel(fused, n) for n in exact) < 0.25
 
 
 @pytest.mark.parametrize("strategy", FUSED)
