@@ -126,3 +126,18 @@ class LoopbackServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def isolated_registry(tmp_path: Path, monkeypatch) -> Path:
+    """An empty cache, a fresh registry, no offline switch, no proxy for the loopback server; the cache."""
+    from densenet_zoo.weights import registry
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DENSENET_ZOO_CACHE", str(cache))
+    for var in ("DENSENET_ZOO_OFFLINE", "HF_HUB_OFFLINE", "DENSENET_ZOO_MIRROR", "DENSENET_ZOO_MANIFEST"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setattr(registry, "_REGISTRY", {})
+    monkeypatch.setattr(registry, "_LOADED_MANIFESTS", [])
+    return cache

@@ -1,17 +1,6 @@
-"""Memory strategies: what a dense block keeps for backward and what it recomputes.
-
-A naive DenseNet stores, for every layer, the concatenation of all earlier features and its
-normalised copy: memory grows quadratically with depth. A :class:`MemoryStrategy` decides how a
-dense block runs its layers during training so that less is stored and more is recomputed.
-
-Every strategy here updates BatchNorm running statistics (and ``num_batches_tracked``) exactly
-once per forward. Recomputation in backward runs the norm layers again in training mode; their
-buffers are restored right after, so the statistics are those of the one real forward.
-(torchvision's and timm's checkpointed mode update them twice.)
-
-Strategies only take effect while training with autograd recording; in eval mode, under
-``torch.no_grad()`` or when nothing requires grad, every strategy runs the plain forward.
-"""
+"""The named strategies (``bottleneck``, ``efficient``, ``shared``, ``norms``, ``layer``, ``fused``,
+``fused_lean``, ``block``): what each keeps for backward and what it recomputes, built on
+:mod:`.base`, the recomputing function of :mod:`.recompute` and the fused block of :mod:`.fused`."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 import densenet_zoo as dz
 from densenet_zoo.weights import registry as hub
-from _weights_helpers import LoopbackServer
+from _weights_helpers import LoopbackServer, isolated_registry
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -284,15 +284,9 @@ def test_unsupported_timm_arguments_are_refused_clearly():
 @pytest.fixture
 def registry(tmp_path, monkeypatch):
     """An empty cache, a fresh registry, no offline switch, no proxy for the loopback server."""
-    monkeypatch.setenv("DENSENET_ZOO_CACHE", str(tmp_path / "cache"))
-    for var in ("DENSENET_ZOO_OFFLINE", "HF_HUB_OFFLINE", "DENSENET_ZOO_MIRROR", "DENSENET_ZOO_MANIFEST"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setattr(hub, "_REGISTRY", {})
-    monkeypatch.setattr(hub, "_LOADED_MANIFESTS", [])
+    cache = isolated_registry(tmp_path, monkeypatch)
     server = LoopbackServer()
-    yield tmp_path / "cache", server
+    yield cache, server
     server.close()
 
 

@@ -17,9 +17,8 @@ from safetensors.torch import save_file
 
 import densenet_zoo as dz
 from densenet_zoo.weights import cache as dl
-from densenet_zoo.weights import registry as hub
 from _hostile_helpers import PACKAGE_ROOT, SMALL, small_model
-from _weights_helpers import LoopbackServer, randomize
+from _weights_helpers import LoopbackServer, isolated_registry, randomize
 
 
 @pytest.fixture
@@ -33,16 +32,10 @@ def server():
 def env(tmp_path, monkeypatch):
     """Empty caches of our own, of torch.hub and of Hugging Face; no offline switch; no proxy for 127.0.0.1."""
     torch.set_num_threads(1)
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("DENSENET_ZOO_CACHE", str(cache))
+    cache = isolated_registry(tmp_path, monkeypatch)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    for var in ("DENSENET_ZOO_OFFLINE", "HF_HUB_OFFLINE", "DENSENET_ZOO_MIRROR", "DENSENET_ZOO_MANIFEST", "HF_HUB_CACHE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setattr(hub, "_REGISTRY", {})
-    monkeypatch.setattr(hub, "_LOADED_MANIFESTS", [])
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     return cache
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import densenet_zoo as dz
 from densenet_zoo.weights import registry as hub
 from densenet_zoo.cli import main as cli_main
-from _weights_helpers import TINY, LoopbackServer, randomize, save_legacy, tiny_torchvision
+from _weights_helpers import TINY, LoopbackServer, isolated_registry, randomize, save_legacy, tiny_torchvision
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,15 +31,7 @@ def server():
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     """An empty cache, a fresh registry, no offline switch, no proxy for the loopback server."""
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("DENSENET_ZOO_CACHE", str(cache))
-    for var in ("DENSENET_ZOO_OFFLINE", "HF_HUB_OFFLINE", "DENSENET_ZOO_MIRROR", "DENSENET_ZOO_MANIFEST"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setattr(hub, "_REGISTRY", {})
-    monkeypatch.setattr(hub, "_LOADED_MANIFESTS", [])
-    return cache
+    return isolated_registry(tmp_path, monkeypatch)
 
 
 def _cache_files(cache: Path):
