@@ -34,7 +34,6 @@ from ..memory import SavedTensorBytes, list_memory_strategies, parse_bytes
 from ..models import DenseNet
 from ..models.configs import canonical_name
 from .report import DepthSweepReport, MaxBatchReport, ProfileReport, environment
-from .rss import _PeakRss  # noqa: F401  (part of this module's interface for tests and scripts)
 from .worker import AUTOCAST_DTYPES, CHANNELS_LAST, WORKER_COMMAND, build, measure
 
 __all__ = ["profile", "max_batch", "depth_sweep", "resolve_modes", "ProfileReport", "MaxBatchReport", "DepthSweepReport"]

@@ -29,7 +29,7 @@ from torchvision.transforms import v2
 
 from .._utils import IMAGENET_MEAN, IMAGENET_STD, DataError, PathLike
 from ..weights.registry import eval_pipeline
-from .images import UNREADABLE_IMAGE_ERRORS, UnreadableImageError, open_image, probe_image  # noqa: F401 (public here too)
+from .images import UnreadableImageError, open_image, probe_image  # noqa: F401 (open_image: public here too)
 
 Sample = Tuple[str, int]
 

@@ -9,7 +9,8 @@ import torch
 import densenet_zoo as dz
 from densenet_zoo.cli import main
 from densenet_zoo.memory import SavedTensorBytes
-from densenet_zoo.profiling.runner import _PeakRss, largest_fitting, resolve_modes
+from densenet_zoo.profiling.rss import _PeakRss
+from densenet_zoo.profiling.runner import largest_fitting, resolve_modes
 
 TINY = dict(growth_rate=8, block_config=[2, 2, 2], num_init_features=16)
 

@@ -18,14 +18,7 @@ from safetensors.torch import save_file
 import densenet_zoo as dz
 from densenet_zoo.weights import cache as dl
 from _hostile_helpers import PACKAGE_ROOT, SMALL, small_model
-from _weights_helpers import LoopbackServer, isolated_registry, randomize
-
-
-@pytest.fixture
-def server():
-    srv = LoopbackServer()
-    yield srv
-    srv.close()
+from _weights_helpers import isolated_registry, randomize
 
 
 @pytest.fixture

@@ -16,16 +16,9 @@ from safetensors.torch import save_file
 import densenet_zoo as dz
 from densenet_zoo.weights import registry as hub
 from densenet_zoo.cli import main as cli_main
-from _weights_helpers import TINY, LoopbackServer, isolated_registry, randomize, save_legacy, tiny_torchvision
+from _weights_helpers import TINY, isolated_registry, randomize, save_legacy, tiny_torchvision
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def server():
-    srv = LoopbackServer()
-    yield srv
-    srv.close()
 
 
 @pytest.fixture
