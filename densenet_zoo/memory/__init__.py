@@ -13,7 +13,8 @@ Strategies only take effect while training with autograd recording; in eval mode
 ``torch.no_grad()`` or when nothing requires grad, every strategy runs the plain forward.
 
 Modules, bottom to top: ``base`` (normal mode, once-only checkpointing, saved-bytes counter),
-``recompute`` (per-layer recomputing autograd function), ``fused`` (a whole block as one function),
+``recompute`` (per-layer recomputing autograd function), ``workspace`` (the fused block's scratch
+buffer), ``blockmath`` (its chunked matrix kernels), ``fused`` (a whole block as one function),
 ``strategies`` (the named strategies), ``registry`` (names), ``auto`` (measured choice under a budget).
 """
 
@@ -21,6 +22,7 @@ from .base import MemoryStrategy, SavedTensorBytes, checkpoint_once, preserved_b
 from .registry import get_memory_strategy, list_memory_strategies, register_memory_strategy
 from .strategies import BUILTIN
 from .auto import AutoStrategy, parse_bytes
+from .workspace import release_workspaces, workspace_bytes
 
 for _strategy in (MemoryStrategy(),) + BUILTIN:
     register_memory_strategy(_strategy)
@@ -28,5 +30,6 @@ register_memory_strategy(AutoStrategy())  # after the others: it resolves its ca
 
 __all__ = [
     "AutoStrategy", "MemoryStrategy", "SavedTensorBytes", "checkpoint_once", "get_memory_strategy",
-    "list_memory_strategies", "parse_bytes", "preserved_buffers", "register_memory_strategy",
+    "list_memory_strategies", "parse_bytes", "preserved_buffers", "register_memory_strategy", "release_workspaces",
+    "workspace_bytes",
 ]

@@ -1,0 +1,138 @@
+"""The matrix kernels of the fused dense block (:mod:`.fused`), on (pixels x channels) matrices.
+
+A channels-last (N, C, H, W) tensor is a (pixels, channels) matrix without a copy, and a slice of
+the block buffer's columns is a strided matrix. The chunked kernels work through a matrix a few
+thousand rows at a time, so that a layer's normalised input and its gradient never exist whole:
+those are the largest temporaries of a dense layer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+aten = torch.ops.aten
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and reductions run in float32 for the autocast formats, else in the tensors' dtype."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+def affine(weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor) -> Tuple[Tensor, Tensor]:
+    """``batch_norm(x) == x * scale + shift`` for the given batch statistics and affine parameters."""
+    scale = invstd if weight is None else invstd * weight
+    return scale, (-mean * scale if bias is None else bias - mean * scale)
+
+
+def moments(t: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-column mean and biased variance of a (pixels, channels) matrix (two-pass, in float32 at least)."""
+    if t.dtype in LOW_PRECISION:
+        t = t.float()
+    mean = t.mean(0)
+    return mean, (t - mean).square_().mean(0)
+
+
+def norm_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype), out=out).relu_()
+
+
+def take(flat: Tensor, rows: int, cols: int) -> Tensor:
+    """The first ``rows * cols`` elements of a flat scratch tensor as a dense (rows, cols) matrix."""
+    return flat[: rows * cols].view(rows, cols)
+
+
+def nhwc(t: Tensor, shape: Tuple[int, int, int]) -> Tensor:
+    """A (pixels, channels) matrix seen as an (N, C, H, W) channels-last tensor."""
+    n, h, w = shape
+    return t.view(n, h, w, t.shape[1]).permute(0, 3, 1, 2)
+
+
+def matrix(t: Tensor) -> Tensor:
+    """An (N, C, H, W) tensor as a (pixels, channels) matrix (a view when it is channels-last)."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def chunk_rows(cols: int, like: Tensor) -> int:
+    """Rows per chunk of the chunked passes: about 2 MiB on the CPU (cache-sized), 64 MiB elsewhere (few launches)."""
+    if like.device.type == "cpu":
+        return max(1024, (1 << 21) // (cols * like.element_size()))
+    return max(1, (1 << 26) // (cols * like.element_size()))
+
+
+def as_image(t: Tensor) -> Tensor:
+    """A dense (rows, channels) matrix as a (1, channels, 1, rows) channels-last image."""
+    rows, cols = t.shape
+    return t.view(1, 1, rows, cols).permute(0, 3, 1, 2)
+
+
+def rows_conv1x1(t: Tensor, weight: Tensor) -> Tensor:
+    """A (rows, c_in) matrix through a 1x1 convolution's (c_out, c_in, 1, 1) weight -> (rows, c_out).
+
+    As a convolution rather than a matrix product: on the CPU oneDNN's kernels (normal mode's) are
+    several times faster than the BLAS library's on some processors.
+    """
+    return F.conv2d(as_image(t), weight).permute(0, 2, 3, 1).reshape(t.shape[0], -1)
+
+
+def conv1_chunked(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: Tensor) -> Tensor:
+    """``out = conv1(relu(x * scale + shift))`` for a (pixels, channels) ``x``, in row chunks: the
+    normalised input never exists whole."""
+    rows, cols = x.shape
+    step = chunk_rows(cols, x)
+    tmp = x.new_empty(step * cols)
+    for r in range(0, rows, step):
+        xc = x[r : r + step]
+        out[r : r + step].copy_(rows_conv1x1(norm_relu(xc, scale, shift, out=take(tmp, *xc.shape)), weight))
+    return out
+
+
+def relu_norm_backward(source: Callable[[slice], Tensor], x: Tensor, mean: Tensor, invstd: Tensor,
+                        weight: Optional[Tensor], bias: Optional[Tensor], grad_x: Tensor, accumulate: bool,
+                        on_output: Optional[Callable[[slice, Tensor], None]] = None) -> Tuple[Tensor, Tensor]:
+    """Backward of ``relu(batch_norm(x))`` in training mode: d loss/d x into ``grad_x`` (added or written).
+
+    ``source(rows)`` gives those rows (a slice) of d loss/d output (they may be overwritten); ``x`` may
+    be a strided view of the block buffer. The forward's output is recomputed from ``x`` by the
+    forward's own operation, chunk by chunk, for the ReLU mask and for ``on_output(rows, output)``. The batch norm's backward is the closed form ``native_batch_norm_backward`` computes,
+    in row chunks, so that no temporary as large as ``x`` exists. Returns the gradients of the
+    norm's weight and bias.
+    """
+    rows, cols = x.shape
+    acc = stats_dtype(x.dtype)
+    step = chunk_rows(cols, x)
+    pre_flat, g_flat, x_flat = x.new_empty(step * cols), x.new_empty(step * cols, dtype=acc), x.new_empty(step * cols, dtype=acc)
+    scale, shift = affine(weight, bias, mean, invstd)
+    scale_x, shift_x = scale.to(x.dtype), shift.to(x.dtype)
+    k1 = invstd if weight is None else invstd * weight
+    k1_x = k1.to(x.dtype)
+    sum_g, sum_g_xmu = torch.zeros(cols, dtype=acc, device=x.device), torch.zeros(cols, dtype=acc, device=x.device)
+
+    def centred(xc: Tensor) -> Tensor:  # x - mean, in the statistics' dtype
+        out = take(x_flat, *xc.shape)
+        return torch.sub(xc, mean, out=out) if xc.dtype == acc else out.copy_(xc).sub_(mean)
+
+    for r in range(0, rows, step):
+        part = slice(r, min(r + step, rows))
+        gc, xc = source(part), x[part]
+        pre = torch.addcmul(shift_x, xc, scale_x, out=take(pre_flat, *xc.shape))
+        aten.threshold_backward.grad_input(gc, pre, 0, grad_input=gc)  # d loss/d norm output
+        if on_output is not None:
+            on_output(part, pre.relu_())
+        g_acc = gc if gc.dtype == acc else take(g_flat, *gc.shape).copy_(gc)
+        sum_g += g_acc.sum(0)
+        sum_g_xmu += centred(xc).mul_(g_acc).sum(0)
+        if accumulate:
+            grad_x[part].addcmul_(gc, k1_x)
+        else:
+            torch.mul(gc, k1_x, out=grad_x[part])
+    k2 = k1 * invstd.square() * sum_g_xmu / -rows
+    k3 = k1 * sum_g / -rows
+    for r in range(0, rows, step):
+        grad_x[r : r + step].add_(centred(x[r : r + step]).mul_(k2).add_(k3))
+    return sum_g_xmu * invstd, sum_g

@@ -1,0 +1,116 @@
+"""The fused block's chunked kernels and its scratch buffer.
+
+The tests elsewhere run small images, whose matrices fit in one chunk; here the chunks are made a
+few rows long, so that every chunk boundary, and a last chunk shorter than the others, is crossed.
+"""
+
+import copy
+import threading
+
+import pytest
+import torch
+import torch.nn as nn
+
+import densenet_zoo as dz
+from densenet_zoo.memory import blockmath, release_workspaces, workspace, workspace_bytes
+from densenet_zoo.memory.workspace import scratch
+
+FUSED = ("fused", "fused_lean")
+
+
+def _tiny(**kwargs):
+    return dz.DenseNet(growth_rate=8, block_config=(3, 3), num_init_features=16, small_inputs=True, num_classes=5, **kwargs)
+
+
+def _step(model, x, y):
+    out = model.train()(x)
+    nn.functional.cross_entropy(out, y).backward()
+    return out.detach()
+
+
+@pytest.mark.parametrize("strategy", FUSED)
+@pytest.mark.parametrize("rows", [1, 7, 100])
+def test_fused_block_in_short_chunks_equals_normal_mode_in_float64(strategy, rows, monkeypatch):
+    monkeypatch.setattr(blockmath, "chunk_rows", lambda cols, like: rows)
+    torch.manual_seed(0)
+    normal = _tiny().double()
+    fused = copy.deepcopy(normal).set_memory_efficient(strategy)
+    x, y = torch.randn(3, 3, 12, 12, dtype=torch.float64), torch.randint(0, 5, (3,))  # 432 and 108 rows per block
+    assert torch.allclose(_step(normal, x, y), _step(fused, x, y), atol=1e-10, rtol=0)
+    for (name, p), q in zip(normal.named_parameters(), fused.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-10, rtol=1e-8), name
+    for (name, a), b in zip(normal.named_buffers(), fused.buffers()):
+        assert torch.allclose(a.double(), b.double(), atol=1e-10, rtol=0), name
+
+
+def test_relu_norm_backward_matches_autograd():
+    torch.manual_seed(0)
+    x = torch.randn(37, 5, dtype=torch.float64) * 3 + 1
+    weight, bias = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    g = torch.randn(37, 5, dtype=torch.float64)
+    leaf, w, b = (t.clone().requires_grad_() for t in (x, weight, bias))
+    out = torch.relu(nn.functional.batch_norm(leaf, None, None, w, b, training=True, eps=1e-5))
+    expected = torch.autograd.grad(out, (leaf, w, b), g)
+
+    mean, var = x.mean(0), x.var(0, unbiased=False)
+    grad_x = torch.full_like(x, 0.5)  # accumulate: added to what is there
+    seen = []
+    gw, gb = blockmath.relu_norm_backward(g.clone().__getitem__, x, mean, (var + 1e-5).rsqrt(), weight, bias, grad_x,
+                                          True, lambda rows, a: seen.append((rows, a.clone())))
+    assert torch.allclose(grad_x - 0.5, expected[0], atol=1e-12)
+    assert torch.allclose(gw, expected[1], atol=1e-12) and torch.allclose(gb, expected[2], atol=1e-12)
+    assert torch.allclose(torch.cat([a for _, a in seen]), out.detach(), atol=1e-12)  # the recomputed output
+
+
+def test_scratch_is_reused_grows_and_is_released():
+    release_workspaces()
+    like = torch.empty(0)
+    with scratch(like, [10, 20]) as (a, b):
+        first = a.data_ptr()
+        assert (a.numel(), b.numel()) == (10, 20) and b.data_ptr() == first + 10 * 4
+        with scratch(like, [5]) as (nested,):  # a nested request gets its own memory
+            assert not (first <= nested.data_ptr() < first + 30 * 4)
+    with scratch(like, [30]) as (again,):
+        assert again.data_ptr() == first  # the same buffer, step after step
+    with scratch(like, [1000]) as (bigger,):
+        assert bigger.numel() == 1000
+    assert workspace_bytes() == 1000 * 4
+    assert release_workspaces() == 4000 and workspace_bytes() == 0
+
+
+def test_scratch_is_per_thread():
+    release_workspaces()
+    ptrs = []
+
+    def use():
+        with scratch(torch.empty(0), [64]) as (t,):
+            ptrs.append(t.data_ptr())
+            barrier.wait()
+
+    barrier = threading.Barrier(2)
+    threads = [threading.Thread(target=use) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ptrs)) == 2
+
+
+@pytest.mark.parametrize("strategy", FUSED)
+def test_fused_results_do_not_live_in_the_scratch_buffer(strategy):
+    """What leaves the block (its output, the input's gradient) is its own memory: the scratch buffer is
+    overwritten by the next block and the next step."""
+    release_workspaces()
+    model = _tiny(memory_efficient=strategy).train()
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    outs = []
+    model.features.denseblock1.register_forward_hook(lambda m, i, o: outs.append(o))
+    model(x).sum().backward()
+    (buffer,) = workspace._local.buffers.values()
+    lo, hi = buffer.data_ptr(), buffer.data_ptr() + buffer.numel() * buffer.element_size()
+    for t in (outs[0], x.grad, model.features.denseblock1.denselayer1.conv1.weight.grad):
+        assert not (lo <= t.data_ptr() < hi)
+    grad = x.grad.clone()
+    model.zero_grad()
+    model(torch.randn(2, 3, 16, 16)).sum().backward()  # another step reuses the scratch buffer
+    assert torch.equal(grad, x.grad)
