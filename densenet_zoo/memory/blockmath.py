@@ -8,11 +8,14 @@ those are the largest temporaries of a dense layer.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn as nn
 
 aten = torch.ops.aten
 
@@ -31,11 +34,22 @@ def affine(weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invst
 
 
 def moments(t: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per-column mean and biased variance of a (pixels, channels) matrix (two-pass, in float32 at least)."""
-    if t.dtype in LOW_PRECISION:
-        t = t.float()
-    mean = t.mean(0)
-    return mean, (t - mean).square_().mean(0)
+    """Per-column mean and biased variance of a (pixels, channels) matrix (two-pass, in float32 at least),
+    in row chunks: no temporary as large as ``t``."""
+    rows, cols = t.shape
+    acc = stats_dtype(t.dtype)
+    step = chunk_rows(cols, t)
+    tmp = t.new_empty(min(step, rows) * cols, dtype=acc)
+    total = torch.zeros(cols, dtype=acc, device=t.device)
+    for r in range(0, rows, step):
+        total += t[r : r + step].sum(0, dtype=acc)
+    mean = total / rows
+    total = torch.zeros_like(total)
+    for r in range(0, rows, step):
+        part = t[r : r + step]
+        centred = torch.sub(part, mean, out=take(tmp, *part.shape)) if part.dtype == acc else take(tmp, *part.shape).copy_(part).sub_(mean)
+        total += centred.square_().sum(0)
+    return mean, total / rows
 
 
 def norm_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Optional[Tensor] = None) -> Tensor:
@@ -136,3 +150,25 @@ def relu_norm_backward(source: Callable[[slice], Tensor], x: Tensor, mean: Tenso
     for r in range(0, rows, step):
         grad_x[r : r + step].add_(centred(x[r : r + step]).mul_(k2).add_(k3))
     return sum_g_xmu * invstd, sum_g
+
+
+def conv1x1_relu_norm_backward(grad_z: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, norm: "nn.Module",
+                               conv_weight: Tensor, grad_x: Tensor, accumulate: bool,
+                               want_weight_grad: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Backward of ``z = conv1x1(relu(norm(x)))`` (training-mode batch norm with these statistics), given
+    d loss/d z (dense, pixels x c_out): d loss/d x into ``grad_x`` (added or written), in row chunks.
+
+    Returns the gradients of the norm's weight and bias and of the convolution's weight (float32 at
+    least; None when not wanted). Neither relu(norm(x)) nor its gradient ever exists whole.
+    """
+    w = conv_weight.to(x.dtype)
+    w_t = w.transpose(0, 1).contiguous()
+    grad_w = torch.zeros_like(w, dtype=stats_dtype(w.dtype)) if want_weight_grad else None
+
+    def add_weight_grad(rows: slice, a: Tensor) -> None:
+        grad_w.add_(aten.convolution_backward(as_image(grad_z[rows]), as_image(a), w, None, [1, 1], [0, 0], [1, 1],
+                                              False, [0, 0], 1, [False, True, False])[1])
+
+    grad_g, grad_b = relu_norm_backward(lambda rows: rows_conv1x1(grad_z[rows], w_t), x, mean, invstd, norm.weight,
+                                        norm.bias, grad_x, accumulate, add_weight_grad if want_weight_grad else None)
+    return grad_g, grad_b, grad_w

@@ -33,8 +33,8 @@ from torch.autograd.function import once_differentiable
 
 from ..norms.batchnorm import BatchNorm2d as _OwnBatchNorm2d, average_factor, update_running_stats
 from .blockmath import (
-    LOW_PRECISION, affine, as_image, aten, conv1_chunked, matrix, moments, nhwc, norm_relu, relu_norm_backward, rows_conv1x1, stats_dtype,
-    take,
+    LOW_PRECISION, affine, aten, conv1_chunked, conv1x1_relu_norm_backward, matrix, moments, nhwc, norm_relu,
+    relu_norm_backward, stats_dtype, take,
 )
 from .workspace import scratch
 
@@ -42,11 +42,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..models.densenet import _DenseBlock, _DenseLayer
 
 
-def _plain_batchnorm(norm: nn.Module) -> bool:
+def plain_batchnorm(norm: nn.Module) -> bool:
     return type(norm) in (nn.BatchNorm2d, _OwnBatchNorm2d) and norm.training
 
 
-def _plain_conv(conv: nn.Module, kernel: int) -> bool:
+def plain_conv(conv: nn.Module, kernel: int) -> bool:
     return (
         type(conv) is nn.Conv2d and conv.bias is None and conv.groups == 1 and conv.padding_mode == "zeros"
         and conv.kernel_size == (kernel, kernel) and conv.stride == (1, 1) and conv.dilation == (1, 1)
@@ -54,7 +54,7 @@ def _plain_conv(conv: nn.Module, kernel: int) -> bool:
     )
 
 
-def _compute_dtype(x: Tensor) -> Optional[torch.dtype]:
+def compute_dtype(x: Tensor) -> Optional[torch.dtype]:
     """The dtype the block computes in: ``x``'s float32/float64, or under autocast the autocast dtype.
 
     Under autocast normal mode's activations all have the autocast dtype (convolutions cast to it,
@@ -69,14 +69,14 @@ def _compute_dtype(x: Tensor) -> Optional[torch.dtype]:
 
 def fused_supported(block: "_DenseBlock", x: Optional[Tensor] = None) -> bool:
     """Whether :class:`FusedDenseBlock` computes this block (for input ``x``) exactly; else the per-layer path runs."""
-    if x is not None and (x.dim() != 4 or _compute_dtype(x) is None):
+    if x is not None and (x.dim() != 4 or compute_dtype(x) is None):
         return False
     if torch.compiler.is_compiling():
         return False
     return all(
-        layer.drop_rate == 0 and _plain_batchnorm(layer.norm1) and _plain_batchnorm(layer.norm2)
+        layer.drop_rate == 0 and plain_batchnorm(layer.norm1) and plain_batchnorm(layer.norm2)
         and type(layer.relu1) is nn.ReLU and type(layer.relu2) is nn.ReLU
-        and _plain_conv(layer.conv1, 1) and _plain_conv(layer.conv2, 3)
+        and plain_conv(layer.conv1, 1) and plain_conv(layer.conv2, 3)
         for layer in block.values()
     )
 
@@ -177,9 +177,9 @@ def _layer_backward(layer: "_DenseLayer", mat: Tensor, grad: Tensor, means: Tens
     pixels, width, growth = mat.shape[0], conv1.out_channels, conv2.out_channels
     x = mat[:, :c]
     invstd1 = (variances[:c] + norm1.eps).rsqrt()
-    w1 = conv1.weight.to(mat.dtype)
     if z is None:
-        z = conv1_chunked(x, *affine(norm1.weight, norm1.bias, means[:c], invstd1), w1, out=take(work[0], pixels, width))
+        z = conv1_chunked(x, *affine(norm1.weight, norm1.bias, means[:c], invstd1), conv1.weight.to(mat.dtype),
+                          out=take(work[0], pixels, width))
     mean2, invstd2 = norm2_stats
     a2 = norm_relu(z, *affine(norm2.weight, norm2.bias, mean2, invstd2), out=take(work[1], pixels, width))
     grad_y = take(work[2], pixels, growth).copy_(grad[:, c : c + growth])
@@ -191,17 +191,8 @@ def _layer_backward(layer: "_DenseLayer", mat: Tensor, grad: Tensor, means: Tens
     grad_g2, grad_b2 = relu_norm_backward(grad_a2.__getitem__, z, mean2, invstd2, norm2.weight, norm2.bias,
                                            grad_z, False)
     del grad_a2, z
-    w1_t = w1.transpose(0, 1).contiguous()
-    grad_w1 = torch.zeros_like(w1, dtype=stats_dtype(w1.dtype)) if _wants_grad(conv1.weight) else None
-
-    def add_weight_grad(rows: slice, a: Tensor) -> None:
-        grad_w1.add_(aten.convolution_backward(as_image(grad_z[rows]), as_image(a), w1, None, [1, 1], [0, 0], [1, 1],
-                                               False, [0, 0], 1, [False, True, False])[1])
-
-    # d loss/d a chunk by chunk, and conv1's weight gradient from the recomputed a: neither exists whole
-    grad_g1, grad_b1 = relu_norm_backward(lambda rows: rows_conv1x1(grad_z[rows], w1_t), x, means[:c], invstd1,
-                                           norm1.weight, norm1.bias, grad[:, :c], True,
-                                           add_weight_grad if grad_w1 is not None else None)
+    grad_g1, grad_b1, grad_w1 = conv1x1_relu_norm_backward(grad_z, x, means[:c], invstd1, norm1, conv1.weight,
+                                                           grad[:, :c], True, _wants_grad(conv1.weight))
     return [grad_g1, grad_b1, grad_w1, grad_g2, grad_b2, grad_w2]
 
 

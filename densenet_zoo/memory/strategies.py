@@ -8,11 +8,13 @@ import threading
 from typing import TYPE_CHECKING, List
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from .base import MemoryStrategy, any_requires_grad, checkpoint_once, custom_functions_unavailable, needs_graph
 from .fused import fused_block_forward, fused_supported
+from .transition import fused_transition_forward, transition_supported
 from .recompute import SharedBuffer, SharedConcat, Stage, run_stages
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -149,6 +151,12 @@ class FusedBlock(RecomputedBothNorms):
         if needs_graph([x], block) and fused_supported(block, x):
             return fused_block_forward(block, x, self.keep_bottleneck)
         return super().block_forward(block, x)
+
+    def sequence_forward(self, modules: List[nn.Module], x: Tensor) -> Tensor:
+        # a standard transition as one function too (see densenet_zoo.memory.transition)
+        if any(needs_graph([x], m) for m in modules) and transition_supported(modules, x):
+            return fused_transition_forward(modules, x)
+        return super().sequence_forward(modules, x)
 
 
 class FusedBlockLean(FusedBlock):

@@ -114,3 +114,34 @@ def test_fused_results_do_not_live_in_the_scratch_buffer(strategy):
     model.zero_grad()
     model(torch.randn(2, 3, 16, 16)).sum().backward()  # another step reuses the scratch buffer
     assert torch.equal(grad, x.grad)
+
+
+@pytest.mark.parametrize("strategy", FUSED)
+def test_transitions_run_as_one_function_and_equal_normal_mode(strategy, monkeypatch):
+    from densenet_zoo.memory import transition
+
+    calls, real = [], transition.FusedTransition.apply
+    monkeypatch.setattr(transition.FusedTransition, "apply", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(blockmath, "chunk_rows", lambda cols, like: 50)
+    torch.manual_seed(0)
+    normal = dz.DenseNet(growth_rate=8, block_config=(2, 2, 2), num_init_features=16, num_classes=5).double()
+    fused = copy.deepcopy(normal).set_memory_efficient(strategy)
+    x, y = torch.randn(2, 3, 64, 64, dtype=torch.float64), torch.randint(0, 5, (2,))
+    for _ in range(2):
+        assert torch.allclose(_step(normal, x, y), _step(fused, x, y), atol=1e-10, rtol=0)
+    assert len(calls) == 4  # two transitions, two steps
+    for (name, p), q in zip(normal.named_parameters(), fused.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-10, rtol=1e-8), name
+    for (name, a), b in zip(normal.named_buffers(), fused.buffers()):
+        assert torch.allclose(a.double(), b.double(), atol=1e-10, rtol=0), name  # num_batches_tracked: 2 == 2
+
+
+def test_transition_with_other_modules_is_not_fused(monkeypatch):
+    from densenet_zoo.memory import transition
+
+    calls, real = [], transition.FusedTransition.apply
+    monkeypatch.setattr(transition.FusedTransition, "apply", lambda *a: calls.append(1) or real(*a))
+    model = dz.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=5, memory_efficient="fused")
+    model.features.transition1.pool = nn.MaxPool2d(2, 2)
+    model.train()(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert calls == [] and model.features.transition1.conv.weight.grad is not None
