@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .base import MemoryStrategy, any_requires_grad, checkpoint_once, custom_functions_unavailable, needs_graph
 from .fused import fused_block_forward, fused_supported
+from .stem import fused_stem_forward, stem_supported
 from .transition import fused_transition_forward, transition_supported
 from .recompute import SharedBuffer, SharedConcat, Stage, run_stages
 
@@ -153,9 +154,12 @@ class FusedBlock(RecomputedBothNorms):
         return super().block_forward(block, x)
 
     def sequence_forward(self, modules: List[nn.Module], x: Tensor) -> Tensor:
-        # a standard transition as one function too (see densenet_zoo.memory.transition)
-        if any(needs_graph([x], m) for m in modules) and transition_supported(modules, x):
-            return fused_transition_forward(modules, x)
+        # the ImageNet stem and standard transitions as one function each too (memory/stem.py, memory/transition.py)
+        if any(needs_graph([x], m) for m in modules):
+            if transition_supported(modules, x):
+                return fused_transition_forward(modules, x)
+            if stem_supported(modules, x):
+                return fused_stem_forward(modules, x, keep_conv=self.keep_bottleneck)
         return super().sequence_forward(modules, x)
 
 

@@ -116,20 +116,27 @@ def test_fused_results_do_not_live_in_the_scratch_buffer(strategy):
     assert torch.equal(grad, x.grad)
 
 
-@pytest.mark.parametrize("strategy", FUSED)
-def test_transitions_run_as_one_function_and_equal_normal_mode(strategy, monkeypatch):
-    from densenet_zoo.memory import transition
+def _count(monkeypatch, function):
+    calls, real = [], function.apply
+    monkeypatch.setattr(function, "apply", lambda *a: calls.append(1) or real(*a))
+    return calls
 
-    calls, real = [], transition.FusedTransition.apply
-    monkeypatch.setattr(transition.FusedTransition, "apply", lambda *a: calls.append(1) or real(*a))
+
+@pytest.mark.parametrize("strategy", FUSED)
+def test_stem_and_transitions_run_as_one_function_and_equal_normal_mode(strategy, monkeypatch):
+    from densenet_zoo.memory import stem, transition
+
+    calls = _count(monkeypatch, transition.FusedTransition)
+    stem_calls = _count(monkeypatch, stem.FusedStem)
     monkeypatch.setattr(blockmath, "chunk_rows", lambda cols, like: 50)
+    monkeypatch.setattr(stem, "_IMAGE_BYTES", 1)  # one image per chunk
     torch.manual_seed(0)
     normal = dz.DenseNet(growth_rate=8, block_config=(2, 2, 2), num_init_features=16, num_classes=5).double()
     fused = copy.deepcopy(normal).set_memory_efficient(strategy)
     x, y = torch.randn(2, 3, 64, 64, dtype=torch.float64), torch.randint(0, 5, (2,))
     for _ in range(2):
         assert torch.allclose(_step(normal, x, y), _step(fused, x, y), atol=1e-10, rtol=0)
-    assert len(calls) == 4  # two transitions, two steps
+    assert len(calls) == 4 and len(stem_calls) == 2  # two transitions and the stem, two steps
     for (name, p), q in zip(normal.named_parameters(), fused.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-10, rtol=1e-8), name
     for (name, a), b in zip(normal.named_buffers(), fused.buffers()):
@@ -139,9 +146,34 @@ def test_transitions_run_as_one_function_and_equal_normal_mode(strategy, monkeyp
 def test_transition_with_other_modules_is_not_fused(monkeypatch):
     from densenet_zoo.memory import transition
 
-    calls, real = [], transition.FusedTransition.apply
-    monkeypatch.setattr(transition.FusedTransition, "apply", lambda *a: calls.append(1) or real(*a))
+    calls = _count(monkeypatch, transition.FusedTransition)
     model = dz.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=5, memory_efficient="fused")
     model.features.transition1.pool = nn.MaxPool2d(2, 2)
     model.train()(torch.randn(2, 3, 64, 64)).sum().backward()
     assert calls == [] and model.features.transition1.conv.weight.grad is not None
+
+
+@pytest.mark.parametrize("strategy", FUSED)
+def test_stem_and_transitions_under_bf16_autocast_match_normal_mode_to_the_format(strategy, monkeypatch):
+    from densenet_zoo.memory import stem, transition
+
+    calls, stem_calls = _count(monkeypatch, transition.FusedTransition), _count(monkeypatch, stem.FusedStem)
+    torch.manual_seed(0)
+    reference = dz.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=5)
+    normal, fused = copy.deepcopy(reference), copy.deepcopy(reference).set_memory_efficient(strategy)
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 5, (4,))
+
+    def step(model, autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model.train()(x)
+        nn.functional.cross_entropy(out.float(), y).backward()
+        return out.float().detach()
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    out_ref, out_normal, out_fused = step(reference, False), step(normal, True), step(fused, True)
+    assert len(calls) == len(stem_calls) == 1
+    assert rel(out_fused, out_normal) < 4 * max(rel(out_normal, out_ref), 2**-8)
+    for (name, p), q, r in zip(normal.named_parameters(), fused.parameters(), reference.parameters()):
+        assert q.grad.dtype == torch.float32 and rel(q.grad, p.grad) < 4 * max(rel(p.grad, r.grad), 2**-7), name
