@@ -135,12 +135,14 @@ class RecomputedLayer(RecomputedNorms):
 class FusedBlock(RecomputedBothNorms):
     """The whole block as one autograd function (see :mod:`densenet_zoo.memory.fused`), keeping conv1's outputs.
 
-    Blocks it cannot run exactly (other norms, dropout, ``torch.compile``, an input that is not in the
-    autocast dtype under autocast) run ``"norms"``.
+    Where every block runs fused, the ImageNet stem and the standard transitions are one function
+    each as well (:mod:`.stem`, :mod:`.transition`). Blocks it cannot run exactly (other norms,
+    dropout, ``torch.compile``, an input that is not in the autocast dtype under autocast) run
+    ``"norms"``, and the stem and transitions then run as in normal mode.
     """
 
     name = "fused"
-    description = "one function per block: channels-last shared buffer, 1x1 convs as matrix products, keeps conv1's outputs"
+    description = "one function per block, stem and transition: channels-last shared buffer, chunked norm1+conv1, keeps conv1's outputs"
     keep_bottleneck = True
 
     def prefers_channels_last(self, blocks: List["_DenseBlock"]) -> bool:
@@ -164,10 +166,13 @@ class FusedBlock(RecomputedBothNorms):
 
 
 class FusedBlockLean(FusedBlock):
-    """``"fused"`` that keeps only the block buffers and recomputes conv1 in backward; falls back to ``"layer"``."""
+    """``"fused"`` that keeps only the block buffers and the input image, recomputing conv1 and conv0 in backward.
+
+    Falls back to ``"layer"``, with the stem and transitions checkpointed.
+    """
 
     name = "fused_lean"
-    description = "'fused' keeping only each block's output; recomputes conv1, the stem and the transitions in backward"
+    description = "'fused' keeping only each block's output and the input image; recomputes conv1 and conv0 in backward"
     recompute_stem_and_transitions = True
     keep_bottleneck = False
     second_stage = False
