@@ -106,16 +106,37 @@ def conv1_chunked(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: 
     return out
 
 
+def _centred(x: Tensor, mean: Tensor, out_flat: Tensor) -> Tensor:
+    """``x - mean`` in ``out_flat``'s dtype (the statistics' dtype)."""
+    out = take(out_flat, *x.shape)
+    return torch.sub(x, mean, out=out) if x.dtype == out.dtype else out.copy_(x).sub_(mean)
+
+
+def add_centred_affine(grad_x: Tensor, x: Tensor, mean: Tensor, k2: Tensor, k3: Tensor) -> None:
+    """``grad_x += (x - mean) * k2 + k3`` (per column), in row chunks."""
+    rows, cols = x.shape
+    step = chunk_rows(cols, x)
+    tmp = x.new_empty(min(step, rows) * cols, dtype=stats_dtype(x.dtype))
+    for r in range(0, rows, step):
+        grad_x[r : r + step].add_(_centred(x[r : r + step], mean, tmp).mul_(k2).add_(k3))
+
+
 def relu_norm_backward(source: Callable[[slice], Tensor], x: Tensor, mean: Tensor, invstd: Tensor,
-                        weight: Optional[Tensor], bias: Optional[Tensor], grad_x: Tensor, accumulate: bool,
-                        on_output: Optional[Callable[[slice, Tensor], None]] = None) -> Tuple[Tensor, Tensor]:
+                       weight: Optional[Tensor], bias: Optional[Tensor], grad_x: Tensor, accumulate: bool,
+                       on_output: Optional[Callable[[slice, Tensor], None]] = None,
+                       deferred: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
     """Backward of ``relu(batch_norm(x))`` in training mode: d loss/d x into ``grad_x`` (added or written).
 
     ``source(rows)`` gives those rows (a slice) of d loss/d output (they may be overwritten); ``x`` may
     be a strided view of the block buffer. The forward's output is recomputed from ``x`` by the
-    forward's own operation, chunk by chunk, for the ReLU mask and for ``on_output(rows, output)``. The batch norm's backward is the closed form ``native_batch_norm_backward`` computes,
-    in row chunks, so that no temporary as large as ``x`` exists. Returns the gradients of the
-    norm's weight and bias.
+    forward's own operation, chunk by chunk, for the ReLU mask and for ``on_output(rows, output)``.
+    The batch norm's backward is the closed form ``native_batch_norm_backward`` computes, in row
+    chunks, so that no temporary as large as ``x`` exists:
+    ``d loss/d x = g * k1 + (x - mean) * k2 + k3`` per column, with ``g`` the masked gradient.
+    With ``deferred = (K2, K3)`` (and ``accumulate``) the last two terms are not added but their
+    coefficients are added into ``K2[:cols]`` and ``K3[:cols]``: in a dense block every layer's
+    terms of one column share ``mean``, so they are applied once, summed (:func:`add_centred_affine`).
+    Returns the gradients of the norm's weight and bias.
     """
     rows, cols = x.shape
     acc = stats_dtype(x.dtype)
@@ -126,11 +147,6 @@ def relu_norm_backward(source: Callable[[slice], Tensor], x: Tensor, mean: Tenso
     k1 = invstd if weight is None else invstd * weight
     k1_x = k1.to(x.dtype)
     sum_g, sum_g_xmu = torch.zeros(cols, dtype=acc, device=x.device), torch.zeros(cols, dtype=acc, device=x.device)
-
-    def centred(xc: Tensor) -> Tensor:  # x - mean, in the statistics' dtype
-        out = take(x_flat, *xc.shape)
-        return torch.sub(xc, mean, out=out) if xc.dtype == acc else out.copy_(xc).sub_(mean)
-
     for r in range(0, rows, step):
         part = slice(r, min(r + step, rows))
         gc, xc = source(part), x[part]
@@ -140,21 +156,24 @@ def relu_norm_backward(source: Callable[[slice], Tensor], x: Tensor, mean: Tenso
             on_output(part, pre.relu_())
         g_acc = gc if gc.dtype == acc else take(g_flat, *gc.shape).copy_(gc)
         sum_g += g_acc.sum(0)
-        sum_g_xmu += centred(xc).mul_(g_acc).sum(0)
+        sum_g_xmu += _centred(xc, mean, x_flat).mul_(g_acc).sum(0)
         if accumulate:
             grad_x[part].addcmul_(gc, k1_x)
         else:
             torch.mul(gc, k1_x, out=grad_x[part])
     k2 = k1 * invstd.square() * sum_g_xmu / -rows
     k3 = k1 * sum_g / -rows
-    for r in range(0, rows, step):
-        grad_x[r : r + step].add_(centred(x[r : r + step]).mul_(k2).add_(k3))
+    if deferred is not None and accumulate:
+        deferred[0][:cols] += k2
+        deferred[1][:cols] += k3
+    else:
+        add_centred_affine(grad_x, x, mean, k2, k3)
     return sum_g_xmu * invstd, sum_g
 
 
 def conv1x1_relu_norm_backward(grad_z: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, norm: "nn.Module",
-                               conv_weight: Tensor, grad_x: Tensor, accumulate: bool,
-                               want_weight_grad: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+                               conv_weight: Tensor, grad_x: Tensor, accumulate: bool, want_weight_grad: bool,
+                               deferred: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Backward of ``z = conv1x1(relu(norm(x)))`` (training-mode batch norm with these statistics), given
     d loss/d z (dense, pixels x c_out): d loss/d x into ``grad_x`` (added or written), in row chunks.
 
@@ -170,5 +189,6 @@ def conv1x1_relu_norm_backward(grad_z: Tensor, x: Tensor, mean: Tensor, invstd: 
                                               False, [0, 0], 1, [False, True, False])[1])
 
     grad_g, grad_b = relu_norm_backward(lambda rows: rows_conv1x1(grad_z[rows], w_t), x, mean, invstd, norm.weight,
-                                        norm.bias, grad_x, accumulate, add_weight_grad if want_weight_grad else None)
+                                        norm.bias, grad_x, accumulate, add_weight_grad if want_weight_grad else None,
+                                        deferred)
     return grad_g, grad_b, grad_w

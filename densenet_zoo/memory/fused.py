@@ -33,7 +33,7 @@ from torch.autograd.function import once_differentiable
 
 from ..norms.batchnorm import BatchNorm2d as _OwnBatchNorm2d, average_factor, update_running_stats
 from .blockmath import (
-    LOW_PRECISION, affine, aten, conv1_chunked, conv1x1_relu_norm_backward, matrix, moments, nhwc, norm_relu,
+    LOW_PRECISION, add_centred_affine, affine, aten, conv1_chunked, conv1x1_relu_norm_backward, matrix, moments, nhwc, norm_relu,
     relu_norm_backward, stats_dtype, take,
 )
 from .workspace import scratch
@@ -154,23 +154,32 @@ class FusedDenseBlock(torch.autograd.Function):
         with scratch(mat, sizes) as (grad, *work):
             grad = take(grad, pixels, total)
             grad.view(n, h, w, -1).copy_(grad_out.permute(0, 2, 3, 1))
+            # norm1's backward terms (x - mean) * k2 + k3 of every layer, summed per column (see relu_norm_backward)
+            deferred = (torch.zeros_like(means), torch.zeros_like(means))
             for i in reversed(range(len(layers))):
-                layer = layers[i]
+                layer, c = layers[i], ctx.c0 + i * growth
+                if i < len(layers) - 1:  # the later layers' terms: column c..c+growth is complete now
+                    cols = slice(c, c + growth)
+                    add_centred_affine(grad[:, cols], mat[:, cols], means[cols], deferred[0][cols], deferred[1][cols])
                 z = kept.pop() if ctx.keep_bottleneck else None
-                grads = _layer_backward(layer, mat, grad, means, variances, ctx.norm2_stats[i], ctx.c0 + i * growth, z,
-                                        work, (n, h, w))
+                grads = _layer_backward(layer, mat, grad, means, variances, ctx.norm2_stats[i], c, z, work, (n, h, w),
+                                        deferred)
                 for p, g in zip((layer.norm1.weight, layer.norm1.bias, layer.conv1.weight,
                                  layer.norm2.weight, layer.norm2.bias, layer.conv2.weight), grads):
                     if _wants_grad(p):
                         param_grads[id(p)] = g.view(p.shape).to(p.dtype)  # autocast: weights were cast down
-            # a copy: the scratch memory is reused by the next block
-            grad_x = nhwc(grad[:, : ctx.c0], (n, h, w)).clone(memory_format=torch.channels_last) if ctx.needs_input_grad[2] else None
+            grad_x = None
+            if ctx.needs_input_grad[2]:
+                c0 = slice(0, ctx.c0)
+                add_centred_affine(grad[:, c0], mat[:, c0], means[c0], deferred[0][c0], deferred[1][c0])
+                # a copy: the scratch memory is reused by the next block
+                grad_x = nhwc(grad[:, c0], (n, h, w)).clone(memory_format=torch.channels_last)
         return (None, None, grad_x, *[param_grads.get(id(p)) for p in params])
 
 
 def _layer_backward(layer: "_DenseLayer", mat: Tensor, grad: Tensor, means: Tensor, variances: Tensor,
                     norm2_stats: Tuple[Tensor, Tensor], c: int, z: Optional[Tensor],
-                    work: List[Tensor], shape: Tuple[int, int, int]) -> List[Optional[Tensor]]:
+                    work: List[Tensor], shape: Tuple[int, int, int], deferred: Tuple[Tensor, Tensor]) -> List[Optional[Tensor]]:
     """One layer's backward: adds its input gradient into ``grad[:, :c]``; returns its parameters' gradients
     (norm1 weight, bias, conv1 weight, norm2 weight, bias, conv2 weight; None where not wanted)."""
     norm1, norm2, conv1, conv2 = layer.norm1, layer.norm2, layer.conv1, layer.conv2
@@ -192,7 +201,7 @@ def _layer_backward(layer: "_DenseLayer", mat: Tensor, grad: Tensor, means: Tens
                                            grad_z, False)
     del grad_a2, z
     grad_g1, grad_b1, grad_w1 = conv1x1_relu_norm_backward(grad_z, x, means[:c], invstd1, norm1, conv1.weight,
-                                                           grad[:, :c], True, _wants_grad(conv1.weight))
+                                                           grad[:, :c], True, _wants_grad(conv1.weight), deferred)
     return [grad_g1, grad_b1, grad_w1, grad_g2, grad_b2, grad_w2]
 
 
