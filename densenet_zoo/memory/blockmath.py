@@ -8,11 +8,14 @@ those are the largest temporaries of a dense layer.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional, Tuple
+import contextlib
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .workspace import scratch
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
@@ -39,16 +42,14 @@ def moments(t: Tensor) -> Tuple[Tensor, Tensor]:
     rows, cols = t.shape
     acc = stats_dtype(t.dtype)
     step = chunk_rows(cols, t)
-    tmp = t.new_empty(min(step, rows) * cols, dtype=acc)
     total = torch.zeros(cols, dtype=acc, device=t.device)
     for r in range(0, rows, step):
         total += t[r : r + step].sum(0, dtype=acc)
     mean = total / rows
     total = torch.zeros_like(total)
-    for r in range(0, rows, step):
-        part = t[r : r + step]
-        centred = torch.sub(part, mean, out=take(tmp, *part.shape)) if part.dtype == acc else take(tmp, *part.shape).copy_(part).sub_(mean)
-        total += centred.square_().sum(0)
+    with scratch(t, [min(step, rows) * cols], acc, "chunks") as (tmp,):
+        for r in range(0, rows, step):
+            total += _centred(t[r : r + step], mean, tmp).square_().sum(0)
     return mean, total / rows
 
 
@@ -99,10 +100,10 @@ def conv1_chunked(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: 
     normalised input never exists whole."""
     rows, cols = x.shape
     step = chunk_rows(cols, x)
-    tmp = x.new_empty(step * cols)
-    for r in range(0, rows, step):
-        xc = x[r : r + step]
-        out[r : r + step].copy_(rows_conv1x1(norm_relu(xc, scale, shift, out=take(tmp, *xc.shape)), weight))
+    with scratch(x, [min(step, rows) * cols], slot="chunks") as (tmp,):
+        for r in range(0, rows, step):
+            xc = x[r : r + step]
+            out[r : r + step].copy_(rows_conv1x1(norm_relu(xc, scale, shift, out=take(tmp, *xc.shape)), weight))
     return out
 
 
@@ -116,9 +117,20 @@ def add_centred_affine(grad_x: Tensor, x: Tensor, mean: Tensor, k2: Tensor, k3: 
     """``grad_x += (x - mean) * k2 + k3`` (per column), in row chunks."""
     rows, cols = x.shape
     step = chunk_rows(cols, x)
-    tmp = x.new_empty(min(step, rows) * cols, dtype=stats_dtype(x.dtype))
-    for r in range(0, rows, step):
-        grad_x[r : r + step].add_(_centred(x[r : r + step], mean, tmp).mul_(k2).add_(k3))
+    with scratch(x, [min(step, rows) * cols], stats_dtype(x.dtype), "chunks") as (tmp,):
+        for r in range(0, rows, step):
+            grad_x[r : r + step].add_(_centred(x[r : r + step], mean, tmp).mul_(k2).add_(k3))
+
+
+@contextlib.contextmanager
+def _chunk_temps(x: Tensor, acc: torch.dtype, n: int) -> Iterator[List[Tensor]]:
+    """Three chunk temporaries of ``n`` elements: one in ``x``'s dtype, two in ``acc``."""
+    if acc == x.dtype:
+        with scratch(x, [n, n, n], slot="chunks") as temps:
+            yield temps
+    else:
+        with scratch(x, [n], slot="chunks") as (pre,), scratch(x, [n, n], acc, "chunks") as (g, xs):
+            yield [pre, g, xs]
 
 
 def relu_norm_backward(source: Callable[[slice], Tensor], x: Tensor, mean: Tensor, invstd: Tensor,
@@ -141,26 +153,27 @@ def relu_norm_backward(source: Callable[[slice], Tensor], x: Tensor, mean: Tenso
     rows, cols = x.shape
     acc = stats_dtype(x.dtype)
     step = chunk_rows(cols, x)
-    pre_flat, g_flat, x_flat = x.new_empty(step * cols), x.new_empty(step * cols, dtype=acc), x.new_empty(step * cols, dtype=acc)
     scale, shift = affine(weight, bias, mean, invstd)
     scale_x, shift_x = scale.to(x.dtype), shift.to(x.dtype)
     k1 = invstd if weight is None else invstd * weight
     k1_x = k1.to(x.dtype)
     sum_g, sum_g_xmu = torch.zeros(cols, dtype=acc, device=x.device), torch.zeros(cols, dtype=acc, device=x.device)
-    for r in range(0, rows, step):
-        part = slice(r, min(r + step, rows))
-        gc, xc = source(part), x[part]
-        pre = torch.addcmul(shift_x, xc, scale_x, out=take(pre_flat, *xc.shape))
-        aten.threshold_backward.grad_input(gc, pre, 0, grad_input=gc)  # d loss/d norm output
-        if on_output is not None:
-            on_output(part, pre.relu_())
-        g_acc = gc if gc.dtype == acc else take(g_flat, *gc.shape).copy_(gc)
-        sum_g += g_acc.sum(0)
-        sum_g_xmu += _centred(xc, mean, x_flat).mul_(g_acc).sum(0)
-        if accumulate:
-            grad_x[part].addcmul_(gc, k1_x)
-        else:
-            torch.mul(gc, k1_x, out=grad_x[part])
+    n = min(step, rows) * cols
+    with _chunk_temps(x, acc, n) as (pre_flat, g_flat, x_flat):
+        for r in range(0, rows, step):
+            part = slice(r, min(r + step, rows))
+            gc, xc = source(part), x[part]
+            pre = torch.addcmul(shift_x, xc, scale_x, out=take(pre_flat, *xc.shape))
+            aten.threshold_backward.grad_input(gc, pre, 0, grad_input=gc)  # d loss/d norm output
+            if on_output is not None:
+                on_output(part, pre.relu_())
+            g_acc = gc if gc.dtype == acc else take(g_flat, *gc.shape).copy_(gc)
+            sum_g += g_acc.sum(0)
+            sum_g_xmu += _centred(xc, mean, x_flat).mul_(g_acc).sum(0)
+            if accumulate:
+                grad_x[part].addcmul_(gc, k1_x)
+            else:
+                torch.mul(gc, k1_x, out=grad_x[part])
     k2 = k1 * invstd.square() * sum_g_xmu / -rows
     k3 = k1 * sum_g / -rows
     if deferred is not None and accumulate:

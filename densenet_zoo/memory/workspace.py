@@ -12,49 +12,54 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 _local = threading.local()
 
+#: Kinds of scratch memory, each its own buffer: a block's matrices, and the row chunks of the kernels
+SLOTS = ("block", "chunks")
 
-def _buffers() -> Dict[torch.dtype, Tensor]:
+
+def _buffers() -> Dict[Tuple[str, torch.dtype], Tensor]:
     if not hasattr(_local, "buffers"):
-        _local.buffers, _local.busy = {}, False
+        _local.buffers, _local.busy = {}, set()
     return _local.buffers
 
 
 @contextlib.contextmanager
-def scratch(like: Tensor, sizes: Sequence[int]) -> Iterator[List[Tensor]]:
-    """Flat tensors of ``sizes`` elements (``like``'s dtype and device), valid inside the ``with``.
+def scratch(like: Tensor, sizes: Sequence[int], dtype: Optional[torch.dtype] = None,
+            slot: str = "block") -> Iterator[List[Tensor]]:
+    """Flat tensors of ``sizes`` elements (``dtype``, default ``like``'s; ``like``'s device), valid inside the ``with``.
 
-    On the CPU they are slices of the calling thread's buffer for that dtype, which grows to the
-    largest request and is kept (:func:`release_workspaces` frees it); a nested request, or one on
-    another device, gets fresh memory.
+    On the CPU they are slices of the calling thread's buffer for that slot and dtype, which grows
+    to the largest request and is kept (:func:`release_workspaces` frees it); a nested request for
+    the same slot and dtype, or one on another device, gets fresh memory.
     """
-    buffers, total = _buffers(), sum(sizes)
-    if like.device.type != "cpu" or _local.busy:
-        yield [like.new_empty(n) for n in sizes]
+    dtype = dtype or like.dtype
+    buffers, total, key = _buffers(), sum(sizes), (slot, dtype)
+    if like.device.type != "cpu" or key in _local.busy:
+        yield [like.new_empty(n, dtype=dtype) for n in sizes]
         return
-    buffer = buffers.get(like.dtype)
+    buffer = buffers.get(key)
     if buffer is None or buffer.numel() < total:
-        buffers.pop(like.dtype, None)
+        buffers.pop(key, None)
         del buffer  # freed before the larger one is allocated
-        buffer = buffers[like.dtype] = like.new_empty(total)
-    _local.busy = True
+        buffer = buffers[key] = like.new_empty(total, dtype=dtype)
+    _local.busy.add(key)
     try:
         yield list(buffer[:total].split(list(sizes)))
     finally:
-        _local.busy = False
+        _local.busy.discard(key)
 
 
 def release_workspaces() -> int:
     """Free the calling thread's fused-block scratch buffers; returns the bytes released.
 
     The buffers are as large as a training step's widest fused block needs (for DenseNet-121 at
-    batch 16, 224x224, float32: about 150 MB) and are kept for the next step; call this when the
+    batch 16, 224x224, float32: about 110 MB) and are kept for the next step; call this when the
     process goes on to other work.
 
     >>> release_workspaces() >= 0

@@ -106,10 +106,12 @@ def test_fused_results_do_not_live_in_the_scratch_buffer(strategy):
     outs = []
     model.features.denseblock1.register_forward_hook(lambda m, i, o: outs.append(o))
     model(x).sum().backward()
-    (buffer,) = workspace._local.buffers.values()
-    lo, hi = buffer.data_ptr(), buffer.data_ptr() + buffer.numel() * buffer.element_size()
-    for t in (outs[0], x.grad, model.features.denseblock1.denselayer1.conv1.weight.grad):
-        assert not (lo <= t.data_ptr() < hi)
+    buffers = list(workspace._local.buffers.values())
+    assert buffers
+    for buffer in buffers:
+        lo, hi = buffer.data_ptr(), buffer.data_ptr() + buffer.numel() * buffer.element_size()
+        for t in (outs[0], x.grad, model.features.denseblock1.denselayer1.conv1.weight.grad):
+            assert not (lo <= t.data_ptr() < hi)
     grad = x.grad.clone()
     model.zero_grad()
     model(torch.randn(2, 3, 16, 16)).sum().backward()  # another step reuses the scratch buffer
