@@ -34,7 +34,7 @@ from torch.autograd.function import once_differentiable
 from ..norms.batchnorm import BatchNorm2d as _OwnBatchNorm2d, average_factor, update_running_stats
 from .blockmath import (
     LOW_PRECISION, add_centred_affine, affine, aten, conv1_chunked, conv1x1_relu_norm_backward, matrix, moments, nhwc, norm_relu,
-    stats_dtype, take,
+    relu_norm_backward, stats_dtype, take,
 )
 from .workspace import scratch
 
@@ -196,11 +196,17 @@ def _layer_backward(layer: "_DenseLayer", mat: Tensor, grad: Tensor, means: Tens
         nhwc(grad_y, shape), nhwc(a2, shape), conv2.weight.to(mat.dtype), None, [1, 1], [1, 1], [1, 1], False,
         [0, 0], 1, [True, _wants_grad(conv2.weight), False],
     )
-    grad_a2 = aten.threshold_backward.grad_input(matrix(grad_a2), a2, 0, grad_input=matrix(grad_a2))
-    grad_z, grad_g2, grad_b2 = aten.native_batch_norm_backward(
-        grad_a2, z, norm2.weight, None, None, mean2, invstd2, True, norm2.eps,
-        [True, _wants_grad(norm2.weight), _wants_grad(norm2.bias)],
-    )
+    grad_a2 = matrix(grad_a2)
+    if mat.dtype in LOW_PRECISION:  # one kernel computing in float32 registers; the chunked form converts chunks
+        aten.threshold_backward.grad_input(grad_a2, a2, 0, grad_input=grad_a2)
+        grad_z, grad_g2, grad_b2 = aten.native_batch_norm_backward(
+            grad_a2, z, norm2.weight, None, None, mean2, invstd2, True, norm2.eps,
+            [True, _wants_grad(norm2.weight), _wants_grad(norm2.bias)],
+        )
+    else:  # into a2's buffer: no fresh matrix of this size in every layer (glibc's heap would keep them)
+        grad_z = a2
+        grad_g2, grad_b2 = relu_norm_backward(grad_a2.__getitem__, z, mean2, invstd2, norm2.weight, norm2.bias,
+                                              grad_z, False)
     del grad_a2, z, a2
     grad_g1, grad_b1, grad_w1 = conv1x1_relu_norm_backward(grad_z, x, means[:c], invstd1, norm1, conv1.weight,
                                                            grad[:, :c], True, _wants_grad(conv1.weight), deferred)
