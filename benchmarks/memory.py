@@ -88,6 +88,8 @@ def main() -> int:
     p.add_argument("--max-batch", default=None, metavar="BUDGET",
                    help="also search the largest batch per mode within BUDGET (e.g. 80GiB), up to --max-batch-limit")
     p.add_argument("--max-batch-limit", type=int, default=1024)
+    p.add_argument("--max-batch-resolution", type=int, default=8,
+                   help="stop bisecting when the bounds are this many images apart (1: exact, more probes)")
     p.add_argument("--out", default="benchmarks/results/memory", help="folder for profile.json/.csv/.png")
     args = p.parse_args()
     if args.saved_only:
@@ -116,7 +118,8 @@ def main() -> int:
 
         found = dz.max_batch(args.model, budget=args.max_batch, image_size=args.image_size, modes=args.modes,
                              device=args.device, threads=args.threads, allocator=args.allocator,
-                             autocast=args.autocast, start=args.batch_size, limit=args.max_batch_limit, on_mode=save)
+                             autocast=args.autocast, start=args.batch_size, limit=args.max_batch_limit, on_mode=save,
+                             resolution=args.max_batch_resolution)
         print(found.table())
         print(f"wrote {found.to_json(out / 'max_batch.json')}")
     return 0

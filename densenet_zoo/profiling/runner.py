@@ -224,18 +224,22 @@ def profile(
                                     allocator=describe(allocator) if subprocess_mode else "as this process runs"))
 
 
-def largest_fitting(fits: Callable[[int], bool], start: int = 1, limit: int = 4096) -> int:
+def largest_fitting(fits: Callable[[int], bool], start: int = 1, limit: int = 4096, resolution: int = 1) -> int:
     """Largest ``n`` in [start, limit] with ``fits(n)`` (0 if none), assuming fitting is monotone.
 
-    Doubling from ``start`` until a probe fails, then bisection between the last two probes.
+    Doubling from ``start`` until a probe fails, then bisection between the last two probes until
+    they are at most ``resolution`` apart: the result fits, and the true largest is below
+    ``result + resolution``.
     """
+    if resolution < 1:
+        raise ValueError(f"resolution must be a positive number of images, got {resolution}")
     best, n = 0, start
     while n <= limit and fits(n):
         best, n = n, n * 2
     low, high = best, min(n, limit + 1)
     if best == 0:
         return 0
-    while high - low > 1:
+    while high - low > resolution:
         mid = (low + high) // 2
         low, high = (mid, high) if fits(mid) else (low, mid)
     return low
@@ -256,11 +260,14 @@ def max_batch(
     autocast: Optional[str] = None,
     probe_timeout: Optional[float] = None,
     on_mode: Optional[Callable[[str, Dict[str, Any]], None]] = None,
+    resolution: int = 1,
 ) -> MaxBatchReport:
     """Largest batch per mode whose training step stays within ``budget`` (absolute peak of the step).
 
-    Doubling from ``start`` until a probe does not fit, then bisection; every CPU probe is a fresh
-    process (one warm-up and two measured steps); ``on_mode(mode, result)`` is called as each mode is done.
+    Doubling from ``start`` until a probe does not fit, then bisection down to ``resolution`` images
+    (the reported batch fits; the largest that fits is below it plus ``resolution``); every probe is
+    a fresh process (one warm-up and two measured steps); ``on_mode(mode, result)`` is called as
+    each mode is done.
 
     Example::
 
@@ -294,11 +301,12 @@ def max_batch(
             probes.append(dict(row, fits=ok))
             return ok
 
-        results[mode] = dict(max_batch=largest_fitting(fits, start, limit), probes=probes)
+        results[mode] = dict(max_batch=largest_fitting(fits, start, limit, resolution), probes=probes)
         if on_mode is not None:  # e.g. to save partial results of a long search
             on_mode(mode, results[mode])
     return MaxBatchReport(results, dict(environment(device, threads), model=ref, budget_bytes=budget_bytes, image_size=image_size,
-                                        autocast=autocast, allocator=describe(allocator) if subprocess_mode else "as this process runs"))
+                                        autocast=autocast, resolution=resolution,
+                                        allocator=describe(allocator) if subprocess_mode else "as this process runs"))
 
 
 def _run_probe(config: Dict[str, Any], subprocess_mode: bool, timeout: Optional[float]) -> Dict[str, Any]:

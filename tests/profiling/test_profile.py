@@ -80,6 +80,19 @@ def test_peak_rss_sees_a_large_temporary():
 
 
 @pytest.mark.parametrize("threshold", [1, 5, 8, 13, 64, 100])
+def test_largest_fitting_to_a_resolution():
+    probes = []
+
+    def fits(n):
+        probes.append(n)
+        return n <= 573
+
+    found = largest_fitting(fits, start=64, limit=4096, resolution=8)
+    assert found <= 573 < found + 8 and len(probes) == 11  # to the image: 14 probes
+    with pytest.raises(ValueError, match="resolution"):
+        largest_fitting(fits, resolution=0)
+
+
 def test_largest_fitting_by_doubling_then_bisection(threshold):
     probes = []
 
