@@ -79,7 +79,6 @@ def test_peak_rss_sees_a_large_temporary():
     assert (peak.peak - start) * 1024 >= 60 * 2**20
 
 
-@pytest.mark.parametrize("threshold", [1, 5, 8, 13, 64, 100])
 def test_largest_fitting_to_a_resolution():
     probes = []
 
@@ -93,6 +92,7 @@ def test_largest_fitting_to_a_resolution():
         largest_fitting(fits, resolution=0)
 
 
+@pytest.mark.parametrize("threshold", [1, 5, 8, 13, 64, 100])
 def test_largest_fitting_by_doubling_then_bisection(threshold):
     probes = []
 
