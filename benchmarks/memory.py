@@ -29,20 +29,24 @@ from densenet_zoo.profiling.runner import resolve_modes
 def saved_only(args: argparse.Namespace) -> int:
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     rows = []
-    for mode in resolve_modes(args.modes):
+    for spec in resolve_modes(args.modes):
+        mode, _, layout = spec.partition(":")  # "none:channels_last": normal mode on channels-last tensors
         model = dz.create_model(args.model, memory_efficient=mode).train()
+        inputs = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+        if layout == "channels_last":
+            model = model.to(memory_format=torch.channels_last)
         if mode == "auto":
-            model(x).sum().backward()  # "auto" measures on its first forward and decides on the second
+            model(inputs).sum().backward()  # "auto" measures on its first forward and decides on the second
         with SavedTensorBytes(exclude=model.parameters()) as saved:
-            out = model(x)
+            out = model(inputs)
         out.sum().backward()
-        rows.append((mode, saved.bytes))
+        rows.append((spec, saved.bytes))
     normal = rows[0][1]
     print(f"# {args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}: bytes saved for backward "
           f"(unique storages, parameters excluded; exact), torch {torch.__version__}")
-    print(f"{'mode':12s} {'saved MB':>9s} {'vs normal':>10s}")
+    print(f"{'mode':20s} {'saved MB':>9s} {'vs normal':>10s}")
     for mode, n in rows:
-        print(f"{mode:12s} {n / 2**20:9.1f} {n / normal:10.3f}")
+        print(f"{mode:20s} {n / 2**20:9.1f} {n / normal:10.3f}")
     return 0
 
 

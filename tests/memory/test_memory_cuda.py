@@ -81,6 +81,29 @@ def test_fused_under_cuda_autocast_matches_normal_mode_to_the_format(strategy, d
         assert _rel(q.grad, p.grad) < 4 * max(_rel(p.grad, r.grad), 2**-7), name
 
 
+@pytest.mark.parametrize("strategy", ["fused", "fused_lean"])
+def test_fused_stem_and_transitions_on_cuda_in_float64_and_bf16(strategy, monkeypatch):
+    from densenet_zoo.memory import stem, transition
+
+    calls = []
+    for function in (stem.FusedStem, transition.FusedTransition):
+        monkeypatch.setattr(function, "apply", (lambda real: lambda *a: calls.append(1) or real(*a))(function.apply))
+    base = _model(small_inputs=False, block_config=(2, 2, 2))  # the ImageNet stem, two transitions
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    xs = [torch.randn(2, 3, 64, 64, device=DEVICE, generator=g) for _ in range(2)]
+    ys = [torch.randint(0, 5, (2,), device=DEVICE, generator=g) for _ in range(2)]
+    normal, ours = copy.deepcopy(base).double(), copy.deepcopy(base).double().set_memory_efficient(strategy)
+    for a, b in zip(_steps(normal, [x.double() for x in xs], ys), _steps(ours, [x.double() for x in xs], ys)):
+        assert torch.allclose(a, b, atol=1e-9, rtol=0)
+    for (name, p), q in zip(normal.named_parameters(), ours.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-9, rtol=1e-7), name
+    assert len(calls) == 6  # stem and two transitions, two steps
+    reference, normal, ours = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base).set_memory_efficient(strategy)
+    (out_fp32,), (out_normal,), (out_ours,) = (_steps(m, xs[:1], ys[:1], d) for m, d in
+                                               ((reference, None), (normal, torch.bfloat16), (ours, torch.bfloat16)))
+    assert _rel(out_ours, out_normal) < 4 * max(_rel(out_normal, out_fp32), 2**-8)
+
+
 def test_fused_function_directly_on_cuda_gradcheck_in_float64():
     from densenet_zoo.memory.fused import fused_block_forward
 
