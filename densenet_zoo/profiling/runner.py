@@ -264,10 +264,9 @@ def max_batch(
 ) -> MaxBatchReport:
     """Largest batch per mode whose training step stays within ``budget`` (absolute peak of the step).
 
-    Doubling from ``start`` until a probe does not fit, then bisection down to ``resolution`` images
-    (the reported batch fits; the largest that fits is below it plus ``resolution``); every probe is
-    a fresh process (one warm-up and two measured steps); ``on_mode(mode, result)`` is called as
-    each mode is done.
+    Doubling from ``start``, then bisection to ``resolution`` images (the batch reported fits, one
+    ``resolution`` more may too); every probe is a fresh process (one warm-up and two measured
+    steps); ``on_mode(mode, result)`` is called as each mode is done.
 
     Example::
 
@@ -304,9 +303,8 @@ def max_batch(
         results[mode] = dict(max_batch=largest_fitting(fits, start, limit, resolution), probes=probes)
         if on_mode is not None:  # e.g. to save partial results of a long search
             on_mode(mode, results[mode])
-    return MaxBatchReport(results, dict(environment(device, threads), model=ref, budget_bytes=budget_bytes, image_size=image_size,
-                                        autocast=autocast, resolution=resolution,
-                                        allocator=describe(allocator) if subprocess_mode else "as this process runs"))
+    meta = dict(model=ref, budget_bytes=budget_bytes, image_size=image_size, autocast=autocast, resolution=resolution)
+    return MaxBatchReport(results, dict(environment(device, threads), **meta, allocator=describe(allocator)))
 
 
 def _run_probe(config: Dict[str, Any], subprocess_mode: bool, timeout: Optional[float]) -> Dict[str, Any]:
