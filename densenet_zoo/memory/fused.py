@@ -23,7 +23,7 @@ dtype: bfloat16 or float16, with float32 statistics and float32 parameter gradie
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -54,6 +54,15 @@ def plain_conv(conv: nn.Module, kernel: int) -> bool:
     )
 
 
+def unhooked(modules: Iterable[nn.Module]) -> bool:
+    """No forward hooks on these modules (or on every module): a fused function would not call them."""
+    from torch.nn.modules import module as torch_module
+
+    if getattr(torch_module, "_global_forward_hooks", None) or getattr(torch_module, "_global_forward_pre_hooks", None):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def compute_dtype(x: Tensor) -> Optional[torch.dtype]:
     """The dtype the block computes in: ``x``'s float32/float64, or under autocast the autocast dtype.
 
@@ -73,7 +82,7 @@ def fused_supported(block: "_DenseBlock", x: Optional[Tensor] = None) -> bool:
         return False
     if torch.compiler.is_compiling():
         return False
-    return all(
+    return unhooked(block.modules()) and all(
         layer.drop_rate == 0 and plain_batchnorm(layer.norm1) and plain_batchnorm(layer.norm2)
         and type(layer.relu1) is nn.ReLU and type(layer.relu2) is nn.ReLU
         and plain_conv(layer.conv1, 1) and plain_conv(layer.conv2, 3)

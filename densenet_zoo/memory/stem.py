@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 
 from ..norms.batchnorm import average_factor, update_running_stats
 from .blockmath import LOW_PRECISION, affine, aten, matrix, moments, norm_relu, relu_norm_backward
-from .fused import plain_batchnorm
+from .fused import plain_batchnorm, unhooked
 
 _IMAGE_BYTES = 1 << 23  # images per chunk of the per-image passes: about 8 MiB of conv0 output
 
@@ -43,7 +43,7 @@ def stem_supported(modules: List[nn.Module], x: Tensor) -> bool:
     return (
         type(conv) is nn.Conv2d and conv.bias is None and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
         and not nn.utils.parametrize.is_parametrized(conv) and plain_batchnorm(norm) and type(relu) is nn.ReLU
-        and type(pool) is nn.MaxPool2d and not pool.return_indices
+        and type(pool) is nn.MaxPool2d and not pool.return_indices and unhooked(modules)
     )
 
 

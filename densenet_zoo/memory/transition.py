@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from ..norms.batchnorm import average_factor, update_running_stats
 from .blockmath import affine, aten, conv1_chunked, conv1x1_relu_norm_backward, matrix, moments, nhwc
-from .fused import compute_dtype, plain_batchnorm, plain_conv
+from .fused import compute_dtype, plain_batchnorm, plain_conv, unhooked
 
 
 def _plain_pool(pool: nn.Module) -> bool:
@@ -35,7 +35,7 @@ def transition_supported(modules: List[nn.Module], x: Tensor) -> bool:
         return False
     norm, relu, conv, pool = modules
     return (
-        plain_batchnorm(norm) and type(relu) is nn.ReLU and plain_conv(conv, 1) and _plain_pool(pool)
+        plain_batchnorm(norm) and type(relu) is nn.ReLU and plain_conv(conv, 1) and _plain_pool(pool) and unhooked(modules)
         and x.dim() == 4 and compute_dtype(x) is not None and x.is_contiguous(memory_format=torch.channels_last)
     )
 

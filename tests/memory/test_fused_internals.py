@@ -179,3 +179,14 @@ def test_stem_and_transitions_under_bf16_autocast_match_normal_mode_to_the_forma
     assert rel(out_fused, out_normal) < 4 * max(rel(out_normal, out_ref), 2**-8)
     for (name, p), q, r in zip(normal.named_parameters(), fused.parameters(), reference.parameters()):
         assert q.grad.dtype == torch.float32 and rel(q.grad, p.grad) < 4 * max(rel(p.grad, r.grad), 2**-7), name
+
+
+@pytest.mark.parametrize("strategy", FUSED)
+@pytest.mark.parametrize("where", ["features.norm0", "features.transition1.conv", "features.denseblock1.denselayer1.norm2"])
+def test_forward_hooks_still_fire_under_the_fused_strategies(strategy, where):
+    """A fused function calls no modules: where a module has a forward hook, that part runs as before."""
+    model = dz.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=5, memory_efficient=strategy)
+    seen = []
+    model.get_submodule(where).register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    model.train()(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert seen and all(p.grad is not None for p in model.parameters())
