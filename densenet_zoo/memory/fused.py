@@ -90,6 +90,16 @@ def fused_supported(block: "_DenseBlock", x: Optional[Tensor] = None) -> bool:
     )
 
 
+def batch_statistics(norm: nn.Module, mat: Tensor) -> Tuple[Tensor, Tensor]:
+    """Batch mean and 1/std of a (pixels, channels) matrix for a training-mode batch norm, whose
+    running statistics are updated with them, once."""
+    mean, var = moments(mat)
+    factor = average_factor(norm)
+    if factor:  # 0: no running statistics (or momentum 0: they would not move)
+        update_running_stats(norm, factor, mat.shape[0], mean, var * mat.shape[0])
+    return mean, (var + norm.eps).rsqrt()
+
+
 def _wants_grad(p: Optional[Tensor]) -> bool:
     return p is not None and p.requires_grad
 

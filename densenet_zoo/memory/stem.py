@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..norms.batchnorm import average_factor, update_running_stats
-from .blockmath import LOW_PRECISION, affine, aten, matrix, moments, norm_relu, relu_norm_backward
-from .fused import plain_batchnorm, unhooked
+from .blockmath import LOW_PRECISION, affine, aten, matrix, norm_relu, relu_norm_backward
+from .fused import batch_statistics, plain_batchnorm, unhooked
 
 _IMAGE_BYTES = 1 << 23  # images per chunk of the per-image passes: about 8 MiB of conv0 output
 
@@ -69,12 +68,7 @@ class FusedStem(torch.autograd.Function):
             xc = x.to(dtype).contiguous(memory_format=torch.channels_last)
             z = F.conv2d(xc, conv.weight.to(dtype), None, conv.stride, conv.padding, conv.dilation, conv.groups)
             z = z.contiguous(memory_format=torch.channels_last)
-            z_mat = matrix(z)
-            mean, var = moments(z_mat)
-            factor = average_factor(norm)
-            if factor:
-                update_running_stats(norm, factor, z_mat.shape[0], mean, var * z_mat.shape[0])
-            invstd = (var + norm.eps).rsqrt()
+            mean, invstd = batch_statistics(norm, matrix(z))
             scale, shift = affine(norm.weight, norm.bias, mean, invstd)
             step, pieces = _images_per_chunk(z), []
             for i in range(0, z.shape[0], step):

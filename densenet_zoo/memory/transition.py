@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..norms.batchnorm import average_factor, update_running_stats
-from .blockmath import affine, aten, conv1_chunked, conv1x1_relu_norm_backward, matrix, moments, nhwc
-from .fused import compute_dtype, plain_batchnorm, plain_conv, unhooked
+from .blockmath import affine, aten, conv1_chunked, conv1x1_relu_norm_backward, matrix, nhwc
+from .fused import batch_statistics, compute_dtype, plain_batchnorm, plain_conv, unhooked
 
 
 def _plain_pool(pool: nn.Module) -> bool:
@@ -48,11 +47,7 @@ class FusedTransition(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):  # x has the autocast dtype already; casts are explicit
             n, c, h, w = x.shape
             x_mat = matrix(x)
-            mean, var = moments(x_mat)
-            factor = average_factor(norm)
-            if factor:
-                update_running_stats(norm, factor, x_mat.shape[0], mean, var * x_mat.shape[0])
-            invstd = (var + norm.eps).rsqrt()
+            mean, invstd = batch_statistics(norm, x_mat)
             z = x.new_empty(x_mat.shape[0], conv.out_channels)
             conv1_chunked(x_mat, *affine(norm.weight, norm.bias, mean, invstd), conv.weight.to(x.dtype), out=z)
             out = F.avg_pool2d(nhwc(z, (n, h, w)), 2, 2)
