@@ -153,17 +153,15 @@ def relu_norm_backward(source: Callable[[slice], Tensor], x: Tensor, mean: Tenso
     rows, cols = x.shape
     acc = stats_dtype(x.dtype)
     step = chunk_rows(cols, x)
-    scale, shift = affine(weight, bias, mean, invstd)
-    scale_x, shift_x = scale.to(x.dtype), shift.to(x.dtype)
-    k1 = invstd if weight is None else invstd * weight
-    k1_x = k1.to(x.dtype)
+    k1, shift = affine(weight, bias, mean, invstd)  # k1: the norm's scale, which is also d out/d x's first term
+    k1_x, shift_x = k1.to(x.dtype), shift.to(x.dtype)
     sum_g, sum_g_xmu = torch.zeros(cols, dtype=acc, device=x.device), torch.zeros(cols, dtype=acc, device=x.device)
     n = min(step, rows) * cols
     with _chunk_temps(x, acc, n) as (pre_flat, g_flat, x_flat):
         for r in range(0, rows, step):
             part = slice(r, min(r + step, rows))
             gc, xc = source(part), x[part]
-            pre = torch.addcmul(shift_x, xc, scale_x, out=take(pre_flat, *xc.shape))
+            pre = torch.addcmul(shift_x, xc, k1_x, out=take(pre_flat, *xc.shape))
             aten.threshold_backward.grad_input(gc, pre, 0, grad_input=gc)  # d loss/d norm output
             if on_output is not None:
                 on_output(part, pre.relu_())

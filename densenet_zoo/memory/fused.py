@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as torch_module
 
 from ..norms.batchnorm import BatchNorm2d as _OwnBatchNorm2d, average_factor, update_running_stats
 from .blockmath import (
@@ -56,23 +57,24 @@ def plain_conv(conv: nn.Module, kernel: int) -> bool:
 
 def unhooked(modules: Iterable[nn.Module]) -> bool:
     """No forward hooks on these modules (or on every module): a fused function would not call them."""
-    from torch.nn.modules import module as torch_module
-
     if getattr(torch_module, "_global_forward_hooks", None) or getattr(torch_module, "_global_forward_pre_hooks", None):
         return False
     return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
-def compute_dtype(x: Tensor) -> Optional[torch.dtype]:
-    """The dtype the block computes in: ``x``'s float32/float64, or under autocast the autocast dtype.
+def compute_dtype(x: Tensor, casts_input: bool = False) -> Optional[torch.dtype]:
+    """The dtype a fused function computes in: ``x``'s float32/float64, or under autocast the autocast
+    dtype; None where it cannot run.
 
     Under autocast normal mode's activations all have the autocast dtype (convolutions cast to it,
-    batch norm and ReLU keep it), so the fused block runs when its input has that dtype already.
+    batch norm and ReLU keep it), so the fused block runs when its input has that dtype already;
+    with ``casts_input`` (the stem, whose first convolution casts the float32 image) any float input.
     """
     device = x.device.type
     if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
-        return dtype if dtype in LOW_PRECISION and x.dtype == dtype else None
+        accepted = x.is_floating_point() if casts_input else x.dtype == dtype
+        return dtype if dtype in LOW_PRECISION and accepted else None
     return x.dtype if x.dtype in (torch.float32, torch.float64) else None
 
 
@@ -90,18 +92,32 @@ def fused_supported(block: "_DenseBlock", x: Optional[Tensor] = None) -> bool:
     )
 
 
+def record_batch(norm: nn.Module, rows: int, mean: Tensor, var: Tensor) -> Tensor:
+    """Update a training-mode batch norm's running statistics once with a batch's mean and biased
+    variance over ``rows`` values; returns the batch's 1/std."""
+    factor = average_factor(norm)
+    if factor:  # 0: no running statistics (or momentum 0: they would not move)
+        update_running_stats(norm, factor, rows, mean, var * rows)
+    return (var + norm.eps).rsqrt()
+
+
 def batch_statistics(norm: nn.Module, mat: Tensor) -> Tuple[Tensor, Tensor]:
     """Batch mean and 1/std of a (pixels, channels) matrix for a training-mode batch norm, whose
     running statistics are updated with them, once."""
     mean, var = moments(mat)
-    factor = average_factor(norm)
-    if factor:  # 0: no running statistics (or momentum 0: they would not move)
-        update_running_stats(norm, factor, mat.shape[0], mean, var * mat.shape[0])
-    return mean, (var + norm.eps).rsqrt()
+    return mean, record_batch(norm, mat.shape[0], mean, var)
 
 
 def _wants_grad(p: Optional[Tensor]) -> bool:
     return p is not None and p.requires_grad
+
+
+def ordered_grads(params: Iterable[Tensor], pairs: Iterable[Tuple[Optional[Tensor], Optional[Tensor]]]) -> List[Optional[Tensor]]:
+    """The gradients of ``params``, in order, from (parameter, gradient) pairs: shaped and typed like
+    each parameter (under autocast they were computed in the cast-down dtype); None for a parameter
+    that needs none or has none."""
+    found = {id(p): g for p, g in pairs if _wants_grad(p) and g is not None}
+    return [found[id(p)].view(p.shape).to(p.dtype) if id(p) in found else None for p in params]
 
 
 class FusedDenseBlock(torch.autograd.Function):
@@ -131,10 +147,8 @@ class FusedDenseBlock(torch.autograd.Function):
         with scratch(x, [0 if keep_bottleneck else pixels * width, pixels * width]) as (work_z, work_a2):
             for i, layer in enumerate(layers):
                 c = c0 + i * growth
-                factor = average_factor(layer.norm1)
-                if factor:  # 0: no running statistics (or momentum 0: they would not move)
-                    update_running_stats(layer.norm1, factor, pixels, means[:c], variances[:c] * pixels)
-                scale, shift = affine(layer.norm1.weight, layer.norm1.bias, means[:c], (variances[:c] + layer.norm1.eps).rsqrt())
+                invstd1 = record_batch(layer.norm1, pixels, means[:c], variances[:c])
+                scale, shift = affine(layer.norm1.weight, layer.norm1.bias, means[:c], invstd1)
                 z = x.new_empty(pixels, width) if keep_bottleneck else take(work_z, pixels, width)
                 conv1_chunked(mat[:, :c], scale, shift, layer.conv1.weight.to(x.dtype), out=z)
                 norm2 = layer.norm2
@@ -168,7 +182,7 @@ class FusedDenseBlock(torch.autograd.Function):
         mat = matrix(out)
         pixels, total = mat.shape
         growth, width = layers[0].conv2.out_channels, layers[0].conv1.out_channels
-        param_grads: dict = {}
+        param_grads: List[Tuple[Optional[Tensor], Optional[Tensor]]] = []
         sizes = [pixels * total, 0 if ctx.keep_bottleneck else pixels * width, pixels * width, pixels * growth]
         with scratch(mat, sizes) as (grad, *work):
             grad = take(grad, pixels, total)
@@ -183,17 +197,15 @@ class FusedDenseBlock(torch.autograd.Function):
                 z = kept.pop() if ctx.keep_bottleneck else None
                 grads = _layer_backward(layer, mat, grad, means, variances, ctx.norm2_stats[i], c, z, work, (n, h, w),
                                         deferred)
-                for p, g in zip((layer.norm1.weight, layer.norm1.bias, layer.conv1.weight,
-                                 layer.norm2.weight, layer.norm2.bias, layer.conv2.weight), grads):
-                    if _wants_grad(p):
-                        param_grads[id(p)] = g.view(p.shape).to(p.dtype)  # autocast: weights were cast down
+                param_grads += zip((layer.norm1.weight, layer.norm1.bias, layer.conv1.weight,
+                                    layer.norm2.weight, layer.norm2.bias, layer.conv2.weight), grads)
             grad_x = None
             if ctx.needs_input_grad[2]:
                 c0 = slice(0, ctx.c0)
                 add_centred_affine(grad[:, c0], mat[:, c0], means[c0], deferred[0][c0], deferred[1][c0])
                 # a copy: the scratch memory is reused by the next block
                 grad_x = nhwc(grad[:, c0], (n, h, w)).clone(memory_format=torch.channels_last)
-        return (None, None, grad_x, *[param_grads.get(id(p)) for p in params])
+        return (None, None, grad_x, *ordered_grads(params, param_grads))
 
 
 def _layer_backward(layer: "_DenseLayer", mat: Tensor, grad: Tensor, means: Tensor, variances: Tensor,

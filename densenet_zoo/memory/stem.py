@@ -17,24 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .blockmath import LOW_PRECISION, affine, aten, matrix, norm_relu, relu_norm_backward
-from .fused import batch_statistics, plain_batchnorm, unhooked
+from .blockmath import affine, aten, matrix, norm_relu, relu_norm_backward
+from .fused import batch_statistics, compute_dtype, ordered_grads, plain_batchnorm, unhooked
 
 _IMAGE_BYTES = 1 << 23  # images per chunk of the per-image passes: about 8 MiB of conv0 output
 
 
-def _stem_dtype(x: Tensor) -> Optional[torch.dtype]:
-    """conv0 computes in the autocast dtype under autocast (the input image stays float32), else in x's."""
-    device = x.device.type
-    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        return dtype if dtype in LOW_PRECISION and x.is_floating_point() else None
-    return x.dtype if x.dtype in (torch.float32, torch.float64) else None
-
-
 def stem_supported(modules: List[nn.Module], x: Tensor) -> bool:
     """Whether ``modules`` are conv0, a training-mode batch norm, ReLU and a max-pool that :class:`FusedStem` runs exactly."""
-    if len(modules) != 4 or torch.compiler.is_compiling() or x.dim() != 4 or _stem_dtype(x) is None:
+    if len(modules) != 4 or torch.compiler.is_compiling() or x.dim() != 4 or compute_dtype(x, casts_input=True) is None:
         return False
     if not x.is_contiguous(memory_format=torch.channels_last):  # the blocks do not all run fused: normal mode
         return False
@@ -63,17 +54,17 @@ class FusedStem(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, modules: List[nn.Module], keep_conv: bool, x: Tensor, *params: Tensor) -> Tensor:
         conv, norm, _, pool = modules
-        dtype = _stem_dtype(x)
+        dtype = compute_dtype(x, casts_input=True)
         with torch.autocast(x.device.type, enabled=False):  # the casts autocast would make, made here
             xc = x.to(dtype).contiguous(memory_format=torch.channels_last)
             z = F.conv2d(xc, conv.weight.to(dtype), None, conv.stride, conv.padding, conv.dilation, conv.groups)
             z = z.contiguous(memory_format=torch.channels_last)
             mean, invstd = batch_statistics(norm, matrix(z))
             scale, shift = affine(norm.weight, norm.bias, mean, invstd)
-            step, pieces = _images_per_chunk(z), []
+            step, pieces, pool_args = _images_per_chunk(z), [], _pool_args(pool)
             for i in range(0, z.shape[0], step):
                 pieces.append(F.max_pool2d(norm_relu(z[i : i + step], scale.view(-1, 1, 1), shift.view(-1, 1, 1)),
-                                           *_pool_args(pool), ceil_mode=pool.ceil_mode))
+                                           *pool_args, ceil_mode=pool.ceil_mode))
             out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
         ctx.modules, ctx.keep_conv, ctx.input_dtype = modules, keep_conv, x.dtype
         ctx.save_for_backward(xc, mean, invstd, z if keep_conv else None, *params)
@@ -91,11 +82,11 @@ class FusedStem(torch.autograd.Function):
         scale, shift = affine(norm.weight, norm.bias, mean, invstd)
         grad = torch.empty_like(z, memory_format=torch.channels_last)
         grad_out = grad_out.to(z.dtype)
-        step = _images_per_chunk(z)
+        step, pool_args = _images_per_chunk(z), _pool_args(pool)
         for i in range(0, z.shape[0], step):  # the pool's gradient, a few images at a time
             a = norm_relu(z[i : i + step], scale.view(-1, 1, 1), shift.view(-1, 1, 1))
-            _, indices = F.max_pool2d(a, *_pool_args(pool), ceil_mode=pool.ceil_mode, return_indices=True)
-            aten.max_pool2d_with_indices_backward.grad_input(grad_out[i : i + step], a, *_pool_args(pool), pool.ceil_mode,
+            _, indices = F.max_pool2d(a, *pool_args, ceil_mode=pool.ceil_mode, return_indices=True)
+            aten.max_pool2d_with_indices_backward.grad_input(grad_out[i : i + step], a, *pool_args, pool.ceil_mode,
                                                              indices, grad_input=grad[i : i + step])
         grad_mat = matrix(grad)  # relu0 and norm0's backward, in place: grad becomes d loss/d conv0 output
         grad_g, grad_b = relu_norm_backward(grad_mat.__getitem__, matrix(z), mean, invstd, norm.weight, norm.bias,
@@ -105,8 +96,7 @@ class FusedStem(torch.autograd.Function):
             grad, xc, w, None, list(conv.stride), list(conv.padding), list(conv.dilation), False, [0, 0], conv.groups,
             [ctx.needs_input_grad[2], conv.weight.requires_grad, False],
         )
-        grads = {id(conv.weight): grad_w, id(norm.weight): grad_g, id(norm.bias): grad_b}
-        param_grads = [None if grads.get(id(p)) is None else grads[id(p)].view(p.shape).to(p.dtype) for p in params]
+        param_grads = ordered_grads(params, [(conv.weight, grad_w), (norm.weight, grad_g), (norm.bias, grad_b)])
         return (None, None, None if grad_x is None else grad_x.to(ctx.input_dtype), *param_grads)
 
 

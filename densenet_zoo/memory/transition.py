@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .blockmath import affine, aten, conv1_chunked, conv1x1_relu_norm_backward, matrix, nhwc
-from .fused import batch_statistics, compute_dtype, plain_batchnorm, plain_conv, unhooked
+from .fused import batch_statistics, compute_dtype, ordered_grads, plain_batchnorm, plain_conv, unhooked
 
 
 def _plain_pool(pool: nn.Module) -> bool:
@@ -69,8 +69,7 @@ class FusedTransition(torch.autograd.Function):
         grad_g, grad_b, grad_w = conv1x1_relu_norm_backward(
             grad_z, matrix(x), mean, invstd, norm, conv.weight, matrix(grad_x), False, conv.weight.requires_grad,
         )
-        grads = {id(norm.weight): grad_g, id(norm.bias): grad_b, id(conv.weight): grad_w}
-        param_grads = [None if grads.get(id(p)) is None else grads[id(p)].view(p.shape).to(p.dtype) for p in params]
+        param_grads = ordered_grads(params, [(norm.weight, grad_g), (norm.bias, grad_b), (conv.weight, grad_w)])
         return (None, None, grad_x if ctx.needs_input_grad[2] else None, *param_grads)
 
 
