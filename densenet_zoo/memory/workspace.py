@@ -19,9 +19,6 @@ from torch import Tensor
 
 _local = threading.local()
 
-#: Kinds of scratch memory, each its own buffer: a block's matrices, and the row chunks of the kernels
-SLOTS = ("block", "chunks")
-
 
 def _buffers() -> Dict[Tuple[str, torch.dtype], Tensor]:
     if not hasattr(_local, "buffers"):
@@ -34,7 +31,9 @@ def scratch(like: Tensor, sizes: Sequence[int], dtype: Optional[torch.dtype] = N
             slot: str = "block") -> Iterator[List[Tensor]]:
     """Flat tensors of ``sizes`` elements (``dtype``, default ``like``'s; ``like``'s device), valid inside the ``with``.
 
-    On the CPU they are slices of the calling thread's buffer for that slot and dtype, which grows
+    ``slot`` names a kind of scratch memory with its own buffer (``"block"``: a block's matrices;
+    ``"chunks"``: the chunked kernels' row chunks, used while a block's are in use). On the CPU the
+    tensors are slices of the calling thread's buffer for that slot and dtype, which grows
     to the largest request and is kept (:func:`release_workspaces` frees it); a nested request for
     the same slot and dtype, or one on another device, gets fresh memory.
     """
