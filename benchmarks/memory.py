@@ -22,6 +22,7 @@ import torch
 
 import densenet_zoo as dz
 from densenet_zoo.allocator import ALLOCATORS
+from densenet_zoo.hardware import describe_hardware
 from densenet_zoo.memory import SavedTensorBytes
 from densenet_zoo.profiling.runner import resolve_modes
 
@@ -44,6 +45,7 @@ def saved_only(args: argparse.Namespace) -> int:
     normal = rows[0][1]
     print(f"# {args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}: bytes saved for backward "
           f"(unique storages, parameters excluded; exact), torch {torch.__version__}")
+    print(f"# hardware: {describe_hardware()}")
     print(f"{'mode':20s} {'saved MB':>9s} {'vs normal':>10s}")
     for mode, n in rows:
         print(f"{mode:20s} {n / 2**20:9.1f} {n / normal:10.3f}")

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 import densenet_zoo as dz
+from densenet_zoo.hardware import describe_hardware
 from densenet_zoo.profiling.rss import _PeakRss, _rss_kib
 
 
@@ -41,6 +42,7 @@ def main() -> int:
     y = torch.randint(0, 1000, (args.batch_size,))
     gc.collect()
     base = _rss_kib("VmRSS")
+    print(f"# hardware: {describe_hardware()}")
     print(f"# {args.model} {args.mode} batch {args.batch_size} {args.image_size}px bf16={args.bf16}: baseline {base / 1024:.0f} MB")
     for i in range(args.steps):
         start = time.perf_counter()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import torchvision
 from torch.utils.data import DataLoader
 
+from densenet_zoo.hardware import describe_hardware
 from densenet_zoo.train import data as D
 from densenet_zoo.train import finetune
 
@@ -86,7 +87,8 @@ def main() -> None:
                           workers=args.workers, progress=False)
         ours = result["history"][-1]["train_images_per_s"]
 
-    print(f"\n{'loop':10s} {'images/s':>10s}   ({args.model}, {args.image_size} px, batch {args.batch_size}, "
+    print(f"\n# hardware: {describe_hardware()}")
+    print(f"{'loop':10s} {'images/s':>10s}   ({args.model}, {args.image_size} px, batch {args.batch_size}, "
           f"{len(keep)} images, {torch.get_num_threads()} threads, last of {args.epochs} epochs)")
     print(f"{'plain':10s} {plain:10.1f}")
     print(f"{'densenet_zoo':10s} {ours:10.1f}")

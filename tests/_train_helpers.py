@@ -34,11 +34,3 @@ def base_options(data: Path, out: Path, **kw) -> dict:
     opts.update(kw)
     return opts
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread for the module's tests: exactness does not depend on it, speed on a 2-core machine does."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

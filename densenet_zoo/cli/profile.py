@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..allocator import ALLOCATORS, describe
+from ..hardware import bf16_cost_note
 from ..profiling import depth_sweep, max_batch, profile
 
 
@@ -28,6 +29,9 @@ def _ints(text: str) -> list:
 def _cmd_profile(args: argparse.Namespace) -> int:
     if args.image_size is not None and args.image_size < 1:
         raise ValueError(f"--image-size must be >= 1 pixel, got {args.image_size}")
+    note = bf16_cost_note(args.device) if args.autocast == "bfloat16" and not args.depth_sweep else None
+    if note:  # said before the minutes of measuring, not only in the report
+        print(f"# note: {note}", flush=True)
     if not args.depth_sweep and not args.device.startswith("cuda"):
         print(f"# measured processes run with allocator {describe(args.allocator)}", flush=True)
     if args.depth_sweep:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from .._utils import PathLike
+from ..hardware import require_native_bf16
 
 __all__ = ["EXPORT_FORMATS", "export", "load_exported"]
 
@@ -35,6 +36,26 @@ def _flat_output(out: object) -> torch.Tensor:
     if isinstance(out, (list, tuple)):  # features_only models: compare every map
         return torch.cat([o.reshape(o.shape[0], -1).float() for o in out], 1)
     return out.float()  # type: ignore[union-attr]
+
+
+def _exportable(model: nn.Module, format: str) -> Tuple[nn.Module, torch.Tensor]:
+    """The module to export and its first parameter, or an error naming what to change."""
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"export expects an nn.Module, got {type(model).__name__}")
+    inner = getattr(model, "_orig_mod", model)  # a torch.compile wrapper exports its module
+    if inner.training:
+        raise ValueError("export: the model is in training mode (BatchNorm would use batch statistics, dropout "
+                         "would be random); call model.eval() before exporting")
+    param = next(inner.parameters())
+    if format == "onnx" and param.dtype == torch.bfloat16:
+        # onnxruntime has no bfloat16 convolution: such a graph is written but cannot be run.
+        raise ValueError("export: ONNX of a bfloat16 model cannot run in onnxruntime; export the float32 model "
+                         "(optimize_for_inference(model) without dtype) and let the runtime choose its precision")
+    if param.dtype == torch.bfloat16:  # export runs the model to trace and check it
+        require_native_bf16(param.device, f"export of a bfloat16 model to {format}")
+    return inner, param
 
 
 def export(
@@ -61,19 +82,7 @@ def export(
     models); the batch axis stays dynamic. ``check`` runs the export on a batch of another size
     and compares with the model (``atol`` on outputs, relative to their largest magnitude).
     """
-    if format not in EXPORT_FORMATS:
-        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"export expects an nn.Module, got {type(model).__name__}")
-    inner = getattr(model, "_orig_mod", model)  # a torch.compile wrapper exports its module
-    if inner.training:
-        raise ValueError("export: the model is in training mode (BatchNorm would use batch statistics, dropout "
-                         "would be random); call model.eval() before exporting")
-    param = next(inner.parameters())
-    if format == "onnx" and param.dtype == torch.bfloat16:
-        # onnxruntime has no bfloat16 convolution: such a graph is written but cannot be run.
-        raise ValueError("export: ONNX of a bfloat16 model cannot run in onnxruntime; export the float32 model "
-                         "(optimize_for_inference(model) without dtype) and let the runtime choose its precision")
+    inner, param = _exportable(model, format)
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"export: {str(path)!r} is a folder; give a file name such as {str(path / ('model' + _suffix(format)))!r}")

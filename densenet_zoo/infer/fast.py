@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..hardware import require_native_bf16
 from ..models.densenet import DenseNet, _DenseBlock, _DenseLayer, _Transition
 from .folding import _fold_into_conv, fold_bn, norm_as_affine
 from .inputs import prepare_input, refuse_training, require_eval as _require_eval
@@ -272,6 +273,8 @@ def optimize_for_inference(
     device = next(model.parameters()).device
     if dtype == torch.float16 and device.type != "cuda":
         raise ValueError("dtype=torch.float16 is for CUDA models; on CPU use dtype=torch.bfloat16")
+    if torch.bfloat16 in (dtype, next(model.parameters()).dtype):
+        require_native_bf16(device, "optimize_for_inference(dtype=torch.bfloat16)")
     source = copy.deepcopy(model).eval()
     if dtype is not None and dtype != torch.float32:
         # Fold in fp32 (float64 inside), then cast: rounding happens once, on the folded weights.

@@ -9,6 +9,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .._utils import IMAGENET_MEAN, IMAGENET_STD
+from ..hardware import describe_hardware
 from ..models import create_model
 from ..weights import get_weights, list_weights
 from ..models.densenet import DenseNet, _DenseLayer, _Transition
@@ -78,6 +79,7 @@ def model_info(name: str, image_size: Optional[int] = None) -> Dict[str, Any]:
         "feature_info": [dict(f) for f in model.feature_info],
         "preprocessing": preprocessing,
         "weights": weights,
+        "hardware": describe_hardware(),
     }
 
 
@@ -93,6 +95,7 @@ def format_info(info: Dict[str, Any]) -> str:
         f"{lay['norm']} norm, {lay['linear']} linear",
         "  feature maps: " + ", ".join(f"{i}: {f['num_chs']} ch /{f['reduction']}" for i, f in enumerate(info["feature_info"])),
         "  preprocessing: " + ", ".join(f"{k}={v}" for k, v in info["preprocessing"].items()),
+        f"  this machine: {info['hardware']}",
     ]
     if info["weights"]:
         lines.append("  weights:")

@@ -18,6 +18,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .._utils import DataError, PathLike, atomic_write
+from ..hardware import require_native_bf16
 from ..models import DenseNet, create_model, load_model
 from ..weights.registry import class_names
 from ..train import data as D
@@ -85,6 +86,8 @@ class Predictor:
     def __init__(self, model: nn.Module, transform: Callable[[Any], torch.Tensor], class_names: Optional[Sequence[str]] = None,
                  *, in_chans: int = 3, optimize: bool = True, device: Union[str, torch.device] = "cpu") -> None:
         model = model.eval().to(device)
+        if any(p.dtype == torch.bfloat16 for p in model.parameters()):
+            require_native_bf16(device, "prediction with a bfloat16 model")
         if optimize and isinstance(model, DenseNet) and not model.features_only:
 
             model = optimize_for_inference(model, channels_last=torch.device(device).type == "cpu")

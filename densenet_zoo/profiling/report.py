@@ -13,27 +13,27 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .._utils import PathLike, atomic_write
+from ..hardware import bf16_cost_note, cpu_capabilities, describe_hardware
 
 MB = 2**20
 
 
-def environment(device: str, threads: Optional[int]) -> Dict[str, Any]:
-    """Machine, threads and versions that a report states."""
+def environment(device: str, threads: Optional[int], autocast: Optional[str] = None) -> Dict[str, Any]:
+    """Machine, threads, CPU capabilities and versions that a report states (and what bf16 costs where it is emulated)."""
     import torchvision
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    except OSError:
-        pass
+    caps = cpu_capabilities()
     info = {
-        "machine": platform.node(), "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+        "machine": platform.node(), "platform": platform.platform(), "cpu": caps.name, "cpu_count": os.cpu_count(),
         "threads": threads or torch.get_num_threads(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "python": platform.python_version(), "device": device,
+        "python": platform.python_version(), "device": device, "hardware": describe_hardware(device),
+        "capabilities": caps.as_dict(),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    note = bf16_cost_note(device) if autocast == "bfloat16" else None
+    if note:
+        info["note"] = note
     return info
 
 
@@ -50,7 +50,12 @@ def _header(meta: Dict[str, Any]) -> str:
         bits.append(f"allocator={meta['allocator']}")
     if meta.get("autocast"):
         bits.append(f"autocast={meta['autocast']}")
-    return "# " + "  ".join(b for b in bits if b)
+    lines = ["# " + "  ".join(b for b in bits if b)]
+    if meta.get("hardware"):
+        lines.append(f"# hardware: {meta['hardware']}")
+    if meta.get("note"):
+        lines.append(f"# note: {meta['note']}")
+    return "\n".join(lines)
 
 
 def _savefig(fig: Any, path: PathLike) -> Path:

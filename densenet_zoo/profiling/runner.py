@@ -219,7 +219,7 @@ def profile(
         if interleaved and "error" not in row:
             row.update(step_s=statistics.median(timed), step_times_s=timed)
         rows.append(row)
-    return ProfileReport(rows, dict(environment(device, threads), model=ref, subprocess=subprocess_mode, steps=steps,
+    return ProfileReport(rows, dict(environment(device, threads, autocast), model=ref, subprocess=subprocess_mode, steps=steps,
                                     warmup=warmup, rounds=rounds, autocast=autocast, memory_steps=max(steps, 5),
                                     allocator=describe(allocator) if subprocess_mode else "as this process runs"))
 
@@ -304,7 +304,7 @@ def max_batch(
         if on_mode is not None:  # e.g. to save partial results of a long search
             on_mode(mode, results[mode])
     meta = dict(model=ref, budget_bytes=budget_bytes, image_size=image_size, autocast=autocast, resolution=resolution)
-    return MaxBatchReport(results, dict(environment(device, threads), **meta, allocator=describe(allocator)))
+    return MaxBatchReport(results, dict(environment(device, threads, autocast), **meta, allocator=describe(allocator)))
 
 
 def _run_probe(config: Dict[str, Any], subprocess_mode: bool, timeout: Optional[float]) -> Dict[str, Any]:

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from . import data as D
 from .._utils import DataError, RunError
+from ..hardware import bf16_cost_note
 from ..models import create_model, save_model
 from . import run_files as io
 from . import step
@@ -72,6 +73,9 @@ class Trainer:
     # -- setup ---------------------------------------------------------------------------------
     def _build(self) -> None:
         c = self.config
+        note = bf16_cost_note(self.dist.device) if c.amp == "bf16" else None
+        if note:  # the run's first line: what the user asked for costs more than float32 here
+            self.log(f"warning: {note}")
         if c.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=self.dist.device.type == "cuda")

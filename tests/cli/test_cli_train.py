@@ -19,7 +19,10 @@ from densenet_zoo.cli import main
 from densenet_zoo.train import finetune
 from densenet_zoo.weights import read_safetensors
 
-from _train_helpers import base_options, digits_subset, one_thread  # noqa: F401 (autouse fixture)
+from _train_helpers import base_options, digits_subset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))

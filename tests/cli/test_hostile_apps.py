@@ -22,7 +22,11 @@ from densenet_zoo.cli import main
 from densenet_zoo.infer.predict import Predictor
 from densenet_zoo.train import finetune
 
-from _train_helpers import TINY, base_options, digits_subset, one_thread  # noqa: F401 (autouse fixture)
+from _train_helpers import TINY, base_options, digits_subset
+from _marks import needs_native_bf16
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -281,6 +285,8 @@ def _tiny_eval():
     return model
 
 
+@pytest.mark.numerics
+@needs_native_bf16
 def test_the_bf16_optimized_network_takes_the_usual_inputs():
     model = _tiny_eval()
     fast = dz.optimize_for_inference(model, dtype=torch.bfloat16)
@@ -306,6 +312,8 @@ def test_the_optimized_network_refuses_backward_and_training_clearly():
         assert fast(x).shape == (2, 5)  # under no_grad a grad-requiring input is fine
 
 
+@pytest.mark.numerics
+@needs_native_bf16
 def test_onnx_of_the_bf16_optimized_network_is_refused(tmp_path):
     fast = dz.optimize_for_inference(_tiny_eval(), dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="ONNX of a bfloat16 model"):

@@ -8,6 +8,9 @@ import torch.nn as nn
 
 import densenet_zoo as dz
 from densenet_zoo.infer.fast import FastDenseNet, fold_bn, norm_as_affine, optimize_for_inference
+from _marks import needs_native_bf16
+
+pytestmark = pytest.mark.numerics  # run again with kernels capped at AVX2 (Makefile: make test)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -120,6 +123,7 @@ def test_small_inputs_and_other_heads():
         assert _rel(optimize_for_inference(model)(x), model(x)) <= 1e-4
 
 
+@needs_native_bf16
 def test_bfloat16_close_to_fp32():
     model = _tiny()
     fast16 = optimize_for_inference(model, dtype=torch.bfloat16)

@@ -15,6 +15,8 @@ import densenet_zoo as dz
 from densenet_zoo.memory import blockmath, release_workspaces, workspace, workspace_bytes
 from densenet_zoo.memory.workspace import scratch
 
+pytestmark = pytest.mark.numerics  # run again with kernels capped at AVX2 (Makefile: make test)
+
 FUSED = ("fused", "fused_lean")
 
 

@@ -10,6 +10,8 @@ import torchvision
 import densenet_zoo as dz
 from _dist import run_distributed
 
+pytestmark = pytest.mark.numerics  # run again with kernels capped at AVX2 (Makefile: make test)
+
 STRATEGIES = [s for s in dz.list_memory_strategies() if s != "none"]
 # Computed with other kernels (channels-last, matrix products, shared batch statistics): equal to
 # normal mode up to rounding, so compared in float64 where rounding is far below the tolerances.
@@ -223,7 +225,9 @@ def _compare_one_step(normal, strategy, x, y, out_atol, grad_atol, grad_rtol, bu
     return efficient
 
 
-def _forward_backward(model, x, y):
+def _forward_backward(model, x, y, channels_last=False):
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     out = model.train()(x)
     nn.functional.cross_entropy(out, y).backward()
     tensors = {"output": out.detach()}
@@ -232,26 +236,31 @@ def _forward_backward(model, x, y):
     return {n: t.double() for n, t in tensors.items()}
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("strategy", FUSED)
-def test_fused_float32_against_a_float64_reference(strategy, monkeypatch):
-    """densenet121 at 64 px, batch 4: the last blocks normalise 2x2 maps over 4 images, so every
-    float32 implementation is off the float64 result by up to a few percent in some gradients (normal
-    mode too), and which kernels round how depends on the thread count. The reference is the same
-    network in float64; per tensor, the fused block's relative error must stay within 8x normal
-    mode's (measured here: up to 4x, in norm0's gradient, with one thread) and under 0.25."""
+def test_fused_float32_against_a_float64_reference(strategy, threads, monkeypatch):
+    """densenet121 at 64 px, batch 4, against the same network in float64. The last blocks normalise
+    2x2 maps over 4 images, so every float32 implementation is off by up to a few percent in some
+    gradients, and which one is closest depends on the CPU's kernels and the thread count (capped at
+    AVX2 with one thread, normal mode's norm1 bias gradients are off by 1e-5, contiguous AVX-512 ones by
+    7e-3). So the yardstick is torch's own float32 spread: per tensor, the worse of normal mode in
+    contiguous and in channels_last layout. The fused result must stay within 4x of it (measured: at
+    most 1.9x, AVX-512 and AVX2 kernels, one and two threads) and under 0.25 everywhere."""
+    torch.set_num_threads(threads)
     calls = _count_fused_calls(monkeypatch)
     torch.manual_seed(0)
     normal = dz.densenet121(num_classes=10)
     x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
     exact = _forward_backward(copy.deepcopy(normal).double(), x.double(), y)
-    plain = _forward_backward(copy.deepcopy(normal), x, y)
+    spread_runs = [_forward_backward(copy.deepcopy(normal), x, y, channels_last=cl) for cl in (False, True)]
     fused = _forward_backward(copy.deepcopy(normal).set_memory_efficient(strategy), x, y)
     assert len(calls) == 4  # every dense block ran fused
 
     def rel(t, name):
         return float((t[name] - exact[name]).norm() / exact[name].norm().clamp_min(1e-30))
 
-    worse = [(n, rel(fused, n), rel(plain, n)) for n in exact if rel(fused, n) > max(8 * rel(plain, n), 1e-6)]
+    spread = {n: max(rel(run, n) for run in spread_runs) for n in exact}
+    worse = [(n, rel(fused, n), spread[n]) for n in exact if rel(fused, n) > max(4 * spread[n], 1e-6)]
     assert worse == [] and max(rel(fused, n) for n in exact) < 0.25
 
 

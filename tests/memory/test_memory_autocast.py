@@ -13,6 +13,8 @@ import torch.nn as nn
 
 import densenet_zoo as dz
 
+pytestmark = pytest.mark.numerics  # run again with kernels capped at AVX2 (Makefile: make test)
+
 FUSED = ("fused", "fused_lean")
 
 

@@ -10,8 +10,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 import densenet_zoo as dz
 
-torch.set_num_threads(1)
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")]
 
 TINY = dict(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=5)
 

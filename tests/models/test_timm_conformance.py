@@ -21,8 +21,7 @@ import densenet_zoo as dz
 from densenet_zoo.weights import registry as hub
 from _weights_helpers import LoopbackServer, isolated_registry
 
-torch.set_num_threads(1)
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")]
 
 NAMES = timm.list_models("dz_*")
 FEATURE_CLASSES = ("getter", "list", "dict", "hook", "fx")  # every class timm's factory knows

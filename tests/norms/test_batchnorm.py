@@ -12,6 +12,8 @@ import densenet_zoo as dz
 from densenet_zoo.norms.batchnorm import BatchNorm2d, FrozenBatchNorm2d
 from densenet_zoo.norms.caffe import CaffeBatchNorm2d, caffe_blobs_to_state_dict
 
+pytestmark = pytest.mark.numerics  # run again with kernels capped at AVX2 (Makefile: make test)
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

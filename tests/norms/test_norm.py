@@ -12,6 +12,8 @@ import densenet_zoo as dz
 from densenet_zoo.norms.batchnorm import BatchNorm2d, FrozenBatchNorm2d, SyncBatchNorm
 from densenet_zoo.norms.caffe import CaffeBatchNorm2d
 
+pytestmark = pytest.mark.numerics  # run again with kernels capped at AVX2 (Makefile: make test)
+
 NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, BatchNorm2d, FrozenBatchNorm2d, CaffeBatchNorm2d)
 
 

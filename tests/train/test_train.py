@@ -16,7 +16,10 @@ from densenet_zoo.train.parts import EpochBatchSampler, apply_freeze, lr_factor,
 from densenet_zoo.models import load_model
 from densenet_zoo.weights import read_safetensors
 
-from _train_helpers import TINY, base_options, digits_subset, one_thread  # noqa: F401 (autouse fixture)
+from _train_helpers import TINY, base_options, digits_subset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 
 

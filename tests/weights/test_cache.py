@@ -22,9 +22,8 @@ from _weights_helpers import isolated_registry, randomize
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
+def env(tmp_path, monkeypatch, one_thread):
     """Empty caches of our own, of torch.hub and of Hugging Face; no offline switch; no proxy for 127.0.0.1."""
-    torch.set_num_threads(1)
     cache = isolated_registry(tmp_path, monkeypatch)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))

@@ -8,11 +8,13 @@ import pytest
 import torch
 
 import densenet_zoo as dz
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 from densenet_zoo.weights import registry as hub
 from densenet_zoo.train.data import write_sample_data
 from densenet_zoo.train.evaluate import evaluate_checkpoint
 
-from _train_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "weights"
 FILE = WEIGHTS / "densenet_bc_100_digits.safetensors"

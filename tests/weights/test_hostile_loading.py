@@ -13,10 +13,7 @@ from densenet_zoo.models.arch_check import min_weights
 from densenet_zoo.models import list_models, model_config
 from _hostile_helpers import REPO, SMALL, forge, run_capped, small_model
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
