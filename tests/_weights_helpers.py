@@ -84,6 +84,30 @@ class LoopbackServer:
                         self.send_header(k, v)
                 self.end_headers()
 
+            def _misbehave(self, route):
+                """``endless``: the body over and over, no Content-Length; ``drip``: one byte every ``drip`` seconds.
+                Either stops when the client goes away, or after ``limit_s`` seconds (10 unless told)."""
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                if route["mode"] == "drip":
+                    self.send_header("Content-Length", str(len(route["body"])))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                stop = time.monotonic() + route.get("limit_s", 10.0)
+                body, i = route["body"], 0
+                try:
+                    while time.monotonic() < stop:
+                        if route["mode"] == "endless":
+                            self.wfile.write(body)
+                        else:
+                            self.wfile.write(body[i % len(body):i % len(body) + 1])
+                            self.wfile.flush()
+                            i += 1
+                            time.sleep(route.get("drip", 0.1))
+                except OSError:  # the client stopped reading: what the test wanted
+                    pass
+                self.close_connection = True
+
             def do_GET(self):
                 server.requests.append(self.path)
                 route = server.routes.get(self.path)
@@ -96,6 +120,9 @@ class LoopbackServer:
                     self.wfile.write(page)
                     return
                 body = route["body"]
+                if route.get("mode") in ("endless", "drip"):
+                    self._misbehave(route)
+                    return
                 self.send_response(route.get("status", 200))
                 self.send_header("Content-Type", route.get("ctype", "application/octet-stream"))
                 self.send_header("Content-Length", str(len(body)))

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.client
+import json
 import os
 import re
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
@@ -25,9 +24,7 @@ from filelock import FileLock
 
 from .._utils import WeightsError
 from .checkpoint import check_safetensors, is_safetensors, read_checkpoint
-
-
-
+from .transfer import TransferLimits, transfer
 
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,64})\.")  # torchvision's convention: densenet121-a639ec97.pth
 
@@ -146,18 +143,49 @@ def torch_hub_copy(url: str, sha256: Optional[str] = None, file_size: Optional[i
 
 
 def _cached_problem(path: Path, url: str, sha256: Optional[str], file_size: Optional[int]) -> Optional[str]:
-    """Why the cached ``path`` cannot be used, or None: the hash when one is known, else a structural read."""
+    """Why the cached ``path`` cannot be used, or None: the hash when one is known, else the size and
+    digest recorded at download (else, for an entry cached before records existed, a structural read)."""
     try:
         bad = _verify(path, url, sha256, file_size)
         if bad is None and not expected_hash(url, sha256):
-            bad = _unreadable(path)
+            record = _read_record(path)
+            bad = _unreadable(path) if record is None else _differs_from_record(path, record)
     except OSError as exc:  # e.g. removed by another process that found it bad: the locked path re-checks
         return f"it cannot be read ({type(exc).__name__})"
     return bad
 
 
+def _record_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.record.json")
+
+
+def _read_record(path: Path) -> Optional[dict]:
+    try:
+        record = json.loads(_record_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("size"), int) and isinstance(record.get("sha256"), str)
+    return record if ok else {"size": -1, "sha256": ""}  # a damaged record vouches for nothing
+
+
+def _differs_from_record(path: Path, record: dict) -> Optional[str]:
+    size = path.stat().st_size
+    if size != record["size"] or sha256_file(path) != record["sha256"]:
+        return (f"it is not the file downloaded from {record.get('url', 'its URL')} ({size} bytes now, "
+                f"{record['size']} recorded; the content changed since)")
+    return None
+
+
+def _write_record(path: Path, url: str) -> None:
+    record = {"url": url, "size": path.stat().st_size, "sha256": sha256_file(path)}
+    tmp = _record_path(path).with_suffix(f".{os.getpid()}.partial")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, _record_path(path))
+
+
 def download(url: str, filename: Optional[str] = None, *, sha256: Optional[str] = None, file_size: Optional[int] = None,
-             progress: bool = True, cache: Optional[Path] = None, timeout: float = 60.0) -> Path:
+             progress: bool = True, cache: Optional[Path] = None, timeout: float = 60.0,
+             limits: Optional[TransferLimits] = None) -> Path:
     """A verified local copy of ``url`` in the cache, downloaded once across processes.
 
     Example::
@@ -165,9 +193,12 @@ def download(url: str, filename: Optional[str] = None, *, sha256: Optional[str] 
         download("https://download.pytorch.org/models/densenet121-a639ec97.pth")  # -> PosixPath('/root/.cache/torch/densenet_zoo/densenet121-a639ec97.pth')
 
     The file is written to a temporary name and renamed only after its size and sha256 (or the
-    hash prefix in its name) check out. A cached file is checked again on every use; a bad one is
-    deleted and downloaded once more. torch.hub's copy of a hash-named file is used when present.
-    ``file://`` URLs are verified and used in place. The cache file name is :func:`cache_name`.
+    hash prefix in its name) check out; the download is bounded in size and time (``limits``, see
+    :class:`~densenet_zoo.weights.transfer.TransferLimits`; ``timeout`` is the per-read one). A cached
+    file is checked again on every use, against its hash or, where the URL carries none, against the
+    size and sha256 recorded at download; a bad one is deleted and downloaded once more. torch.hub's
+    copy of a hash-named file is used when present. ``file:///absolute/path`` URLs are checked like
+    downloads and used in place. The cache file name is :func:`cache_name`.
     """
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme == "file":
@@ -190,6 +221,7 @@ def download(url: str, filename: Optional[str] = None, *, sha256: Optional[str] 
             f"offline mode (DENSENET_ZOO_OFFLINE/HF_HUB_OFFLINE) and {dest.name} is not in the cache: download {url} "
             f"on a machine with network access and place it at {dest} (or unset the offline switch)"
         )
+    limits = limits or TransferLimits.from_env(read_timeout=timeout)
     with _cache_lock(cache, dest):
         _remove_partials(cache, dest.name)
         # Another process may have finished the download while this one waited for the lock.
@@ -197,27 +229,63 @@ def download(url: str, filename: Optional[str] = None, *, sha256: Optional[str] 
             if not _cached_problem(dest, url, sha256, file_size):
                 return dest
             dest.unlink()  # a bad copy must not survive a failed re-download either
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
-        try:
-            _fetch(url, tmp, dest, progress=progress, timeout=timeout)
-            bad = _verify(tmp, url, sha256, file_size)
-            if bad is None and not expected_hash(url, sha256):
-                bad = _unreadable(tmp)
-            if bad:
-                raise WeightsError(f"downloaded {url} but {bad}; nothing was cached, retry or check the mirror (DENSENET_ZOO_MIRROR)")
-            os.replace(tmp, dest)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        _fetch_verified(url, dest, sha256, file_size, progress, limits)
     return dest
 
 
+def _fetch_verified(url: str, dest: Path, sha256: Optional[str], file_size: Optional[int], progress: bool,
+                    limits: TransferLimits) -> None:
+    """Download into a temporary sibling, check it, then rename it to ``dest`` and record what it is."""
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
+    try:
+        transfer(url, tmp, dest, declared_size=file_size, limits=limits, progress=progress)
+        bad = _verify(tmp, url, sha256, file_size)
+        if bad is None and not expected_hash(url, sha256):
+            bad = _unreadable(tmp)
+        if bad:
+            raise WeightsError(f"downloaded {url} but {bad}; nothing was cached, retry or check the mirror (DENSENET_ZOO_MIRROR)")
+        os.replace(tmp, dest)
+        if not expected_hash(url, sha256):  # a hash verifies every use; without one, the record does
+            _write_record(dest, url)
+    finally:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+
+
+def local_path(url: str) -> Path:
+    """The file a ``file:`` URL names, parsed strictly: no host, an absolute path, no ``..``.
+
+    Args:
+        url: ``file:///absolute/path`` (``file://localhost/absolute/path`` and ``file:/absolute/path`` too).
+
+    Returns:
+        The path it names.
+
+    Raises:
+        WeightsError: a host (``file://host/p``, ``file://../p``), a relative path, ``..``, a query or fragment.
+    """
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme != "file":
+        raise WeightsError(f"{url!r} is not a file: URL; write file:///absolute/path")
+    fix = "write file:///absolute/path (three slashes) or give the path itself"
+    if parsed.netloc not in ("", "localhost"):
+        raise WeightsError(f"{url!r} names the host {parsed.netloc!r}, but file: URLs read this machine only; {fix}")
+    if parsed.query or parsed.fragment or parsed.params:
+        raise WeightsError(f"{url!r} has a query or fragment, which a file path cannot have; {fix}")
+    path = urllib.request.url2pathname(parsed.path)
+    if not os.path.isabs(path) or ".." in Path(path).parts:
+        raise WeightsError(f"{url!r} does not name an absolute path without '..'; {fix}")
+    return Path(path)
+
+
 def _local_file(url: str, sha256: Optional[str], file_size: Optional[int]) -> Path:
-    """The file a ``file://`` URL names, verified, used in place."""
-    path = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path))
+    """The file a ``file:`` URL names, checked like a download (size, hash or a structural read), used in place."""
+    path = local_path(url)
     if not path.is_file():
         raise WeightsError(f"{url}: no such file {path}")
     bad = _verify(path, url, sha256, file_size)
+    if bad is None and not expected_hash(url, sha256):
+        bad = _unreadable(path)
     if bad:
         raise WeightsError(f"{path}: {bad}")
     return path
@@ -254,42 +322,6 @@ def _remove_partials(cache: Path, name: str) -> None:
                 p.unlink()
         except OSError:  # gone already, or another process's to clean
             pass
-
-
-def _fetch(url: str, dest: Path, final: Path, *, progress: bool, timeout: float) -> None:
-    from tqdm.auto import tqdm
-
-    req = urllib.request.Request(url, headers={"User-Agent": "densenet_zoo"})
-    received, total = 0, None
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            length = resp.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-            ctype = (resp.headers.get("Content-Type") or "").lower()
-            with open(dest, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                                             desc=final.name, disable=not progress) as bar:
-                while True:
-                    chunk = resp.read(1 << 16)
-                    if not chunk:
-                        break
-                    if received == 0 and ("text/html" in ctype or chunk.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html"))):
-                        raise WeightsError(
-                            f"{url} returned an HTML page (Content-Type {ctype or 'unknown'}) instead of a weights file: "
-                            "an error or login page, or a wrong mirror URL; check the URL in a browser"
-                        )
-                    f.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-    except urllib.error.HTTPError as exc:
-        raise WeightsError(f"{url}: HTTP {exc.code} {exc.reason}; check the URL or the mirror (DENSENET_ZOO_MIRROR)") from None
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise WeightsError(
-            f"download of {url} failed after {received}" + (f" of {total}" if total else "") + f" bytes ({type(exc).__name__}: {reason}); "
-            f"nothing was cached; retry, set DENSENET_ZOO_MIRROR to a reachable copy, or place the file at {final}"
-        ) from None
-    if total is not None and received != total:
-        raise WeightsError(f"download of {url} stopped after {received} of {total} bytes; nothing was cached, retry")
 
 
 def hf_cache_dir() -> str:

@@ -32,7 +32,7 @@ def env(tmp_path, monkeypatch, one_thread):
 
 
 def _files(folder):
-    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock")) if folder.exists() else []
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith((".lock", ".record.json"))) if folder.exists() else []
 
 
 def _safetensors_bytes(model, tmp_path, name="w.safetensors"):

@@ -28,7 +28,7 @@ def env(tmp_path, monkeypatch):
 
 
 def _cache_files(cache: Path):
-    return sorted(p.name for p in cache.glob("*") if not p.name.endswith(".lock")) if cache.exists() else []
+    return sorted(p.name for p in cache.glob("*") if not p.name.endswith((".lock", ".record.json"))) if cache.exists() else []
 
 
 @pytest.fixture(scope="module")
