@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+import stat
+import tempfile
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -36,7 +40,96 @@ class RunError(ZooError, RuntimeError):
     """A run folder cannot be written, resumed or shared as asked."""
 
 
-def atomic_write(path: PathLike, write: Callable[[Any], None], *, binary: bool = True) -> Path:
+class OutputKind(NamedTuple):
+    """What a command writes, and how to tell an existing file of that kind (which it may replace).
+
+    Attributes:
+        what: the kind in words, for messages (``"a predictions CSV"``).
+        recognise: ``recognise(path)`` is True for an existing file this kind of output wrote.
+    """
+
+    what: str
+    recognise: Callable[[Path], bool]
+
+
+def check_output(path: PathLike, kind: Optional[OutputKind] = None, *, overwrite: bool = False, flag: str = "output") -> Path:
+    """Refuse an output target that must not be replaced: not a regular file, or (with ``kind``) an existing
+    file that is not that kind of output, unless ``overwrite``.
+
+    Args:
+        path: the file about to be written.
+        kind: the command's kind of output; ``None`` replaces any regular file (files inside a run folder).
+        overwrite: the user's ``--overwrite``.
+        flag: the option that named ``path``, for the message.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        DataError: one line naming the path, what is there and what to do.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return path
+    except OSError as exc:
+        raise DataError(f"{flag} {path} cannot be checked ({exc.strerror or exc}); choose another path") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DataError(f"{flag} {path} is a folder; give a file name in it")
+    if not stat.S_ISREG(st.st_mode):
+        what = ("a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else
+                "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+        raise DataError(f"{flag} {path} is {what}, not a regular file: nothing was written; give a file path "
+                        "(to discard the output, leave the option out)")
+    if kind is not None and not overwrite and not _recognised(kind, path):
+        raise DataError(f"{flag} {path} exists and is not {kind.what} written by densenet-zoo; pass --overwrite to "
+                        "replace it, or choose another path")
+    return path
+
+
+def _recognised(kind: OutputKind, path: Path) -> bool:
+    try:
+        return bool(kind.recognise(path))
+    except Exception:  # noqa: BLE001 - unreadable or foreign content: not ours
+        return False
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike, *, kind: Optional[OutputKind] = None, overwrite: bool = False,
+                suffix: str = "") -> Iterator[Path]:
+    """A fresh temporary sibling of ``path`` to write (by name), renamed onto ``path`` when the block ends well.
+
+    Args:
+        path: the target; checked by :func:`check_output` with ``kind`` and ``overwrite``.
+        suffix: kept at the end of the temporary name (writers that insist on an extension).
+
+    Yields:
+        The temporary path: created empty and exclusively, under an unpredictable name, so a link
+        planted in the folder is never followed. Temporaries of killed writes of ``path`` are removed first.
+
+    Example::
+
+        with atomic_path("model.onnx", suffix=".onnx") as tmp:
+            torch.onnx.export(model, x, tmp)
+    """
+    path = check_output(path, kind, overwrite=overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp" + suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write(path: PathLike, write: Callable[[Any], None], *, binary: bool = True,
+                 kind: Optional[OutputKind] = None, overwrite: bool = False) -> Path:
     """Write a file through ``write(fileobj)`` into a temporary sibling, fsync, then rename.
 
     Example::
@@ -44,18 +137,115 @@ def atomic_write(path: PathLike, write: Callable[[Any], None], *, binary: bool =
         atomic_write("runs/x/metrics.csv", lambda f: f.write("epoch,loss\\n"), binary=False)
 
     ``os.replace`` is atomic on POSIX and Windows: a reader (or a process killed mid-write) sees
-    the old file or the new one, never a half-written one.
+    the old file or the new one, never a half-written one. The target and the temporary file follow
+    :func:`atomic_path`: never a device, FIFO or folder; with ``kind``, never a foreign file unless
+    ``overwrite``; no link followed.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
+    with atomic_path(path, kind=kind, overwrite=overwrite) as tmp:
+        with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": "", "encoding": "utf-8"})) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+    return Path(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(path: PathLike) -> None:
+    """Delete ``.NAME.PID.*.tmp*`` siblings of ``path`` whose writing process is gone (a killed write), and links.
+
+    Example::
+
+        remove_stale_temporaries("runs/x/best.safetensors")
+    """
+    path = Path(path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp*"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        try:
+            if tmp.is_symlink() or not (pid.isdigit() and _alive(int(pid))):
+                tmp.unlink()
+        except OSError:  # another process's to clean
+            pass
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process writes one temporary per target at a time: an older one is a leftover
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+#: The PNG ``Software`` text chunk of every figure this package writes (how an existing figure is recognised).
+FIGURE_SOFTWARE = "densenet_zoo"
+
+
+def _is_our_figure(path: Path) -> bool:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.format == "PNG" and im.info.get("Software") == FIGURE_SOFTWARE
+
+
+#: A figure written by :func:`save_figure` (a PNG tagged with :data:`FIGURE_SOFTWARE`).
+FIGURE = OutputKind("a figure written by densenet-zoo", _is_our_figure)
+
+
+def save_figure(fig: Any, path: PathLike, *, overwrite: bool = False, dpi: int = 110) -> Path:
+    """Write a matplotlib figure through :func:`atomic_write` (a PNG tagged as this package's), then close it.
+
+    Args:
+        fig: the figure.
+        path: the file to write, in the format its suffix names (PNG without one); an existing file is
+            replaced only when it is one of this package's figures, or with ``overwrite``.
+        dpi: resolution.
+
+    Returns:
+        ``path``.
+    """
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format=fmt, dpi=dpi, bbox_inches="tight",
+                    metadata={"Software": FIGURE_SOFTWARE} if fmt == "png" else None)
     finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+        plt.close(fig)
+    return atomic_write(path, lambda f: f.write(buf.getvalue()), kind=FIGURE, overwrite=overwrite)
+
+
+def json_kind(what: str, *keys: str) -> OutputKind:
+    """The kind of a JSON report: an object holding every one of ``keys``.
+
+    Example::
+
+        EVALUATION = json_kind("an evaluation report", "acc1", "checkpoint")
+    """
+    def recognise(path: Path) -> bool:
+        import json
+
+        with open(path, "rb") as f:
+            obj = json.loads(f.read(64 << 20))
+        return isinstance(obj, dict) and all(k in obj for k in keys)
+
+    return OutputKind(what, recognise)
+
+
+def csv_kind(what: str, first_column: str) -> OutputKind:
+    """The kind of a CSV table whose header starts with ``first_column``: ``csv_kind("a profile table", "mode")``."""
+    def recognise(path: Path) -> bool:
+        with open(path, "rb") as f:
+            return f.readline().startswith(first_column.encode() + b",")
+
+    return OutputKind(what, recognise)

@@ -15,7 +15,7 @@ from typing import List, Optional
 from ..allocator import reexec_with_preferred
 from ..models import convert_checkpoint, create_model, list_models
 from ..weights import fetch, get_weights, list_weights, read_safetensors
-from .common import one_line, refuse_overwriting_inputs
+from .common import add_overwrite, one_line, refuse_overwriting_inputs
 from .infer import add_inference
 from .profile import add_profile
 from .train import add_train
@@ -70,7 +70,7 @@ def _add_weights(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     refuse_overwriting_inputs("output", args.output, [("input", args.input)])
-    out = convert_checkpoint(args.input, args.output, use_ema=args.ema)
+    out = convert_checkpoint(args.input, args.output, use_ema=args.ema, overwrite=args.overwrite)
     _, meta = read_safetensors(out)
     print(f"wrote {out} ({meta.get('arch') or 'custom DenseNet'}, num_classes={meta['model_args']['num_classes']})")
     return 0
@@ -81,6 +81,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", help="checkpoint path, URL or registered weights name")
     p.add_argument("output", help="the .safetensors file to write")
     p.add_argument("--ema", action="store_true", help="take the EMA weights when the checkpoint has both")
+    add_overwrite(p, "an existing OUTPUT that is not a model file")
     p.set_defaults(func=_cmd_convert)
 
 

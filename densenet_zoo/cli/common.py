@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Iterable, Optional, Tuple
@@ -43,7 +44,6 @@ def refuse_overwriting_inputs(out_flag: str, out: Optional[PathLike], inputs: It
                             f"choose another {out_flag}")
 
 
-def refuse_folder(flag: str, out: Optional[PathLike]) -> None:
-    """A :class:`DataError` when the output file ``out`` names an existing folder."""
-    if out and Path(out).is_dir():
-        raise DataError(f"{flag} {out} is a folder; give a file name, e.g. {Path(out) / 'predictions.csv'}")
+def add_overwrite(parser: argparse.ArgumentParser, what: str) -> None:
+    """The ``--overwrite`` flag of a command that writes files: without it, ``what`` is refused."""
+    parser.add_argument("--overwrite", action="store_true", help=f"replace {what} (refused otherwise)")

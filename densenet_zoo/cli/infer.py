@@ -6,12 +6,14 @@ import argparse
 import json
 import sys
 
+from .._utils import check_output
 from ..infer import export, optimize_for_inference
+from ..infer.exporter import EXPORTED_MODEL
 from ..infer.info import format_info, model_info
-from ..infer.predict import Predictor, collect_images, predict_summary, write_csv
+from ..infer.predict import PREDICTIONS_CSV, Predictor, collect_images, predict_summary, write_csv
 from ..models import create_model, load_model
 from ..train.data import printable
-from .common import refuse_folder, refuse_overwriting_inputs
+from .common import add_overwrite, refuse_overwriting_inputs
 
 
 def _load_model(args: argparse.Namespace):
@@ -28,8 +30,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1 or args.batch_size < 1:
         raise ValueError(f"--top-k and --batch-size must be >= 1, got {args.top_k} and {args.batch_size}")
     paths = collect_images(args.inputs)
-    refuse_folder("--csv", args.csv)  # checked before the work, not after it
     refuse_overwriting_inputs("--csv", args.csv, [("--checkpoint", args.checkpoint), *(("input", p) for p in paths)])
+    if args.csv:  # checked before the work, not after it
+        check_output(args.csv, PREDICTIONS_CSV, overwrite=args.overwrite, flag="--csv")
     kwargs = dict(optimize=not args.no_optimize, device=args.device)
     if args.checkpoint:
         predictor = Predictor.from_checkpoint(args.checkpoint, **kwargs)
@@ -46,7 +49,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             print(f"{printable(r.path)}: " + ", ".join(f"{printable(label)} {100 * p:.1f}%" for label, p in zip(r.labels, r.probs)))
     summary = predict_summary(results)
     if args.csv:
-        print(f"wrote {write_csv(results, args.csv, args.top_k)}")
+        print(f"wrote {write_csv(results, args.csv, args.top_k, overwrite=args.overwrite)}")
     if summary["unreadable"]:
         print(f"{summary['predicted']} images predicted, {summary['unreadable']} unreadable (listed above)", file=sys.stderr)
     return 0 if summary["predicted"] else 1
@@ -60,10 +63,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     refuse_overwriting_inputs("--out", args.out, [("--checkpoint", args.checkpoint)])
+    check_output(args.out, EXPORTED_MODEL, overwrite=args.overwrite, flag="--out")
     model = _load_model(args)
     if args.optimize:
         model = optimize_for_inference(model, channels_last=False)
-    out = export(model, args.out, args.format, image_size=args.image_size, opset=args.opset, check=not args.no_check)
+    out = export(model, args.out, args.format, image_size=args.image_size, opset=args.opset, check=not args.no_check,
+                 overwrite=args.overwrite)
     print(f"wrote {out} ({args.format}, input (batch, {model.in_chans}, H, W), dynamic batch"
           f"{'' if args.no_check else ', checked against PyTorch'})")
     return 0
@@ -85,6 +90,7 @@ def add_inference(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--no-optimize", action="store_true", help="run the model as built (no BN folding / fast path)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_overwrite(p, "an existing --csv that is not a predictions CSV")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("info", help="parameters, GFLOPs, layers, preprocessing and weights of a model")
@@ -101,4 +107,5 @@ def add_inference(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
     p.add_argument("--optimize", action="store_true", help="export the BN-folded fast network (fewer ops, same outputs)")
     p.add_argument("--no-check", action="store_true", help="skip running the export against PyTorch")
+    add_overwrite(p, "an existing --out that is not an exported model")
     p.set_defaults(func=_cmd_export)

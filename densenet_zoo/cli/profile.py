@@ -4,19 +4,34 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict
 
+from .._utils import FIGURE, DataError, check_output
 from ..allocator import ALLOCATORS, describe
 from ..hardware import bf16_cost_note
 from ..profiling import depth_sweep, max_batch, profile
+from ..profiling.report import REPORT_CSV, REPORT_JSON
+from .common import add_overwrite
 
 
-def _write_all(report: Any, out: str, stem: str) -> None:
-    if not out:
-        return
-    folder = Path(out)
+def _outputs(args: argparse.Namespace, stem: str) -> Dict[str, Path]:
+    """The files ``--out`` will hold, checked before minutes of measuring: a folder, no foreign file replaced."""
+    if not args.out:
+        return {}
+    folder = Path(args.out)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"--out {folder} is a file; give a folder for {stem}.json, {stem}.csv and {stem}.png")
+    kinds = {"json": REPORT_JSON, "csv": REPORT_CSV[stem], "png": FIGURE}
+    paths = {suffix: folder / f"{stem}.{suffix}" for suffix in kinds}
+    for suffix, path in paths.items():
+        check_output(path, kinds[suffix], overwrite=args.overwrite, flag="--out")
+    return paths
+
+
+def _write_all(report: Any, paths: Dict[str, Path]) -> None:
     for suffix, write in (("json", report.to_json), ("csv", report.to_csv), ("png", report.plot)):
-        print(f"wrote {write(folder / f'{stem}.{suffix}')}")
+        if suffix in paths:
+            print(f"wrote {write(paths[suffix])}")
 
 
 def _ints(text: str) -> list:
@@ -34,11 +49,13 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         print(f"# note: {note}", flush=True)
     if not args.depth_sweep and not args.device.startswith("cuda"):
         print(f"# measured processes run with allocator {describe(args.allocator)}", flush=True)
+    stem = "depth_sweep" if args.depth_sweep else "max_batch" if args.max_batch else "profile"
+    paths = _outputs(args, stem)
     if args.depth_sweep:
         report = depth_sweep(args.depth_sweep, growth_rate=args.growth_rate, image_size=args.image_size or 32,
                              batch_size=args.batch_size, modes=args.modes)
         print(report.table())
-        _write_all(report, args.out, "depth_sweep")
+        _write_all(report, paths)
         return 0
     image_size = args.image_size or 224
     if args.max_batch:
@@ -47,13 +64,13 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         report = max_batch(args.model, budget=args.budget, image_size=image_size, modes=args.modes,
                            device=args.device, threads=args.threads, allocator=args.allocator, autocast=args.autocast)
         print(report.table())
-        _write_all(report, args.out, "max_batch")
+        _write_all(report, paths)
         return 0
     report = profile(args.model, batch_size=args.batch_size, image_size=image_size, modes=args.modes,
                      device=args.device, reference=args.reference, steps=args.steps, warmup=args.warmup, threads=args.threads,
                      rounds=args.rounds, allocator=args.allocator, autocast=args.autocast)
     print(report.table())
-    _write_all(report, args.out, "profile")
+    _write_all(report, paths)
     return 0
 
 
@@ -81,4 +98,5 @@ def add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--depth-sweep", type=_ints, default=None, metavar="DEPTHS", help="DenseNet-BC depths, e.g. 40,100,160,250")
     p.add_argument("--growth-rate", type=int, default=12, help="growth rate for --depth-sweep")
     p.add_argument("--out", default="", help="folder for JSON, CSV and PNG")
+    add_overwrite(p, "files in --out that are not this command's reports")
     p.set_defaults(func=_cmd_profile)

@@ -10,6 +10,7 @@ from typing import Any, Dict
 from ..train import evaluate_checkpoint, finetune
 from ..train.data import write_sample_data
 from ..train.run_files import STATE_FILE
+from .common import add_overwrite
 
 
 def _cmd_sample_data(args: argparse.Namespace) -> int:
@@ -68,7 +69,7 @@ def _finetune_interrupted(args: argparse.Namespace) -> str:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     r = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, workers=args.workers,
-                            out=args.out, device=args.device, strict_data=args.strict_data)
+                            out=args.out, device=args.device, strict_data=args.strict_data, overwrite=args.overwrite)
     print(f"{args.checkpoint} on {args.data}: {r['count']} images, acc@1 {r['acc1']:.2f}%, acc@5 {r['acc5']:.2f}%, loss {r['loss']:.4f}")
     print(f"confusion matrix: {r['confusion_png']}")
     return 0
@@ -128,4 +129,5 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="where confusion.png and evaluation.json go (default: the checkpoint's folder)")
     p.add_argument("--device", default="auto")
     p.add_argument("--strict-data", action="store_true")
+    add_overwrite(p, "confusion.png / evaluation.json in --out that densenet-zoo did not write")
     p.set_defaults(func=_cmd_evaluate)

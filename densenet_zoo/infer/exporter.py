@@ -7,15 +7,15 @@ Files are written to a temporary name and renamed, so a failed export leaves not
 
 from __future__ import annotations
 
-import os
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .._utils import PathLike
+from .._utils import OutputKind, PathLike, atomic_path
 from ..hardware import require_native_bf16
 
 __all__ = ["EXPORT_FORMATS", "export", "load_exported"]
@@ -67,6 +67,7 @@ def export(
     opset: int = 17,
     check: bool = True,
     atol: float = 1e-4,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model`` to ``path`` as ``format`` and return the path.
 
@@ -80,18 +81,18 @@ def export(
     mode would bake in batch statistics and dropout, so it is refused with an error (call
     ``model.eval()``). ``image_size`` is the traced input size (224, or 32 for ``small_inputs``
     models); the batch axis stays dynamic. ``check`` runs the export on a batch of another size
-    and compares with the model (``atol`` on outputs, relative to their largest magnitude).
+    and compares with the model (``atol`` on outputs, relative to their largest magnitude). An
+    existing file at ``path`` is replaced only when it is an exported model, or with ``overwrite=True``;
+    a device, FIFO or folder never.
     """
     inner, param = _exportable(model, format)
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"export: {str(path)!r} is a folder; give a file name such as {str(path / ('model' + _suffix(format)))!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     shape = _input_shape(inner, image_size)
     example = torch.randn(2, *shape, device=param.device, dtype=param.dtype)
     # keep the suffix: torch.export insists on ".pt2"
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix or _suffix(format)}")
-    try:
+    with atomic_path(path, kind=EXPORTED_MODEL, overwrite=overwrite, suffix=path.suffix or _suffix(format)) as tmp:
         with torch.no_grad(), warnings.catch_warnings():
             # the input checks compare shapes in Python; only the batch axis is dynamic anyway
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -100,11 +101,22 @@ def export(
             _write(inner, example, tmp, format, opset)
             if check:
                 _check(inner, tmp, format, shape, param, atol)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
+
+
+def _is_exported_model(path: Path) -> bool:
+    """An ONNX graph written by PyTorch, a TorchScript archive or a torch.export archive."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        return any("/code/__torch__/" in n or n.endswith("/archive_format") for n in names)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    return head[:1] == b"\x08" and b"pytorch" in head  # ModelProto: ir_version, then producer_name
+
+
+#: What ``export`` writes: it replaces such a file, and refuses any other without ``overwrite``.
+EXPORTED_MODEL = OutputKind("an exported model (ONNX, TorchScript or torch.export)", _is_exported_model)
 
 
 def _suffix(format: str) -> str:

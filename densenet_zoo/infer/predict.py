@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .._utils import DataError, PathLike, atomic_write
+from .._utils import DataError, OutputKind, PathLike, atomic_write
 from ..hardware import require_native_bf16
 from ..models import DenseNet, create_model, load_model
 from ..weights.registry import class_names
@@ -158,11 +158,21 @@ class Predictor:
         return results
 
 
-def write_csv(results: Sequence[Prediction], path: PathLike, top_k: int) -> Path:
+def _is_predictions_csv(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(64).startswith(b"path,top1,top1_prob")
+
+
+#: What ``predict --csv`` writes: it replaces such a file, and refuses any other without ``--overwrite``.
+PREDICTIONS_CSV = OutputKind("a predictions CSV", _is_predictions_csv)
+
+
+def write_csv(results: Sequence[Prediction], path: PathLike, top_k: int, *, overwrite: bool = False) -> Path:
     """``path,top1,top1_prob,...,topK,topK_prob,error`` (one row per input, unreadable ones included).
 
     Written as UTF-8 whatever the locale; file and class names that are not valid UTF-8 are
     written with ``\\xNN`` escapes (:func:`~densenet_zoo.train.data.printable`) rather than failing the file.
+    An existing file is replaced only when it is a predictions CSV, or with ``overwrite=True``.
     """
     header = ["path"] + [c for k in range(1, top_k + 1) for c in (f"top{k}", f"top{k}_prob")] + ["error"]
     text = io.StringIO(newline="")
@@ -174,7 +184,7 @@ def write_csv(results: Sequence[Prediction], path: PathLike, top_k: int) -> Path
             cells += [D.printable(r.labels[k]), f"{r.probs[k]:.6f}"] if k < len(r.labels) else ["", ""]
         w.writerow(cells + [D.printable(r.error) if r.error else ""])
     data = text.getvalue().encode("utf-8")
-    return atomic_write(path, lambda f: f.write(data))
+    return atomic_write(path, lambda f: f.write(data), kind=PREDICTIONS_CSV, overwrite=overwrite)
 
 
 def predict_summary(results: Sequence[Prediction]) -> Dict[str, int]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save as safetensors_bytes
 
-from .._utils import CheckpointError, PathLike, WeightsError, atomic_write
+from .._utils import CheckpointError, OutputKind, PathLike, WeightsError, atomic_write, check_output
 from ..weights.checkpoint import METADATA_KEY, extract_state_dict, read_checkpoint, read_safetensors
 from ..weights.registry import WeightsEntry, download, fetch, get_weights, list_weights, register_weights
 from ..weights.state_dict import FIRST_CONV, LoadReport, infer_config, load_state, normalize_keys
@@ -35,7 +35,18 @@ WeightsSource = Union[str, os.PathLike, WeightsEntry, Mapping[str, torch.Tensor]
 _SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
 
 
-def save_model(model: DenseNet, path: PathLike, **metadata: Any) -> Path:
+def _is_saved_model(path: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:  # the header only
+        return METADATA_KEY in (f.metadata() or {})
+
+
+#: What ``save_model`` / ``convert`` write: a safetensors file with this package's metadata.
+SAVED_MODEL = OutputKind("a model file (.safetensors with densenet_zoo metadata)", _is_saved_model)
+
+
+def save_model(model: DenseNet, path: PathLike, *, overwrite: bool = True, **metadata: Any) -> Path:
     """Write ``model``'s weights and what rebuilds it to a safetensors file, atomically.
 
     Example::
@@ -47,7 +58,8 @@ def save_model(model: DenseNet, path: PathLike, **metadata: Any) -> Path:
     classes) ``class_names`` unless given. A model of another class (torchvision's, a
     ``FastDenseNet``) is refused before anything is written. A DenseNet whose layers its
     ``model_args`` do not rebuild (a norm given as a function) is saved with ``rebuildable: false``:
-    :func:`load_model` then says to build the model and use :func:`load_weights`.
+    :func:`load_model` then says to build the model and use :func:`load_weights`. With
+    ``overwrite=False`` an existing file is replaced only when it is such a model file.
     """
     path = Path(path)
     if path.is_dir():
@@ -70,7 +82,7 @@ def save_model(model: DenseNet, path: PathLike, **metadata: Any) -> Path:
     except TypeError as exc:
         raise CheckpointError(f"cannot save to {path}: metadata must be JSON-serialisable ({exc})") from None
     try:
-        return atomic_write(path, lambda f: f.write(blob))
+        return atomic_write(path, lambda f: f.write(blob), kind=SAVED_MODEL, overwrite=overwrite)
     except OSError as exc:
         raise CheckpointError(f"cannot write {path} ({type(exc).__name__}: {exc.strerror or exc}); choose a writable path") from None
 
@@ -243,7 +255,8 @@ def _match_arch(cfg: Mapping[str, Any]) -> Optional[str]:
     return None
 
 
-def convert_checkpoint(src: WeightsSource, dest: PathLike, *, use_ema: bool = False, **metadata: Any) -> Path:
+def convert_checkpoint(src: WeightsSource, dest: PathLike, *, use_ema: bool = False, overwrite: bool = False,
+                       **metadata: Any) -> Path:
     """Any supported DenseNet checkpoint -> a safetensors file that :func:`load_model` rebuilds.
 
     Example::
@@ -251,7 +264,9 @@ def convert_checkpoint(src: WeightsSource, dest: PathLike, *, use_ema: bool = Fa
         convert_checkpoint("densenet121-a639ec97.pth", "densenet121.safetensors")
 
     The architecture is read off the tensor shapes; the result is checked by loading it strictly.
+    An existing ``dest`` is replaced only when it is a model file (or with ``overwrite=True``).
     """
+    check_output(dest, SAVED_MODEL, overwrite=overwrite, flag="output")
     source, entry, desc = resolve_weights(src)
     if isinstance(source, (Mapping, nn.Module)):
         obj, meta = source, {}
@@ -270,4 +285,4 @@ def convert_checkpoint(src: WeightsSource, dest: PathLike, *, use_ema: bool = Fa
     extra = {k: v for k, v in meta.items() if k not in ("arch", "model_args")}
     extra.update(metadata)
     extra.setdefault("converted_from", desc)
-    return save_model(model, dest, **extra)
+    return save_model(model, dest, overwrite=overwrite, **extra)

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .._utils import PathLike, atomic_write
+from .._utils import PathLike, atomic_write, csv_kind, json_kind, save_figure
 from ..hardware import bf16_cost_note, cpu_capabilities, describe_hardware
 
 MB = 2**20
@@ -59,13 +59,14 @@ def _header(meta: Dict[str, Any]) -> str:
 
 
 def _savefig(fig: Any, path: PathLike) -> Path:
-    path = Path(path)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format=path.suffix.lstrip(".") or "png"))
-    import matplotlib.pyplot as plt
+    return save_figure(fig, path, overwrite=True, dpi=100)
 
-    plt.close(fig)
-    return path
+
+#: What ``densenet-zoo profile --out`` writes (checked before measuring: a foreign file is never replaced).
+REPORT_JSON = json_kind("a profiler report", "meta")
+REPORT_CSV = {"profile": csv_kind("a profiler table", "mode"), "max_batch": csv_kind("a max-batch table", "mode"),
+              "depth_sweep": csv_kind("a depth-sweep table", "depth")}
 
 
 def _figure(ncols: int = 1) -> Any:

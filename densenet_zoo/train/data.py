@@ -18,6 +18,7 @@ import csv
 import math
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -356,8 +357,8 @@ def write_sample_data(name: str, root: PathLike, *, val_fraction: float = 0.2, s
     for i, t in enumerate(digits.target.tolist()):
         by_class.setdefault(str(t), []).append(f"{i:04d}")
     train, val = _split(by_class, val_fraction, seed)
-    tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.{os.getpid()}.", suffix=".tmp"))
     try:
         counts = {}
         for split, part in (("train", train), ("val", val)):
@@ -368,7 +369,6 @@ def write_sample_data(name: str, root: PathLike, *, val_fraction: float = 0.2, s
                     Image.fromarray(images[int(i)].numpy()).save(tmp / split / label / f"{i}.png")
                     counts[split] += 1
         (tmp / _MARKER).write_text(f"name={name} train={counts['train']} val={counts['val']}\n")
-        root.parent.mkdir(parents=True, exist_ok=True)
         if root.exists():
             root.rmdir()  # empty, checked above
         os.replace(tmp, root)

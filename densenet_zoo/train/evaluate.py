@@ -9,14 +9,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import data as D
-from .._utils import DataError
+from .._utils import FIGURE, DataError, check_output, json_kind
 from ..models import load_model
 from . import run_files as io
 from .parts import Dist, evaluate_loader
 
 
+#: What ``evaluate`` writes beside ``confusion.png``.
+EVALUATION_REPORT = json_kind("an evaluation report", "acc1", "checkpoint")
+
+
 def evaluate_checkpoint(checkpoint: str, data: str, *, batch_size: int = 64, workers: int = 0,
-                        out: Optional[str] = None, device: str = "auto", strict_data: bool = False) -> Dict[str, Any]:
+                        out: Optional[str] = None, device: str = "auto", strict_data: bool = False,
+                        overwrite: bool = False) -> Dict[str, Any]:
     """Top-1/top-5 accuracy and loss of ``checkpoint`` on ``data``; writes ``confusion.png`` and
     ``evaluation.json`` into ``out`` (default: the checkpoint's folder).
 
@@ -25,6 +30,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, batch_size: int = 64, wor
         evaluate_checkpoint("runs/digits/best.safetensors", "data/digits/val")["acc1"]
 
     ``data`` is a folder of class folders (or one with ``val/``), named like the checkpoint's classes.
+    Existing ``confusion.png`` / ``evaluation.json`` in ``out`` are replaced only when this package wrote
+    them (or with ``overwrite``); that is checked before anything is computed.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
@@ -35,6 +42,10 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, batch_size: int = 64, wor
     if Path(data).is_dir() and Path(data).resolve() in (out_dir.resolve(), *out_dir.resolve().parents):
         raise DataError(f"--out {out_dir} is inside --data {data}; confusion.png and evaluation.json would become "
                         "part of the dataset: choose an --out outside it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out {out_dir} is a file; give a folder for confusion.png and evaluation.json")
+    check_output(out_dir / "confusion.png", FIGURE, overwrite=overwrite, flag="--out")
+    check_output(out_dir / "evaluation.json", EVALUATION_REPORT, overwrite=overwrite, flag="--out")
     model, meta = load_model(ckpt)
     names = meta.get("class_names")
     if not names:
@@ -50,9 +61,10 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, batch_size: int = 64, wor
     result = evaluate_loader(model, loader, len(names), d, confusion=True)
     matrix = result.pop("confusion")
     per_class = {n: (100.0 * matrix[i, i].item() / row if (row := matrix[i].sum().item()) else None) for i, n in enumerate(names)}
-    confusion_path = io.plot_confusion(matrix, names, out_dir / "confusion.png", title=f"{ckpt.name} on {data}: acc@1 {result['acc1']:.2f}%")
+    confusion_path = io.plot_confusion(matrix, names, out_dir / "confusion.png", overwrite=overwrite,
+                                       title=f"{ckpt.name} on {data}: acc@1 {result['acc1']:.2f}%")
     report = dict(result, checkpoint=str(ckpt), data=str(data), per_class_acc1=per_class,
                   confusion=matrix.tolist(), skipped_images=[p for p, _ in bad])
-    io.write_json(out_dir / "evaluation.json", report)
+    io.write_json(out_dir / "evaluation.json", report, kind=EVALUATION_REPORT, overwrite=overwrite)
     report["confusion_png"] = str(confusion_path)
     return report

@@ -7,11 +7,11 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .._utils import PathLike, RunError, atomic_write
+from .._utils import OutputKind, PathLike, RunError, atomic_write, save_figure
 from .data import printable
 
 try:  # POSIX advisory locks; Windows locks a byte range of the file instead
@@ -181,15 +181,6 @@ def write_metrics(out: PathLike, history: Sequence[Dict[str, Any]]) -> None:
     atomic_write(out / "metrics.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in history)), binary=False)
 
 
-def _save_figure(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return atomic_write(path, lambda f: f.write(buf.getvalue()))
-
-
 def plot_curves(history: Sequence[Dict[str, Any]], path: PathLike) -> Path:
     """Loss and top-1 accuracy per epoch, train and val, as a PNG."""
     import matplotlib
@@ -210,11 +201,13 @@ def plot_curves(history: Sequence[Dict[str, Any]], path: PathLike) -> Path:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return _save_figure(fig, Path(path))
+    return save_figure(fig, path, overwrite=True)  # a run folder's own file
 
 
-def plot_confusion(matrix: torch.Tensor, class_names: Sequence[str], path: PathLike, title: str = "") -> Path:
-    """Confusion matrix (rows: true class, columns: predicted), counts written in the cells."""
+def plot_confusion(matrix: torch.Tensor, class_names: Sequence[str], path: PathLike, title: str = "", *,
+                   overwrite: bool = False) -> Path:
+    """Confusion matrix (rows: true class, columns: predicted), counts written in the cells; an existing
+    ``path`` is replaced only when it is one of this package's figures, or with ``overwrite``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,11 +229,13 @@ def plot_confusion(matrix: torch.Tensor, class_names: Sequence[str], path: PathL
             for j in range(n):
                 v = int(matrix[i, j])
                 ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > top / 2 else "black")
-    return _save_figure(fig, Path(path))
+    return save_figure(fig, path, overwrite=overwrite)
 
 
-def write_json(path: PathLike, obj: Any) -> Path:
-    return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), binary=False)
+def write_json(path: PathLike, obj: Any, kind: Optional[OutputKind] = None, overwrite: bool = False) -> Path:
+    """``obj`` as indented JSON; with ``kind``, an existing foreign file is refused unless ``overwrite``."""
+    return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), binary=False, kind=kind,
+                        overwrite=overwrite)
 
 
 def summarize(history: List[Dict[str, Any]]) -> str:
