@@ -207,21 +207,18 @@ class DenseNet(InteropMixin, nn.Module):
         bn_size: the bottleneck width, ``bn_size * growth_rate`` channels out of each layer's 1x1 conv.
         drop_rate: dropout after each dense layer (torchvision's meaning).
         num_classes: outputs of the classifier; 0 for none (``forward`` returns pooled features).
-        memory_efficient: ``False``, ``True`` (torchvision's bottleneck recomputation), a strategy
-            name of :func:`densenet_zoo.list_memory_strategies` or a ``MemoryStrategy``; every
-            strategy gives normal mode's outputs, gradients and running statistics.
+        memory_efficient: ``False``, ``True`` (torchvision's recomputation), a name of
+            :func:`densenet_zoo.list_memory_strategies` or a ``MemoryStrategy``; all exact.
         in_chans: channels of the input image.
         small_inputs: a 3x3 stride-1 stem without norm, ReLU and max-pool, for 32x32 images (CIFAR).
         compression: the fraction of channels a transition keeps.
         global_pool: ``"avg"``, ``"max"``, ``"avgmax"`` or ``""`` (no pooling: with
             ``num_classes=0`` the forward returns the feature map).
         head_drop_rate: dropout before the classifier.
-        norm_layer: any norm spec of :func:`densenet_zoo.resolve_norm` (a name, a factory, a dict of
-            glob patterns on layer names, a function of the layer's name).
+        norm_layer: any norm spec of :func:`densenet_zoo.resolve_norm` (a name, a factory, a dict...).
         strict_norm: make a ``norm_layer`` pattern that matches no layer an error.
         features_only: return a list of feature maps instead of logits (no classifier).
-        out_indices: with ``features_only``, which feature maps (0 the stem, 1..3 dense blocks 1-3,
-            4 the final features).
+        out_indices: with ``features_only``, which maps (0 stem, 1..3 blocks 1-3, 4 final features).
 
     Raises:
         ValueError: an argument out of range or a norm spec that cannot be built, naming the argument.
