@@ -149,10 +149,16 @@ def test_transition_with_other_modules_is_not_fused(monkeypatch):
     from densenet_zoo.memory import transition
 
     calls = _count(monkeypatch, transition.FusedTransition)
-    model = dz.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=5, memory_efficient="fused")
-    model.features.transition1.pool = nn.MaxPool2d(2, 2)
-    model.train()(torch.randn(2, 3, 64, 64)).sum().backward()
-    assert calls == [] and model.features.transition1.conv.weight.grad is not None
+    normal = dz.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=5).double()
+    normal.features.transition1.pool = nn.MaxPool2d(2, 2)
+    model = copy.deepcopy(normal).set_memory_efficient("fused")
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    for m in (normal, model):
+        m.train()(x).square().sum().backward()
+    assert calls == []
+    # the transition that runs as modules still gives normal mode's gradients (the other blocks stay fused)
+    for (name, p), q in zip(normal.named_parameters(), model.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-10, rtol=1e-8), name
 
 
 @pytest.mark.parametrize("strategy", FUSED)
