@@ -71,19 +71,35 @@ def export(
 ) -> Path:
     """Write ``model`` to ``path`` as ``format`` and return the path.
 
-    Example::
+    The file is written to a temporary name and renamed into place only after the check.
 
+    Args:
+        model: the model, in eval mode: a model in training mode would bake in batch statistics
+            and dropout, so it is refused (call ``model.eval()``).
+        path: the file to write.
+        format: ``"onnx"`` (symbolic batch axis), ``"torchscript"`` or ``"torch.export"``.
+        image_size: side of the traced input; ``None`` for 224, or 32 for ``small_inputs`` models.
+            The batch axis stays dynamic.
+        opset: the ONNX opset.
+        check: run the export on a batch of another size and compare with the model.
+        atol: tolerance of that check, relative to the outputs' largest magnitude.
+        overwrite: replace an existing ``path`` that is not an exported model (one that is, is always
+            replaced; a device, FIFO or folder never).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: a model in training mode, an unknown format, a bfloat16 network to ONNX, or a
+            folder as ``path``.
+        DataError: ``path`` is not a regular file, or a foreign file without ``overwrite``.
+        HardwareError: a bfloat16 network on a CPU without native bf16.
+        RuntimeError: an export whose outputs differ from the model's (nothing is left at ``path``).
+
+    Example:
         export(densenet121().eval(), "densenet121.onnx")                 # dynamic batch axis
         export(model.eval(), "model.pt", "torchscript")                  # torch.jit.load(...)
         export(model.eval(), "model.pt2", "torch.export", image_size=64) # torch.export.load(...)
-
-    ``model`` must be in eval mode: export writes an inference graph, and a model in training
-    mode would bake in batch statistics and dropout, so it is refused with an error (call
-    ``model.eval()``). ``image_size`` is the traced input size (224, or 32 for ``small_inputs``
-    models); the batch axis stays dynamic. ``check`` runs the export on a batch of another size
-    and compares with the model (``atol`` on outputs, relative to their largest magnitude). An
-    existing file at ``path`` is replaced only when it is an exported model, or with ``overwrite=True``;
-    a device, FIFO or folder never.
     """
     inner, param = _exportable(model, format)
     path = Path(path)

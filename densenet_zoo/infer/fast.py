@@ -168,14 +168,16 @@ class _FastBlock(nn.Module):
 class FastDenseNet(nn.Module):
     """Evaluation-only DenseNet with the same outputs as the :class:`DenseNet` it was built from.
 
-    Example::
-
-        fast = FastDenseNet(densenet121().eval())   # usually through optimize_for_inference()
-
     Holds its own folded weights (a snapshot: later changes to the source model are not seen).
-    ``dtype`` is the dtype the network will be cast to (thresholds outside its range are resolved).
-    Inference only: ``train()`` and inputs or weights that require grad raise a clear error.
     ``forward``, ``forward_features`` and ``forward_head`` mean what they mean on DenseNet.
+    Inference only: ``train()`` and inputs or weights that require grad raise a clear error.
+
+    Args:
+        model: the DenseNet to take the weights from (any mode; it is not modified).
+        dtype: the dtype the network will be cast to (thresholds outside its range are resolved).
+
+    Example:
+        fast = FastDenseNet(densenet121().eval())   # usually through optimize_for_inference()
     """
 
     def __init__(self, model: DenseNet, dtype: Optional[torch.dtype] = None) -> None:
@@ -253,17 +255,28 @@ def optimize_for_inference(
 ) -> nn.Module:
     """An evaluation-only copy of ``model`` that computes the same outputs faster.
 
-    Example::
+    Folds every norm into the convolutions where that is exact (see the module docstring) and
+    writes dense blocks into one buffer. Float inputs are cast to ``dtype`` (``fast16(x)`` with an
+    fp32 ``x``); integer images are refused. The source model is not modified; it may be in
+    training mode (a copy is put in eval mode).
 
+    Args:
+        model: a densenet_zoo :class:`DenseNet`.
+        dtype: ``torch.bfloat16`` (``torch.float16`` on CUDA only) for weights and activations;
+            ``None`` keeps the model's.
+        channels_last: run on channels_last tensors; ``False`` keeps the folding but not the layout.
+        compile: wrap the result in ``torch.compile``.
+
+    Returns:
+        A :class:`FastDenseNet` (or its compiled wrapper).
+
+    Raises:
+        ValueError: an unsupported dtype, or fp16 on CPU.
+        TypeError: a model that is not a densenet_zoo DenseNet.
+
+    Example:
         fast = optimize_for_inference(densenet121(pretrained=True))
         fast16 = optimize_for_inference(model, dtype=torch.bfloat16)   # bf16 weights and activations
-
-    Folds every norm into the convolutions where that is exact (see the module docstring),
-    writes dense blocks into one buffer, uses channels_last (``channels_last=False`` keeps the
-    folding but not the layout), casts to ``dtype`` (``torch.bfloat16``; ``torch.float16`` on CUDA
-    only) and wraps the result in ``torch.compile`` when ``compile=True``. Float inputs are cast to
-    ``dtype`` (``fast16(x)`` with an fp32 ``x``). The source model is not modified;
-    it may be in training mode (a copy is put in eval mode).
     """
     if not isinstance(model, DenseNet):
         raise TypeError(f"optimize_for_inference expects a densenet_zoo DenseNet, got {type(model).__name__}")

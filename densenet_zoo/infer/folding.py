@@ -100,14 +100,20 @@ def _fold_into_conv(conv: nn.Conv2d, norm: nn.Module) -> Optional[nn.Conv2d]:
 def fold_bn(model: DenseNet, inplace: bool = False) -> DenseNet:
     """Fold ``norm0`` into ``conv0`` and every ``norm2`` into its ``conv1`` (exact in eval).
 
-    Example::
-
-        folded = fold_bn(densenet121().eval())   # same outputs, 59 fewer norm layers
-
     The folded norms become ``nn.Identity`` and the convolutions get a bias; the model stays a
     :class:`DenseNet` in eval mode. A norm that is not a per-channel affine in eval (GroupNorm...)
     is left in place. See the module docstring for why ``norm1``, transition norms and ``norm5``
     cannot be folded.
+
+    Args:
+        model: a densenet_zoo :class:`DenseNet`.
+        inplace: fold into ``model`` itself instead of a copy.
+
+    Returns:
+        The folded model, in eval mode.
+
+    Example:
+        folded = fold_bn(densenet121().eval())   # same outputs, 59 fewer norm layers
     """
     _require_eval(model, "fold_bn")
     if not inplace:

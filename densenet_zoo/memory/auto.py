@@ -65,11 +65,18 @@ Measurement = Dict[str, Tuple[int, float]]  # candidate name -> (bytes kept for 
 class AutoStrategy(MemoryStrategy):
     """Fastest candidate per block whose summed saved bytes fit ``budget``.
 
-    ``budget``: a float in (0, 1] is a fraction of normal mode's bytes; an int or a string such as
-    ``"2GiB"`` is an absolute number of bytes for the dense blocks' saved tensors.
+    On the first training forward every candidate is measured once per block (exact saved bytes and
+    forward+backward time, leaving statistics, RNG and gradients untouched) and that step runs with
+    the smallest one; the plan is fixed at the next step.
 
-    Example::
+    Args:
+        budget: a float in (0, 1] is a fraction of normal mode's bytes; an int or a string such as
+            ``"2GiB"`` is an absolute number of bytes for the dense blocks' saved tensors.
+        candidates: names of the strategies to choose from; ``None`` for ``none``, ``efficient``,
+            ``shared``, ``norms``, ``layer``, ``fused`` and ``fused_lean``.
+        name: the name this instance reports; give another one to register a second configuration.
 
+    Example:
         model = dz.densenet121(memory_efficient=dz.AutoStrategy(budget="1GiB"))
         model.memory_strategy.plan(model.features.denseblock1)   # after two training steps
     """

@@ -95,8 +95,20 @@ def any_requires_grad(tensors: Iterable[Tensor]) -> bool:
 class MemoryStrategy:
     """How a dense block runs its layers while training.
 
-    Subclasses override :meth:`layer_forward` (one dense layer, given the list of earlier
-    features) and/or :meth:`block_forward` (a whole block). The base class is the normal mode.
+    The base class is the normal mode. A strategy has a ``name`` and a ``description``; subclasses
+    override :meth:`layer_forward` (one dense layer, given the list of earlier features) and/or
+    :meth:`block_forward` (a whole block), and register with :func:`register_memory_strategy`.
+
+    Example:
+        class Logged(MemoryStrategy):
+            name, description = "logged", "normal mode, printing each block's input shape"
+
+            def block_forward(self, block, x):
+                print(tuple(x.shape))
+                return super().block_forward(block, x)
+
+        register_memory_strategy(Logged())
+        model = dz.densenet121(memory_efficient="logged")
     """
 
     name: str = "none"

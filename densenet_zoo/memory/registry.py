@@ -14,7 +14,20 @@ _ALIASES = {False: "none", True: "bottleneck", None: "none"}
 
 
 def register_memory_strategy(strategy: MemoryStrategy, *, overwrite: bool = False) -> None:
-    """Make ``strategy`` available as ``memory_efficient=strategy.name``."""
+    """Make ``strategy`` available as ``memory_efficient=strategy.name``.
+
+    Args:
+        strategy: a :class:`MemoryStrategy` instance.
+        overwrite: replace a strategy registered under the same name.
+
+    Raises:
+        TypeError: ``strategy`` is not a :class:`MemoryStrategy`.
+        ValueError: its name is taken (without ``overwrite``).
+
+    Example:
+        register_memory_strategy(AutoStrategy(budget=0.25, name="auto_quarter"))
+        model = dz.densenet121(memory_efficient="auto_quarter")
+    """
     if not isinstance(strategy, MemoryStrategy):
         raise TypeError(f"expected a MemoryStrategy instance, got {type(strategy).__name__}")
     if strategy.name in _STRATEGIES and not overwrite:
@@ -23,15 +36,35 @@ def register_memory_strategy(strategy: MemoryStrategy, *, overwrite: bool = Fals
 
 
 def list_memory_strategies() -> list:
-    """Names accepted by ``memory_efficient=``, normal mode first."""
+    """Names accepted by ``memory_efficient=``, normal mode first.
+
+    Returns:
+        The registered names, in registration order.
+
+    Example:
+        >>> list_memory_strategies()[:3]
+        ['none', 'bottleneck', 'efficient']
+    """
     return list(_STRATEGIES)
 
 
 def get_memory_strategy(spec: Union[bool, str, MemoryStrategy, None]) -> MemoryStrategy:
-    """``False``/``"none"`` -> normal mode, ``True`` -> ``"bottleneck"``, a name or an instance.
+    """The strategy a ``memory_efficient=`` value names.
 
-    >>> get_memory_strategy(True).name, get_memory_strategy("fused").description[:12]
-    ('bottleneck', 'one function')
+    Args:
+        spec: ``False``/``None``/``"none"`` for normal mode, ``True`` for ``"bottleneck"``
+            (torchvision's ``memory_efficient=True``), a registered name, or a strategy instance
+            (returned as it is).
+
+    Returns:
+        The :class:`MemoryStrategy`.
+
+    Raises:
+        ValueError: an unknown name (with close matches).
+
+    Example:
+        >>> get_memory_strategy(True).name, get_memory_strategy("fused").description[:12]
+        ('bottleneck', 'one function')
     """
     if isinstance(spec, MemoryStrategy):
         return spec

@@ -23,10 +23,20 @@ _CONFIGS: Dict[str, Tuple[int, Tuple[int, ...], int, Dict[str, Any]]] = {
 def model_config(name: str) -> Dict[str, Any]:
     """Constructor arguments of a named architecture.
 
-    >>> model_config("densenet121")
-    {'growth_rate': 32, 'block_config': (6, 12, 24, 16), 'num_init_features': 64}
-    >>> model_config("densenet_bc_100.digits")["small_inputs"]   # a weights tag after the dot names the same architecture
-    True
+    Args:
+        name: a name of :func:`list_models`; a weights tag after a dot names the same architecture.
+
+    Returns:
+        The arguments of :class:`DenseNet` that make it.
+
+    Raises:
+        ValueError: an unknown name (with close matches).
+
+    Example:
+        >>> model_config("densenet121")
+        {'growth_rate': 32, 'block_config': (6, 12, 24, 16), 'num_init_features': 64}
+        >>> model_config("densenet_bc_100.digits")["small_inputs"]
+        True
     """
     growth, blocks, init, extra = _CONFIGS[canonical_name(name)]
     return dict(growth_rate=growth, block_config=blocks, num_init_features=init, **extra)

@@ -197,14 +197,36 @@ torch.fx.wrap("checked_input")
 class DenseNet(InteropMixin, nn.Module):
     """DenseNet-BC (Huang et al., "Densely Connected Convolutional Networks", 2017).
 
-    The first six arguments and ``memory_efficient`` follow torchvision's ``DenseNet``; the rest
-    follow timm. ``memory_efficient`` takes ``True``/``False`` or a strategy name from
-    :func:`densenet_zoo.list_memory_strategies`. ``norm_layer`` takes any norm spec of
-    :func:`densenet_zoo.resolve_norm`.
+    The first six arguments and ``memory_efficient`` follow torchvision's ``DenseNet`` (same module
+    names, same state dict); the rest follow timm.
 
-    >>> model = DenseNet(growth_rate=12, block_config=(16, 16, 16), num_init_features=24, small_inputs=True, num_classes=10)
-    >>> model(torch.randn(2, 3, 32, 32)).shape
-    torch.Size([2, 10])
+    Args:
+        growth_rate: k, the channels each dense layer adds.
+        block_config: the number of dense layers of each block.
+        num_init_features: channels of the stem's convolution.
+        bn_size: the bottleneck width, ``bn_size * growth_rate`` channels out of each layer's 1x1 conv.
+        drop_rate: dropout after each dense layer (torchvision's meaning).
+        num_classes: outputs of the classifier; 0 for none (``forward`` returns pooled features).
+        memory_efficient: ``False``, ``True`` (torchvision's recomputation), a name of
+            :func:`densenet_zoo.list_memory_strategies` or a ``MemoryStrategy``; all exact.
+        in_chans: channels of the input image.
+        small_inputs: a 3x3 stride-1 stem without norm, ReLU and max-pool, for 32x32 images (CIFAR).
+        compression: the fraction of channels a transition keeps.
+        global_pool: ``"avg"``, ``"max"``, ``"avgmax"`` or ``""`` (no pooling: with
+            ``num_classes=0`` the forward returns the feature map).
+        head_drop_rate: dropout before the classifier.
+        norm_layer: any norm spec of :func:`densenet_zoo.resolve_norm` (a name, a factory, a dict...).
+        strict_norm: make a ``norm_layer`` pattern that matches no layer an error.
+        features_only: return a list of feature maps instead of logits (no classifier).
+        out_indices: with ``features_only``, which maps (0 stem, 1..3 blocks 1-3, 4 final features).
+
+    Raises:
+        ValueError: an argument out of range or a norm spec that cannot be built, naming the argument.
+
+    Example:
+        >>> model = DenseNet(growth_rate=12, block_config=(16, 16, 16), num_init_features=24, small_inputs=True, num_classes=10)
+        >>> model(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
     """
 
     # Python-only properties (they walk the modules): TorchScript must not compile them.

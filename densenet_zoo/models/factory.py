@@ -45,8 +45,17 @@ def _register(name: str) -> Callable[..., DenseNet]:
     builder.__name__ = builder.__qualname__ = name
     builder.__doc__ = (
         f"{name}: growth rate {growth}, blocks {blocks}, {init} initial features.\n\n"
-        f"``{name}(pretrained=True)`` or ``weights=...`` loads published weights; other keyword\n"
-        "arguments go to :class:`DenseNet` (``num_classes``, ``in_chans``, ``memory_efficient``, ``norm_layer``...)."
+        "Args:\n"
+        "    pretrained: load the architecture's default published weights.\n"
+        "    weights: weights to load instead: a registered name or tag, a torchvision Weights member,\n"
+        "        a .safetensors/.pth file or a URL.\n"
+        "    progress: show a progress bar while downloading.\n"
+        "    **kwargs: arguments of :class:`DenseNet` (``num_classes``, ``in_chans``, ``memory_efficient``,\n"
+        "        ``norm_layer``...).\n\n"
+        "Returns:\n"
+        "    The :class:`DenseNet`.\n\n"
+        "Example:\n"
+        f"    model = {name}(pretrained=True, num_classes=10)   # backbone loaded, classifier fresh\n"
     )
     _ENTRYPOINTS[name] = builder
     return builder
@@ -63,14 +72,40 @@ densenet_bc_190 = _register("densenet_bc_190")
 
 
 def list_models(pattern: str = "*") -> List[str]:
-    """Names accepted by :func:`create_model`, optionally filtered by a glob: ``list_models("densenet1*")``."""
+    """Names accepted by :func:`create_model`, optionally filtered by a glob.
+
+    Args:
+        pattern: a glob on the names.
+
+    Returns:
+        The matching names, sorted.
+
+    Example:
+        >>> list_models("densenet1*")
+        ['densenet121', 'densenet161', 'densenet169']
+    """
     return sorted(n for n in _ENTRYPOINTS if fnmatch.fnmatchcase(n, pattern))
 
 
 def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> DenseNet:
-    """Build a named model: ``create_model("densenet169", num_classes=5)``.
+    """Build a named model.
 
-    A ``name.tag`` form (``"densenet121.tv_in1k"``) selects those weights when ``pretrained=True``.
+    Args:
+        name: a name of :func:`list_models`, or ``name.tag`` (``"densenet121.tv_in1k"``), which
+            selects those weights when ``pretrained=True``.
+        pretrained: load the architecture's default (or the tag's) weights.
+        **kwargs: the builder's arguments: ``weights``, ``progress``, and :class:`DenseNet`'s
+            (``num_classes``, ``in_chans``, ``memory_efficient``, ``norm_layer``...).
+
+    Returns:
+        The :class:`DenseNet`.
+
+    Raises:
+        ValueError: an unknown name (with close matches).
+
+    Example:
+        >>> create_model("densenet_bc_100", num_classes=5).classifier.out_features
+        5
     """
     arch = canonical_name(name)
     if pretrained and "." in name and "weights" not in kwargs:

@@ -49,17 +49,27 @@ SAVED_MODEL = OutputKind("a model file (.safetensors with densenet_zoo metadata)
 def save_model(model: DenseNet, path: PathLike, *, overwrite: bool = True, **metadata: Any) -> Path:
     """Write ``model``'s weights and what rebuilds it to a safetensors file, atomically.
 
-    Example::
+    ``arch`` and ``model_args`` are added from the model, and for a model built with pretrained
+    weights, their ``preprocessing`` and (same number of classes) ``class_names`` unless given. A
+    DenseNet whose ``model_args`` do not rebuild its layers (a norm given as a function) is saved
+    with ``rebuildable: false``: :func:`load_model` then says to build the model and use
+    :func:`load_weights`.
 
-        save_model(model, "best.safetensors", class_names=["cat", "dog"], preprocessing={...})
+    Args:
+        model: a densenet_zoo :class:`DenseNet`.
+        path: the ``.safetensors`` file to write.
+        overwrite: replace any regular file at ``path``; ``False`` replaces only a model file.
+        **metadata: JSON-serialisable metadata to store with it (``class_names``, ``preprocessing``...).
 
-    ``metadata`` must be JSON-serialisable; ``arch`` and ``model_args`` are added from the model,
-    and for a model built with pretrained weights, their ``preprocessing`` and (same number of
-    classes) ``class_names`` unless given. A model of another class (torchvision's, a
-    ``FastDenseNet``) is refused before anything is written. A DenseNet whose layers its
-    ``model_args`` do not rebuild (a norm given as a function) is saved with ``rebuildable: false``:
-    :func:`load_model` then says to build the model and use :func:`load_weights`. With
-    ``overwrite=False`` an existing file is replaced only when it is such a model file.
+    Returns:
+        The path written.
+
+    Raises:
+        CheckpointError: a model of another class (torchvision's, a ``FastDenseNet``), refused
+            before anything is written, or a folder as ``path``.
+
+    Example:
+        save_model(model, "best.safetensors", class_names=["cat", "dog"])
     """
     path = Path(path)
     if path.is_dir():
@@ -106,15 +116,26 @@ def _rebuildable(model: Any) -> bool:
 
 
 def load_model(path: PathLike, **overrides: Any) -> Tuple[DenseNet, Dict[str, Any]]:
-    """Rebuild a model saved by :func:`save_model`; returns ``(model, metadata)``.
+    """Rebuild a model saved by :func:`save_model` (or written by :func:`convert_checkpoint`).
 
-    Example::
-
-        model, meta = load_model("best.safetensors", memory_efficient=True)
-
-    ``overrides`` go to the constructor (``memory_efficient=True``, ``norm_layer="frozen_bn"``...).
     The metadata is checked against the tensors before the model is built: a damaged or forged
     file raises :class:`CheckpointError`, whatever architecture it claims.
+
+    Args:
+        path: the ``.safetensors`` file.
+        **overrides: constructor arguments that replace the saved ones (``memory_efficient=True``,
+            ``norm_layer="frozen_bn"``...).
+
+    Returns:
+        ``(model, metadata)``: the :class:`DenseNet` with its weights, and the file's metadata
+        (``arch``, ``model_args``, ``class_names``, ``preprocessing``, ``metrics``...).
+
+    Raises:
+        CheckpointError: a missing, damaged or forged file, a file without densenet_zoo metadata, or
+            one saved with ``rebuildable: false`` (build that model and use :func:`load_weights`).
+
+    Example:
+        model, meta = load_model("best.safetensors", memory_efficient=True)
     """
     state, meta = read_safetensors(path)
     if "model_args" not in meta:
@@ -163,17 +184,29 @@ def resolve_weights(weights: Any, arch: Optional[str] = None, *, progress: bool 
 
 def load_weights(model: nn.Module, weights: WeightsSource, *, strict: bool = False, use_ema: bool = False,
                  progress: bool = True) -> LoadReport:
-    """Load a checkpoint (path, URL, registered name, state dict) into ``model``; returns what happened.
-
-    Example::
-
-        report = dz.load_weights(model, "someone_elses_checkpoint.pth")
-        print(report)          # loaded / adapted / freshly initialised / missing / unexpected / shape mismatches
+    """Load a checkpoint into ``model``; returns what happened to each key.
 
     Keys are normalised (torchvision legacy names, ``module.``/``model.``/``backbone.`` prefixes,
     wrapper dicts); a classifier of another size stays freshly initialised and a 3-channel first
-    conv is adapted to ``model.in_chans``. ``strict=True`` raises if anything else does not fit.
-    ``use_ema=True`` prefers EMA weights when the checkpoint holds both.
+    conv is adapted to ``model.in_chans``.
+
+    Args:
+        model: the model to load into (ours, or torchvision's / timm's densenet).
+        weights: a path (``.safetensors``, ``.pth``), URL, registered weights name, or state dict.
+        strict: raise if anything but the above does not fit (missing, unexpected, mismatched keys).
+        use_ema: prefer EMA weights when the checkpoint holds both.
+        progress: show a progress bar while downloading.
+
+    Returns:
+        A :class:`LoadReport`.
+
+    Raises:
+        CheckpointError: an unreadable file, not one tensor that fits, or (``strict``) any misfit.
+        WeightsError: a download or cache failure.
+
+    Example:
+        report = dz.load_weights(model, "someone_elses_checkpoint.pth")
+        print(report)          # loaded / adapted / freshly initialised / missing / unexpected / shape mismatches
     """
     source, entry, desc = resolve_weights(weights, getattr(model, "arch", None), progress=progress)
     return _load_resolved(model, source, entry, desc, strict=strict, use_ema=use_ema)
@@ -259,12 +292,23 @@ def convert_checkpoint(src: WeightsSource, dest: PathLike, *, use_ema: bool = Fa
                        **metadata: Any) -> Path:
     """Any supported DenseNet checkpoint -> a safetensors file that :func:`load_model` rebuilds.
 
-    Example::
-
-        convert_checkpoint("densenet121-a639ec97.pth", "densenet121.safetensors")
-
     The architecture is read off the tensor shapes; the result is checked by loading it strictly.
-    An existing ``dest`` is replaced only when it is a model file (or with ``overwrite=True``).
+
+    Args:
+        src: a path, URL, registered weights name or state dict.
+        dest: the ``.safetensors`` file to write (atomically; not a folder, not ``src`` itself).
+        use_ema: take the EMA weights of a checkpoint that holds both.
+        overwrite: replace an existing ``dest`` that is not a model file (one that is, is always replaced).
+        **metadata: JSON-serialisable metadata to store (``class_names``, ``preprocessing``...).
+
+    Returns:
+        The path written.
+
+    Raises:
+        CheckpointError: an unreadable or damaged file, one that is not a DenseNet, or a bad ``dest``.
+
+    Example:
+        convert_checkpoint("densenet121-a639ec97.pth", "densenet121.safetensors")
     """
     check_output(dest, SAVED_MODEL, overwrite=overwrite, flag="output")
     source, entry, desc = resolve_weights(src)

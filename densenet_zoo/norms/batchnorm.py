@@ -243,7 +243,30 @@ class _BatchNorm(_NormBase):
 
 
 class BatchNorm2d(_BatchNorm):
-    """Drop-in for ``nn.BatchNorm2d`` on (N, C, H, W) inputs: ``BatchNorm2d(64)(torch.randn(8, 64, 7, 7))``."""
+    """Drop-in for ``nn.BatchNorm2d`` on (N, C, H, W) inputs, with a hand-written backward.
+
+    bf16/fp16 inputs accumulate their statistics in fp32; a channels_last input gives a
+    channels_last output.
+
+    Args:
+        num_features: channels C of the (N, C, H, W) input.
+        eps: added to the variance before the square root.
+        momentum: weight of the batch statistics in the running ones; ``None`` for a cumulative
+            average over all batches seen.
+        affine: whether the layer has a learnable ``weight`` (and ``bias``).
+        track_running_stats: whether running statistics are kept and used in eval; without them
+            batch statistics are used in every mode.
+        device: where the parameters and buffers are created.
+        dtype: their dtype.
+        bias: with ``affine=True``, ``False`` keeps ``weight`` but no ``bias``.
+
+    Raises:
+        ValueError: on an input that is not 4-D or has another number of channels (at forward).
+
+    Example:
+        >>> BatchNorm2d(64)(torch.randn(8, 64, 7, 7)).shape
+        torch.Size([8, 64, 7, 7])
+    """
 
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() != 4:
@@ -261,8 +284,21 @@ class SyncBatchNorm(BatchNorm2d):
     Ranks may hold different batch sizes, including none. Outside training, without an initialised
     process group, or on a group of one, it is plain :class:`BatchNorm2d`.
 
-    Example::
+    Args:
+        num_features: channels C of the (N, C, H, W) input.
+        eps: added to the variance before the square root.
+        momentum: weight of the batch statistics in the running ones; ``None`` for a cumulative
+            average over all batches seen.
+        affine: whether the layer has a learnable ``weight`` (and ``bias``).
+        track_running_stats: whether running statistics are kept and used in eval; without them
+            batch statistics are used in every mode.
+        process_group: the ``torch.distributed`` group to share statistics over; ``None`` for
+            every rank.
+        device: where the parameters and buffers are created.
+        dtype: their dtype.
+        bias: with ``affine=True``, ``False`` keeps ``weight`` but no ``bias``.
 
+    Example:
         bn = SyncBatchNorm(64)              # default group: every rank
         ddp = torch.nn.parallel.DistributedDataParallel(model_with_sync_bn)
     """
@@ -300,9 +336,16 @@ class FrozenBatchNorm2d(nn.Module):
     ``nn.BatchNorm2d`` state dicts; ``num_batches_tracked`` is kept as an inert buffer so that converting
     back to BatchNorm loses nothing, and state dicts without it (torchvision's ``FrozenBatchNorm2d``) load too.
 
-    Example::
+    Args:
+        num_features: channels C of the (N, C, H, W) input.
+        eps: added to the variance before the square root.
+        device: where the buffers are created.
+        dtype: their dtype.
 
-        frozen = FrozenBatchNorm2d(64); frozen.load_state_dict(torch.nn.BatchNorm2d(64).state_dict())
+    Example:
+        >>> frozen = FrozenBatchNorm2d(64)
+        >>> frozen.load_state_dict(torch.nn.BatchNorm2d(64).state_dict())
+        <All keys matched successfully>
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, device: Any = None, dtype: Any = None) -> None:

@@ -93,10 +93,20 @@ def _flatten_state(module: nn.Module, state_dict: Dict[str, Any], prefix: str, l
 class CaffeBatchNorm2d(nn.Module):
     """Caffe's ``BatchNorm`` + ``Scale`` pair as one norm layer with ``nn.BatchNorm2d``'s state dict.
 
-    Example::
+    Args:
+        num_features: channels C of the (N, C, H, W) input.
+        eps: added to the variance before the square root.
+        momentum: weight of the batch statistics in the running ones, as for ``nn.BatchNorm2d``.
+        use_global_stats: Caffe's switch: ``True`` normalises with the stored statistics even in
+            training, ``False`` with batch statistics even in eval, ``None`` follows the mode.
+        bias_term: whether the Scale layer has a bias (Caffe's ``bias_term``).
+        device: where the parameters and buffers are created.
+        dtype: their dtype.
 
-        layer = CaffeBatchNorm2d(64)
-        layer.load_state_dict(torch.nn.BatchNorm2d(64).state_dict())  # -> <All keys matched successfully>
+    Example:
+        >>> layer = CaffeBatchNorm2d(64)
+        >>> layer.load_state_dict(torch.nn.BatchNorm2d(64).state_dict())
+        <All keys matched successfully>
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
@@ -141,14 +151,21 @@ def _flat(blob: Any, what: str) -> np.ndarray:
 
 def caffe_blobs_to_state_dict(bn_blobs: Sequence[Any], scale_blobs: Optional[Sequence[Any]] = None,
                               dtype: torch.dtype = torch.float32) -> Dict[str, Tensor]:
-    """Caffe ``BatchNorm`` blobs ``[mean * f, variance * f, f]`` and ``Scale`` blobs ``[gamma, beta]`` ->
-    an ``nn.BatchNorm2d`` state dict (loads into ``CaffeBatchNorm2d``, ``BatchNorm2d``, ``nn.BatchNorm2d``...).
+    """Caffe ``BatchNorm`` and ``Scale`` blobs -> an ``nn.BatchNorm2d`` state dict.
 
-    Blobs may be numpy arrays, tensors or lists, of shape ``(C,)`` or Caffe's legacy ``(1, 1, 1, C)``;
-    the factor has one element. Without ``scale_blobs`` gamma is 1 and beta 0.
+    The result loads into ``CaffeBatchNorm2d``, ``BatchNorm2d``, ``nn.BatchNorm2d``...
 
-    Example::
+    Args:
+        bn_blobs: Caffe's ``BatchNorm`` blobs ``[mean * f, variance * f, f]``: numpy arrays, tensors
+            or lists, of shape ``(C,)`` or Caffe's legacy ``(1, 1, 1, C)``; the factor ``f`` has one
+            element (``f == 0`` means zero statistics).
+        scale_blobs: the ``Scale`` blobs ``[gamma, beta]``; without them gamma is 1 and beta 0.
+        dtype: dtype of the returned tensors.
 
+    Returns:
+        ``weight``, ``bias``, ``running_mean``, ``running_var`` and ``num_batches_tracked``.
+
+    Example:
         sd = caffe_blobs_to_state_dict([mean_f, var_f, [f]], [gamma, beta])
     """
     if len(bn_blobs) != 3:

@@ -42,8 +42,16 @@ _REGISTRY: Dict[str, NormFactory] = {}
 def register_norm(name: str, factory: NormFactory, *, overwrite: bool = False) -> None:
     """Register ``factory(num_features) -> nn.Module`` under ``name``.
 
-    Example::
+    Args:
+        name: the name ``norm_layer=`` and ``--norm`` will accept.
+        factory: called with the number of channels, returns the norm layer.
+        overwrite: replace an existing registration of ``name``.
 
+    Raises:
+        ValueError: ``name`` is empty or already registered (without ``overwrite``).
+        TypeError: ``factory`` is not callable.
+
+    Example:
         register_norm("my_bn", lambda c: nn.BatchNorm2d(c, momentum=0.01))
     """
     if not isinstance(name, str) or not name:
@@ -56,7 +64,15 @@ def register_norm(name: str, factory: NormFactory, *, overwrite: bool = False) -
 
 
 def list_norms() -> list:
-    """Names of the registered norms, sorted. ``list_norms()`` -> ``['bn', ...]``."""
+    """Names of the registered norms, sorted.
+
+    Returns:
+        The names ``norm_layer=`` accepts.
+
+    Example:
+        >>> list_norms()[:3]
+        ['bn', 'caffe_bn', 'custom_bn']
+    """
     return sorted(_REGISTRY)
 
 
@@ -120,12 +136,24 @@ def _build(value: object, name: str, num_features: int, *, depth: int = 0) -> nn
 def resolve_norm(spec: NormSpec = None, *, strict: bool = False) -> NormMaker:
     """Resolve a norm spec into ``make(name, num_features) -> nn.Module``.
 
-    >>> make = resolve_norm({"features.denseblock4.*": "frozen_bn", "*": "bn"})
-    >>> type(make("features.denseblock4.denselayer1.norm1", 512)).__name__
-    'FrozenBatchNorm2d'
+    Args:
+        spec: ``None`` (``nn.BatchNorm2d``), a registered name, a factory ``f(num_features)``, a
+            function ``f(name, num_features)`` returning a module or a name, or a dict of glob
+            patterns on layer names to any of these (first match wins).
+        strict: make a dict pattern that matches no layer an error; call ``make.check_unused()``
+            once every layer has been built to enforce it.
 
-    With ``strict=True`` a dict pattern that matches no layer is an error; call
-    ``make.check_unused()`` once every layer has been built to enforce it.
+    Returns:
+        ``make(layer_name, num_features)``, building the norm layer of that name.
+
+    Raises:
+        ValueError: an unknown norm name (with close matches).
+        TypeError: a spec of another kind, or a dict key that is not a glob pattern.
+
+    Example:
+        >>> make = resolve_norm({"features.denseblock4.*": "frozen_bn", "*": "bn"})
+        >>> type(make("features.denseblock4.denselayer1.norm1", 512)).__name__
+        'FrozenBatchNorm2d'
     """
     if isinstance(spec, Mapping):
         rules = list(spec.items())
@@ -167,13 +195,24 @@ def resolve_norm(spec: NormSpec = None, *, strict: bool = False) -> NormMaker:
 
 
 def group_norm(num_groups: Optional[int] = None, *, eps: float = 1e-5, affine: bool = True) -> NormFactory:
-    """A factory of ``nn.GroupNorm`` layers: ``densenet121(norm_layer=group_norm(16))``.
+    """A factory of ``nn.GroupNorm`` layers.
 
-    With ``num_groups`` every layer gets that many groups, and a layer whose channels it does not
-    divide is an error naming the layer. With ``None`` (the registered ``"group_norm"``) the groups
-    are chosen per layer: 32 (Wu & He's default) when 32 divides the channels, as in every layer of
-    densenet121/161/169/201/264, otherwise the largest divisor of the channels not above 32
-    (e.g. 24 channels -> 24 groups, 36 -> 18, 60 -> 30).
+    With ``None`` (the registered ``"group_norm"``) the groups are chosen per layer: 32 (Wu & He's
+    default) when 32 divides the channels, as in every layer of densenet121/161/169/201/264,
+    otherwise the largest divisor of the channels not above 32 (e.g. 24 channels -> 24 groups,
+    36 -> 18, 60 -> 30).
+
+    Args:
+        num_groups: groups of every layer; a layer whose channels it does not divide is an error
+            naming the layer. ``None`` chooses per layer, as above.
+        eps: GroupNorm's ``eps``.
+        affine: GroupNorm's ``affine``.
+
+    Returns:
+        A norm factory for ``norm_layer=``.
+
+    Example:
+        model = densenet121(norm_layer=group_norm(16))
     """
     if num_groups is not None and (isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1):
         raise ValueError(f"num_groups must be a positive integer or None (choose per layer), got {num_groups!r}")
@@ -203,8 +242,15 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, _NormBase, FrozenBa
 def is_norm_layer(module: nn.Module) -> bool:
     """Whether :func:`convert_norm` treats ``module`` as a norm layer (BatchNorm, GroupNorm, ours, registered classes).
 
-    >>> is_norm_layer(nn.GroupNorm(4, 8)), is_norm_layer(nn.ReLU())
-    (True, False)
+    Args:
+        module: any module.
+
+    Returns:
+        ``True`` for a norm layer.
+
+    Example:
+        >>> is_norm_layer(nn.GroupNorm(4, 8)), is_norm_layer(nn.ReLU())
+        (True, False)
     """
     registered = tuple(f for f in _REGISTRY.values() if isinstance(f, type))
     return isinstance(module, _NORM_TYPES + registered)
@@ -265,13 +311,23 @@ def convert_norm(model: nn.Module, spec: NormSpec, *, strict: bool = False, allo
 
     Parameters and buffers the old and new layer share (``weight``, ``bias``, ``running_mean``,
     ``running_var``, ``num_batches_tracked``) are copied, as are ``eps`` and ``momentum``; the new
-    layer gets the old one's device, dtype, train/eval mode and ``requires_grad``. A conversion that
-    would drop state (e.g. BatchNorm -> GroupNorm loses the running statistics) is an error unless
-    ``allow_lossy=True``. With a dict spec, layers no pattern matches are left as they are, and
-    ``strict=True`` makes a pattern that matches no layer an error. Returns ``model``.
+    layer gets the old one's device, dtype, train/eval mode and ``requires_grad``.
 
-    Example::
+    Args:
+        model: a model, or a single norm layer.
+        spec: any norm spec of :func:`resolve_norm`; with a dict, layers no pattern matches are left
+            as they are.
+        strict: make a dict pattern that matches no layer an error.
+        allow_lossy: allow a conversion that drops state (BatchNorm -> GroupNorm loses the running
+            statistics), an error otherwise.
 
+    Returns:
+        ``model`` (converted in place), or the new layer when ``model`` was a norm layer.
+
+    Raises:
+        ValueError: a lossy conversion without ``allow_lossy``, or a spec :func:`resolve_norm` refuses.
+
+    Example:
         model = convert_norm(densenet121(pretrained=True), "sync_bn")
         model = convert_norm(model, {"features.denseblock4.*": "frozen_bn"})
     """

@@ -183,14 +183,32 @@ def profile(
 ) -> ProfileReport:
     """Peak memory, saved-for-backward bytes and step time of each mode; ratios against normal mode.
 
-    On CPU, ``rounds > 1`` times every mode in that many fresh processes, the modes taking turns,
-    and reports the median over all their steps; ``rounds=0`` times every mode in one process,
-    the modes taking turns step by step (``steps`` each), which cancels a drifting machine speed best.
-    Memory on CPU is the peak over ``max(steps, 5)`` steps after warm-up in a process started with
-    ``allocator`` (``default``, ``tcmalloc``, ``jemalloc`` or ``mmap-threshold``). ``autocast``
-    (``"bfloat16"`` or ``"float16"``) runs the forward under ``torch.autocast`` of the device.
-    Example: ``profile("densenet121", modes="all", reference="torchvision").table()``; the report also
-    writes ``to_json`` / ``to_csv`` / ``plot``.
+    Args:
+        model: an architecture name, or a function that builds the model.
+        batch_size: images per training step.
+        image_size: side of the square input.
+        modes: ``"all"``, comma-separated strategy names (each may end in ``":channels_last"``) or a list.
+        device: ``"cpu"`` or ``"cuda"``.
+        reference: ``"torchvision"`` adds torchvision's densenet, normal and ``memory_efficient=True``.
+        steps: measured steps (memory on CPU: the peak over ``max(steps, 5)``).
+        warmup: steps run before measuring.
+        threads: torch CPU threads of each measurement.
+        subprocess_mode: measure in fresh worker processes; ``None``: on CPU only.
+        separate_timing: time and measure memory in separate processes.
+        rounds: ``> 1``: every mode timed in that many fresh processes, the modes taking turns;
+            ``0``: every mode in one process, taking turns step by step (best against a drifting machine).
+        model_kwargs: arguments for the model's builder.
+        allocator: ``"default"``, ``"tcmalloc"``, ``"jemalloc"`` or ``"mmap-threshold"`` for the workers.
+        autocast: ``"bfloat16"`` or ``"float16"`` runs the forward under ``torch.autocast``.
+
+    Returns:
+        A report: ``table()``, ``row(mode)``, ``to_json``, ``to_csv``, ``plot``.
+
+    Raises:
+        ValueError: an unknown mode, a size too small for the model, a bad count or allocator.
+
+    Example:
+        profile("densenet121", modes="all", reference="torchvision").table()
     """
     ref = _model_ref(model)
     kwargs = dict(model_kwargs or {})
@@ -264,12 +282,32 @@ def max_batch(
 ) -> MaxBatchReport:
     """Largest batch per mode whose training step stays within ``budget`` (absolute peak of the step).
 
-    Doubling from ``start``, then bisection to ``resolution`` images (the batch reported fits, one
-    ``resolution`` more may too); every probe is a fresh process (one warm-up and two measured
-    steps); ``on_mode(mode, result)`` is called as each mode is done.
+    Doubles from ``start``, then bisects; every probe is a fresh process (one warm-up and two
+    measured steps), on CUDA too.
 
-    Example::
+    Args:
+        model: an architecture name, or a function that builds the model.
+        budget: bytes, or a string such as ``"8GiB"``.
+        image_size: side of the square input.
+        modes: as for :func:`profile`.
+        device: ``"cpu"`` or ``"cuda"``.
+        start: the first batch size probed.
+        limit: the largest batch size probed.
+        threads: torch CPU threads of each probe.
+        model_kwargs: arguments for the model's builder.
+        allocator: as for :func:`profile`.
+        autocast: as for :func:`profile`.
+        probe_timeout: seconds after which a probe counts as not fitting.
+        on_mode: ``on_mode(mode, result)`` is called as each mode is done.
+        resolution: bisect to this many images (the batch reported fits, one ``resolution`` more may too).
 
+    Returns:
+        A report: ``table()``, ``to_json``, ``to_csv``, ``plot``.
+
+    Raises:
+        ValueError: a budget below the model's own size, or arguments :func:`profile` refuses.
+
+    Example:
         max_batch("densenet121", budget="8GiB", image_size=224, modes="none,efficient").table()
     """
     ref = _model_ref(model)
@@ -337,8 +375,20 @@ def depth_sweep(
 
     Exact counts, measured in this process; the report fits ``bytes ~ depth ** exponent`` per mode.
 
-    Example::
+    Args:
+        depths: network depths, each ``6n + 4``.
+        growth_rate: k of the networks.
+        image_size: side of the square input.
+        batch_size: images per forward.
+        modes: as for :func:`profile` (``auto`` and torchvision's are left out).
 
+    Returns:
+        A report: ``table()``, ``exponents()``, ``to_json``, ``to_csv``, ``plot``.
+
+    Raises:
+        ValueError: a depth that is not ``6n + 4``, or a size below 1.
+
+    Example:
         depth_sweep([40, 100, 160, 250], growth_rate=12, image_size=32).exponents()
     """
     # "auto" decides by measuring on its first forward, which is all a sweep point runs.

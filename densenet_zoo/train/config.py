@@ -18,7 +18,50 @@ _ARCHITECTURE = ("model", "model_args", "norm", "pretrained", "weights")
 
 @dataclass
 class TrainConfig:
-    """Every setting of a fine-tuning run (the CLI flags of ``densenet-zoo finetune``)."""
+    """Every setting of a fine-tuning run (the CLI flags of ``densenet-zoo finetune``).
+
+    A resumed run may change only ``epochs``, ``workers``, ``patience``, ``device``, ``progress``
+    and ``save_every``.
+
+    Attributes:
+        data: a folder with ``train/`` and ``val/`` class folders, a folder of class folders, or a
+            CSV of ``path,label``; stored resolved (absolute).
+        out: the run folder; must be new or empty.
+        model: architecture name (:func:`densenet_zoo.list_models`).
+        model_args: extra :class:`DenseNet` arguments (``{"growth_rate": 12, "small_inputs": True}``).
+        pretrained: start from the architecture's pretrained weights.
+        weights: start from these weights: a registered name or tag, a file or a URL.
+        norm: norm layer name (:func:`densenet_zoo.list_norms`).
+        memory_efficient: ``True`` or a strategy name (:func:`densenet_zoo.list_memory_strategies`).
+        image_size: training and eval image size; ``None`` for the pretrained weights' or 224.
+        val_split: fraction held out per class when the data has no ``val/``.
+        augment: ``"standard"`` (crop and flip), ``"light"`` (mild crop, no flip) or ``"none"``.
+        strict_data: stop at the first unreadable image instead of skipping it.
+        epochs: epochs to train.
+        batch_size: the global batch per step, split over the processes under torchrun.
+        accum_steps: batches per optimizer step (gradient accumulation).
+        optimizer: ``"sgd"`` (Nesterov) or ``"adamw"``.
+        lr: peak learning rate of the head.
+        momentum: SGD momentum.
+        weight_decay: not applied to biases and norm parameters.
+        warmup_epochs: linear warm-up before the cosine decay.
+        label_smoothing: of the cross-entropy loss.
+        amp: ``"none"``, ``"bf16"`` (CPU or CUDA) or ``"fp16"`` (CUDA, with a gradient scaler).
+        freeze: ``"none"``, ``"features"``, or ``"blockN"`` (up to and including dense block N);
+            frozen parts keep their weights and BN statistics.
+        layer_decay: each block towards the input gets the learning rate times this factor.
+        seed: seed of the split, augmentation and initialisation.
+        deterministic: deterministic algorithms (exact re-runs and resumes).
+        workers: DataLoader workers; ``None`` for 0 on CPU, up to 8 on CUDA.
+        patience: stop after this many epochs without val improvement; 0 never stops early.
+        save_every: also save the resumable state every N optimizer steps; 0 after each epoch only.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        progress: progress bars; ``None`` shows them on a terminal.
+
+    Example:
+        >>> TrainConfig(data="", epochs=3, augment="light").batch_size
+        32
+    """
 
     data: str = ""
     out: str = "runs/finetune"

@@ -332,7 +332,7 @@ def write_sample_data(name: str, root: PathLike, *, val_fraction: float = 0.2, s
 
     Example::
 
-        write_sample_data("digits", "data/digits")  # -> {'train': 1437, 'val': 360}
+        write_sample_data("digits", "data/digits")  # -> {'train': 1438, 'val': 359}
 
     ``digits`` is scikit-learn's ``load_digits`` (1,797 8x8 grayscale handwritten digits, 10
     classes), split per class with a fixed seed. The folder is built next to ``root`` and renamed

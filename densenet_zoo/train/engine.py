@@ -43,14 +43,16 @@ from .parts import (
 class Trainer:
     """Runs a fine-tuning job described by a :class:`TrainConfig`.
 
-    Example::
+    Args:
+        config: the run's settings.
+        model: replaces the model built from the config (any ``nn.Module`` classifier with a
+            ``features`` part, e.g. torchvision's DenseNet).
+        resume_state: the saved state of a run to continue (as ``finetune(resume=...)`` reads it).
+        on_save: ``on_save(path, position)`` is called after each write of the resumable state,
+            with ``position = {"epoch", "batches_done", "global_step"}`` (e.g. to copy it elsewhere).
 
+    Example:
         Trainer(TrainConfig(data="data/digits", out="runs/d", model="densenet121", image_size=32)).fit()
-
-    ``model`` replaces the model built from the config (any ``nn.Module`` classifier with a
-    ``features`` part, e.g. torchvision's DenseNet); ``resume_state`` continues a saved run.
-    ``on_save(path, position)`` is called after each write of the resumable state, with
-    ``position = {"epoch", "batches_done", "global_step"}`` (e.g. to copy the state elsewhere).
     """
 
     def __init__(self, config: TrainConfig, *, model: Optional[nn.Module] = None, resume_state: Optional[Dict[str, Any]] = None,
@@ -322,16 +324,33 @@ def finetune(data: Optional[str] = None, out: Optional[str] = None, *, resume: U
              **options: Any) -> Dict[str, Any]:
     """Fine-tune a DenseNet on an image dataset; returns the run's summary.
 
-    Example::
+    A new run needs a new or empty ``out`` folder (nothing of the user's is replaced). The folder is
+    locked while the run lasts: a second run into it fails at once.
 
+    Args:
+        data: the dataset (see :class:`TrainConfig`); not needed with ``resume``.
+        out: the run folder.
+        resume: ``True`` to continue the run in ``out``, or the run folder to continue; only the
+            resumable settings (``epochs``, ``workers``, ``patience``, ``device``, ``progress``,
+            ``save_every``) may change.
+        model_obj: a model to train instead of the one the options build (see :class:`Trainer`).
+        on_save: called after each write of the resumable state (see :class:`Trainer`).
+        **options: the other fields of :class:`TrainConfig`.
+
+    Returns:
+        The summary: ``out``, ``best_acc1``, ``best_epoch``, ``epochs_run``, ``stopped_early``,
+        ``skipped_images`` and the per-epoch ``history`` (losses, ``val_acc1``, ``val_acc5``...).
+
+    Raises:
+        ValueError: a setting out of range (before the folder is touched).
+        DataError: data that cannot be trained on (missing folder, one class, an empty class folder).
+        RunError: an ``out`` that holds a run (without ``resume``) or is in use, or a resumed run
+            given settings it cannot change.
+
+    Example:
         dz.finetune("data/digits", out="runs/digits", model="densenet121", image_size=32, batch_size=64, epochs=3,
                     augment="light")   # light: no flips, digits stay digits
         dz.finetune(resume="runs/digits", epochs=5)        # continue, possibly with more epochs
-
-    ``options`` are the fields of :class:`TrainConfig`. A new run needs a new or empty ``out``
-    folder (nothing of the user's is replaced); ``resume`` continues a run and accepts changes
-    only to ``RESUMABLE`` settings. The folder is locked while the run lasts: a second run into
-    it fails at once. ``on_save`` is passed to :class:`Trainer`.
     """
     if data is not None:
         options["data"] = data

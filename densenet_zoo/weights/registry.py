@@ -43,8 +43,30 @@ def data_dir() -> Path:
 class WeightsEntry:
     """One set of published weights: where to get it, how to check it, how it was evaluated.
 
-    Example::
+    The fields are those of ``weights/manifest.json``.
 
+    Attributes:
+        name: ``arch.tag``, e.g. ``"densenet121.tv_in1k"``.
+        arch: the architecture the weights fit (a name of :func:`list_models`).
+        url: direct download URL (``file:`` URLs are relative to the weights folder).
+        hf_hub_id: Hugging Face hub repository, instead of ``url``.
+        hf_filename: the file in that repository.
+        sha256: the full hex digest, or the prefix torchvision puts in its file names.
+        file_size: exact size in bytes, checked when given.
+        file_size_mib: size as published, informative.
+        num_params: parameter count.
+        num_classes: outputs of the classifier.
+        metrics: evaluation as published (``{"acc@1": ..., "acc@5": ..., "dataset": ...}``).
+        gflops: operations per image, as published.
+        preprocessing: resize, crop, interpolation, mean, std, crop_pct.
+        categories_ref: name of a class-name list in the weights folder (``"imagenet1k"``).
+        key_format: whose key names the file uses (``"torchvision"``, ``"torchvision_legacy"``, ``"timm"``).
+        license: the weights' license.
+        source: who published them, in words.
+        default: whether these are the architecture's default weights.
+        aliases: other names (``"IMAGENET1K_V1"``).
+
+    Example:
         entry = get_weights("densenet121")           # the default: torchvision's IMAGENET1K_V1
         entry.url, entry.sha256, entry.metrics["acc@1"]
         preprocess = entry.transforms()
@@ -250,14 +272,22 @@ def _add(entry: WeightsEntry, *, overwrite: bool, keep_existing: bool = False) -
 
 
 def register_weights(entry: Union[WeightsEntry, Mapping[str, Any]], *, overwrite: bool = False) -> WeightsEntry:
-    """Add (or, with ``overwrite=True``, replace) an entry.
+    """Add (or, with ``overwrite=True``, replace) an entry; one with ``default=True`` becomes the
+    default of its architecture.
 
-    Example::
+    Args:
+        entry: a :class:`WeightsEntry`, or a dict of its fields.
+        overwrite: replace an entry of the same name.
 
+    Returns:
+        The registered entry.
+
+    Raises:
+        WeightsError: a name that is taken (without ``overwrite``) or a field that is not valid.
+
+    Example:
         register_weights({"name": "densenet121.mine", "arch": "densenet121",
                           "url": "https://example.org/densenet121-0123abcd.pth", "num_classes": 10})
-
-    An entry with ``default=True`` becomes the default of its architecture.
     """
     if not isinstance(entry, WeightsEntry):
         entry = WeightsEntry.from_dict(entry)
@@ -266,18 +296,39 @@ def register_weights(entry: Union[WeightsEntry, Mapping[str, Any]], *, overwrite
 
 
 def list_weights(pattern: str = "*") -> List[str]:
-    """Registered weight names matching a glob: ``list_weights("densenet121*")``."""
+    """Registered weight names matching a glob.
+
+    Args:
+        pattern: a glob on the names (``arch.tag``).
+
+    Returns:
+        The matching names, sorted.
+
+    Example:
+        >>> list_weights("densenet121.*")
+        ['densenet121.IMAGENET1K_V1', 'densenet121.ra_in1k', 'densenet121.tv_in1k']
+    """
     return sorted(n for n in _registry() if fnmatch.fnmatchcase(n, pattern))
 
 
 def get_weights(name: Any, arch: Optional[str] = None) -> WeightsEntry:
-    """The entry for ``name``: ``"densenet121"`` (its default), ``"densenet121.tv_in1k"``,
-    ``"timm/densenet121.ra_in1k"``, ``"IMAGENET1K_V1"``/``"DEFAULT"`` with ``arch``, or a
-    torchvision ``DenseNet121_Weights`` member.
+    """The registry entry a weights name stands for.
 
-    Example::
+    Args:
+        name: ``"densenet121"`` (its default), ``"densenet121.tv_in1k"``, ``"timm/densenet121.ra_in1k"``
+            (any Hugging Face hub id), ``"IMAGENET1K_V1"``/``"DEFAULT"`` with ``arch``, a torchvision
+            ``DenseNet121_Weights`` member, or an entry (returned as it is).
+        arch: the architecture, for names that do not carry it.
 
-        get_weights("densenet121").url  # -> 'https://download.pytorch.org/models/densenet121-a639ec97.pth'
+    Returns:
+        The :class:`WeightsEntry`.
+
+    Raises:
+        WeightsError: an unknown name, or weights of another architecture than ``arch``.
+
+    Example:
+        >>> get_weights("densenet121").url
+        'https://download.pytorch.org/models/densenet121-a639ec97.pth'
     """
     reg = _registry()
     if isinstance(name, WeightsEntry):

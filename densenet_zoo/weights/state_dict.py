@@ -106,11 +106,23 @@ def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
 
 @dataclass
 class LoadReport:
-    """What :func:`load_state` did with each key.
+    """What loading a checkpoint into a model did with each key (``print`` gives a summary).
 
-    Example::
+    Attributes:
+        source: the checkpoint, as given.
+        loaded: keys loaded as they are.
+        adapted: ``"key: how"`` for tensors changed to fit (a 3-channel first conv summed for ``in_chans=1``).
+        reinitialized: keys that kept the model's fresh initialisation (a classifier of another size).
+        missing: model keys the checkpoint does not hold.
+        unexpected: checkpoint keys the model does not have.
+        mismatched: ``(key, checkpoint shape, model shape)`` of tensors that do not fit.
+        renamed: how many keys were renamed (legacy names, prefixes, timm's names).
+        wrapper: the dict the weights were found in (``"state_dict"``, ``"ema"``...), empty if none.
 
-        report = load_weights(model, "ckpt.pth"); print(report)
+    Example:
+        report = load_weights(model, "ckpt.pth")
+        print(report)
+        assert report.ok   # every key loaded, adapted or deliberately re-initialised
     """
 
     source: str = ""

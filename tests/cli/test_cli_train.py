@@ -147,7 +147,6 @@ def test_a_kill_during_a_state_write_never_leaves_a_broken_file(tmp_path):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.skipif("sync_bn" not in dz.list_norms(), reason="sync_bn not registered")
 def test_torchrun_two_processes_match_one_process(small, tmp_path):
     # sync_bn normalises with the statistics of the global batch, the two ranks' batches together
     # are the single process's batch (same permutation), and DDP averages the ranks' mean losses:

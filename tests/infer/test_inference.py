@@ -106,7 +106,11 @@ def test_norms_that_are_not_affine_are_kept_and_still_exact():
         __import__("fnmatch").fnmatch(name, p) for p, v in spec.items() if v == "group_norm") else nn.BatchNorm2d(c))
     _randomise_norms(model)
     assert norm_as_affine(model.features.norm0, 16) is None
-    assert norm_as_affine(model.features.denseblock1.denselayer2.norm1, 24) is not None
+    bn = model.features.denseblock1.denselayer2.norm1  # a BatchNorm: eval is y = scale * x + shift
+    scale, shift = norm_as_affine(bn, 24)
+    expected = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
+    torch.testing.assert_close(scale, expected, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(shift, bn.bias.double() - bn.running_mean.double() * expected, rtol=1e-6, atol=1e-8)
     fast = optimize_for_inference(model)
     kept = [m for m in fast.modules() if isinstance(m, nn.GroupNorm)]
     assert len(kept) == 6  # denselayer1.norm1 and denselayer2.norm2 of both blocks, transition1, norm0

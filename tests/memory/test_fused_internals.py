@@ -151,10 +151,16 @@ def test_transition_with_other_modules_is_not_fused(monkeypatch):
     from densenet_zoo.memory import transition
 
     calls = _count(monkeypatch, transition.FusedTransition)
-    model = dz.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=5, memory_efficient="fused")
-    model.features.transition1.pool = nn.MaxPool2d(2, 2)
-    model.train()(torch.randn(2, 3, 64, 64)).sum().backward()
-    assert calls == [] and model.features.transition1.conv.weight.grad is not None
+    normal = dz.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=5).double()
+    normal.features.transition1.pool = nn.MaxPool2d(2, 2)
+    model = copy.deepcopy(normal).set_memory_efficient("fused")
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    for m in (normal, model):
+        m.train()(x).square().sum().backward()
+    assert calls == []
+    # the transition that runs as modules still gives normal mode's gradients (the other blocks stay fused)
+    for (name, p), q in zip(normal.named_parameters(), model.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-10, rtol=1e-8), name
 
 
 @pytest.mark.parametrize("strategy", FUSED)
@@ -187,8 +193,15 @@ def test_stem_and_transitions_under_bf16_autocast_match_normal_mode_to_the_forma
 @pytest.mark.parametrize("where", ["features.norm0", "features.transition1.conv", "features.denseblock1.denselayer1.norm2"])
 def test_forward_hooks_still_fire_under_the_fused_strategies(strategy, where):
     """A fused function calls no modules: where a module has a forward hook, that part runs as before."""
-    model = dz.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=5, memory_efficient=strategy)
-    seen = []
-    model.get_submodule(where).register_forward_hook(lambda m, i, o: seen.append(o.shape))
-    model.train()(torch.randn(2, 3, 64, 64)).sum().backward()
-    assert seen and all(p.grad is not None for p in model.parameters())
+    normal = dz.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=5).double()
+    model = copy.deepcopy(normal).set_memory_efficient(strategy)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    seen = {}
+    for key, m in (("normal", normal), ("fused", model)):
+        m.get_submodule(where).register_forward_hook(lambda mod, i, o, key=key: seen.setdefault(key, []).append(o.detach().clone()))
+        m.train()(x).square().sum().backward()
+    # the forward's call sees normal mode's output (a part recomputed in backward may call it again)
+    assert len(seen["normal"]) == 1 and len(seen["fused"]) >= 1
+    assert torch.allclose(seen["fused"][0], seen["normal"][0], atol=1e-10, rtol=0)
+    for (name, p), q in zip(normal.named_parameters(), model.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-10, rtol=1e-8), name

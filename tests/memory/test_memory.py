@@ -138,10 +138,19 @@ def test_no_checkpoint_when_not_needed(strategy, monkeypatch):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_frozen_backbone_with_trainable_head(strategy):
-    model = _tiny(memory_efficient=strategy)
-    model.features.requires_grad_(False)
-    model(torch.randn(2, 3, 16, 16)).sum().backward()
-    assert model.classifier.weight.grad is not None
+    """A frozen backbone gets no gradient, and the head gets normal mode's, with the same statistics."""
+    dtype = torch.float64 if strategy in FUSED or strategy == "auto" else torch.float32
+    normal = _tiny().to(dtype)
+    model = copy.deepcopy(normal).set_memory_efficient(strategy)
+    x = torch.randn(2, 3, 16, 16, dtype=dtype)
+    for m in (normal, model):
+        m.features.requires_grad_(False)
+        m.train()(x).square().sum().backward()
+    assert [n for n, p in model.features.named_parameters() if p.grad is not None] == []
+    for (name, p), q in zip(normal.classifier.named_parameters(), model.classifier.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, a), b in zip(normal.named_buffers(), model.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_torch_compile_memory_efficient():
@@ -287,12 +296,21 @@ def test_fused_falls_back_where_it_cannot_be_exact(spec, monkeypatch):
     if spec.startswith("autocast"):  # a block whose input is not in the autocast dtype (the stem is not autocast-cast)
         monkeypatch.setattr(torch.nn.Conv2d, "forward", lambda self, t: torch.nn.functional.conv2d(
             t.float(), self.weight.float(), None, self.stride, self.padding, self.dilation, self.groups).float())
-    model = _tiny(memory_efficient="fused", **kwargs).train()
+    normal = _tiny(**kwargs).train()
+    model = copy.deepcopy(normal).set_memory_efficient("fused")
     x = torch.randn(2, 3, 16, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.startswith("autocast")):
-        out = model(x)
-    out.float().sum().backward()
-    assert calls == [] and model.features.conv0.weight.grad is not None
+    outs = []
+    for m in (normal, model):
+        torch.manual_seed(1)  # the same dropout masks in both
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.startswith("autocast")):
+            out = m(x)
+        out.float().square().sum().backward()
+        outs.append(out.detach())
+    assert calls == []
+    # the fallback is exact: normal mode's outputs and gradients
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(normal.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_fused_refuses_double_backward():
