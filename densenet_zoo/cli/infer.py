@@ -1,4 +1,4 @@
-"""``densenet-zoo predict``, ``info`` and ``export``: parse, call the library, print."""
+"""``densenet-zoo predict``, ``info`` and ``export``: parse, call the library (imported when a command runs), print."""
 
 from __future__ import annotations
 
@@ -6,16 +6,13 @@ import argparse
 import json
 import sys
 
-from ..infer import export, optimize_for_inference
-from ..infer.info import format_info, model_info
-from ..infer.predict import Predictor, collect_images, predict_summary, write_csv
-from ..models import create_model, load_model
-from ..train.data import printable
 from .common import refuse_folder, refuse_overwriting_inputs
 
 
 def _load_model(args: argparse.Namespace):
     """A model from ``--checkpoint FILE`` or ``--model NAME [--pretrained]``, in eval mode."""
+    from ..models import create_model, load_model
+
     if args.checkpoint:
         model, _ = load_model(args.checkpoint)
         return model.eval()
@@ -25,6 +22,9 @@ def _load_model(args: argparse.Namespace):
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from ..infer.predict import Predictor, collect_images, predict_summary, write_csv
+    from ..train.data import printable
+
     if args.top_k < 1 or args.batch_size < 1:
         raise ValueError(f"--top-k and --batch-size must be >= 1, got {args.top_k} and {args.batch_size}")
     paths = collect_images(args.inputs)
@@ -53,12 +53,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from ..infer.info import format_info, model_info
+
     info = model_info(args.name, args.image_size)
     print(json.dumps(info, indent=1) if args.json else format_info(info))
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from ..infer import export, optimize_for_inference
+
     refuse_overwriting_inputs("--out", args.out, [("--checkpoint", args.checkpoint)])
     model = _load_model(args)
     if args.optimize:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from ..allocator import ALLOCATORS, describe
-from ..profiling import depth_sweep, max_batch, profile
 
 
 def _write_all(report: Any, out: str, stem: str) -> None:
@@ -26,6 +25,8 @@ def _ints(text: str) -> list:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
+    from ..profiling import depth_sweep, max_batch, profile
+
     if args.image_size is not None and args.image_size < 1:
         raise ValueError(f"--image-size must be >= 1 pixel, got {args.image_size}")
     if not args.depth_sweep and not args.device.startswith("cuda"):
