@@ -34,6 +34,7 @@ _EXPORTS = {
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 register_when_timm_is_imported()
+del lazy_exports, register_when_timm_is_imported  # tools of this file, not names of the package
 
 __all__ = [
     # errors
