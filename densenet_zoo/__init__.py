@@ -1,27 +1,40 @@
 """densenet_zoo: DenseNets for PyTorch, exactly torchvision's network, with pluggable
 normalisation, exact memory-efficient training, pretrained weights, fine-tuning and profiling.
 
-The public face: everything here is re-exported from the subpackages, which import one way,
+The public face: every name here comes from a subpackage, and is imported on first use, so that
+``import densenet_zoo`` (and ``densenet-zoo --help``) costs little. The subpackages import one way,
 ``_utils -> norms -> memory -> weights -> models -> train / profiling -> infer -> cli``.
+Our models enter timm's registry as ``dz_<model>`` as soon as timm is imported, before or after
+this package.
 """
 
-from ._utils import CheckpointError, DataError, RunError, WeightsError, ZooError
-from .norms import (
-    BatchNorm2d, CaffeBatchNorm2d, FrozenBatchNorm2d, SyncBatchNorm, caffe_blobs_to_state_dict, convert_norm,
-    group_norm, is_norm_layer, list_norms, register_norm, resolve_norm,
-)
-from .memory import AutoStrategy, MemoryStrategy, get_memory_strategy, list_memory_strategies, register_memory_strategy
-from .weights import LoadReport, WeightsEntry, get_weights, list_weights, register_weights
-from .models import (
-    DenseNet, convert_checkpoint, create_model, densenet121, densenet161, densenet169, densenet201, densenet264,
-    densenet_bc_100, densenet_bc_190, densenet_bc_250, list_models, load_model, load_weights, model_config,
-    save_model,
-)
-from .train import TrainConfig, Trainer, finetune
-from .profiling import depth_sweep, max_batch, profile
-from .infer import FastDenseNet, export, fold_bn, optimize_for_inference
+from ._utils import CheckpointError, DataError, RunError, WeightsError, ZooError, __version__, lazy_exports
+from .models.timm_registration import register_when_timm_is_imported
 
-__version__ = "0.1.0"
+#: Each public name -> the subpackage that exports it.
+_EXPORTS = {
+    **dict.fromkeys([
+        "BatchNorm2d", "CaffeBatchNorm2d", "FrozenBatchNorm2d", "SyncBatchNorm", "caffe_blobs_to_state_dict",
+        "convert_norm", "group_norm", "is_norm_layer", "list_norms", "register_norm", "resolve_norm",
+    ], ".norms"),
+    **dict.fromkeys([
+        "AutoStrategy", "MemoryStrategy", "get_memory_strategy", "list_memory_strategies", "register_memory_strategy",
+    ], ".memory"),
+    **dict.fromkeys(["LoadReport", "WeightsEntry", "get_weights", "list_weights", "register_weights"], ".weights"),
+    **dict.fromkeys([
+        "DenseNet", "convert_checkpoint", "create_model", "densenet121", "densenet161", "densenet169", "densenet201",
+        "densenet264", "densenet_bc_100", "densenet_bc_190", "densenet_bc_250", "list_models", "load_model",
+        "load_weights", "model_config", "save_model",
+    ], ".models"),
+    **dict.fromkeys(["TrainConfig", "Trainer", "finetune"], ".train"),
+    **dict.fromkeys(["depth_sweep", "max_batch", "profile"], ".profiling"),
+    **dict.fromkeys(["FastDenseNet", "export", "fold_bn", "optimize_for_inference"], ".infer"),
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+register_when_timm_is_imported()
+del lazy_exports, register_when_timm_is_imported  # tools of this file, not names of the package
 
 __all__ = [
     # errors

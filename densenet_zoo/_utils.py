@@ -1,14 +1,20 @@
-"""Small pieces every layer shares: the error family, path types, ImageNet constants, atomic writes."""
+"""Small pieces every layer shares: the version, the error family, path types, ImageNet constants, atomic
+writes, and the lazy attributes of the package ``__init__`` files."""
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import importlib
 import os
 import stat
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
+from typing import Any, Callable, Iterator, List, Mapping, NamedTuple, Optional, Tuple, Union
+
+#: The package's version (pyproject.toml says the same); here so that ``densenet-zoo --version`` reads it cheaply.
+__version__ = "0.1.0"
 
 PathLike = Union[str, os.PathLike]
 
@@ -249,3 +255,37 @@ def csv_kind(what: str, first_column: str) -> OutputKind:
             return f.readline().startswith(first_column.encode() + b",")
 
     return OutputKind(what, recognise)
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def lazy_exports(package: str, exports: Mapping[str, str]) -> Tuple[Callable[[str], Any], Callable[[], List[str]]]:
+    """A package's module ``__getattr__`` and ``__dir__`` (PEP 562) that import each name on first use.
+
+    A package ``__init__`` that imported every submodule would make ``import densenet_zoo`` pay for all of
+    them (torchvision, timm); with these, ``densenet_zoo.create_model`` imports only what it needs.
+
+    Args:
+        package: the package's ``__name__``.
+        exports: public name -> the module, relative to ``package``, that defines it (e.g. ``".models"``).
+
+    Returns:
+        ``(__getattr__, __dir__)``, to be bound to those names in the package's ``__init__``.
+
+    Example::
+
+        __getattr__, __dir__ = lazy_exports(__name__, {"create_model": ".models"})
+    """
+
+    def __getattr__(name: str) -> Any:
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(exports[name], package), name)
+        setattr(sys.modules[package], name, value)  # later look-ups find it without this function
+        return value
+
+    def __dir__() -> List[str]:
+        return sorted(set(vars(sys.modules[package])) | set(exports))
+
+    return __getattr__, __dir__

@@ -198,3 +198,125 @@ def test_no_package_attribute_hides_a_module():
         if getattr(importlib.import_module(parent), leaf) is not imported:
             hidden.append(module)
     assert hidden == []
+
+
+# --- Startup: the command line parses, and the package imports, without loading the heavy libraries. ---------------
+# Each check runs in a fresh interpreter: in this one, other tests have long imported torch and timm.
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = PACKAGE.parent
+HEAVY = ("torch", "torchvision", "timm", "numpy")
+
+
+def _fresh(code: str) -> dict:
+    """Run ``code`` in a new interpreter (this checkout first on the path); it prints one JSON line, returned."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+_RUN_CLI = """
+import contextlib, io, json, sys
+from densenet_zoo.cli import main
+out, err = io.StringIO(), io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+        code = main({argv!r})
+    except SystemExit as stop:
+        code = stop.code
+print(json.dumps(dict(code=code, out=out.getvalue(), err=err.getvalue(), heavy=[m for m in {heavy!r} if m in sys.modules])))
+"""
+
+
+@pytest.mark.parametrize("argv, code, says", [
+    (["--help"], 0, "usage: densenet-zoo"),
+    (["finetune", "--help"], 0, "--memory-efficient"),
+    (["--version"], 0, "densenet-zoo "),
+    (["--no-such-flag"], 2, "unrecognized arguments: --no-such-flag"),
+    (["finetune", "--epochs", "ten"], 2, "invalid int value: 'ten'"),
+    (["weights"], 2, "the following arguments are required"),
+    ([], 2, "usage: densenet-zoo"),
+], ids=["help", "command-help", "version", "unknown-flag", "bad-value", "missing-action", "no-command"])
+def test_the_cli_answers_before_importing_torch(argv, code, says):
+    r = _fresh(_RUN_CLI.format(argv=argv, heavy=HEAVY))
+    assert r["code"] == code and says in r["out"] + r["err"], r
+    assert r["heavy"] == [], f"densenet-zoo {' '.join(argv)} imported {r['heavy']}"
+
+
+def test_version_is_the_package_version():
+    import densenet_zoo
+
+    r = _fresh(_RUN_CLI.format(argv=["--version"], heavy=HEAVY))
+    assert r["out"].strip() == f"densenet-zoo {densenet_zoo.__version__}"
+
+
+def test_python_m_help_imports_no_torch():
+    # The real entry point, through runpy and __main__.py: -X importtime lists every module it imported.
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "densenet_zoo", "--help"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert r.returncode == 0 and "usage: densenet-zoo" in r.stdout
+    assert "densenet_zoo.cli.app" in imported and imported.isdisjoint(HEAVY)
+
+
+def test_import_densenet_zoo_loads_neither_timm_nor_torchvision():
+    r = _fresh(f"import json, sys, densenet_zoo; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
+    assert r == []
+
+
+def test_every_exported_name_loads_on_first_use():
+    code = """
+import importlib, json, pkgutil, densenet_zoo
+missing = {}
+for pkg in ["densenet_zoo"] + [f"densenet_zoo.{m.name}" for m in pkgutil.iter_modules(densenet_zoo.__path__) if m.ispkg]:
+    module = importlib.import_module(pkg)
+    names = getattr(module, "__all__", [])
+    space = {}
+    exec(f"from {pkg} import *", space)  # a fresh lookup of every name in __all__
+    missing[pkg] = sorted(set(names) - set(space)) + sorted(set(names) - set(dir(module)))
+print(json.dumps(dict(missing=missing, unknown=hasattr(densenet_zoo, "no_such_name"),
+                      create=densenet_zoo.create_model is importlib.import_module("densenet_zoo.models.factory").create_model)))
+"""
+    r = _fresh(code)
+    assert all(names == [] for names in r["missing"].values()) and len(r["missing"]) >= 9, r["missing"]
+    assert r["unknown"] is False and r["create"] is True
+
+
+_TIMM_NAMES = """
+import densenet_zoo as dz
+print(json.dumps(dict(
+    models=timm.list_models("dz_*"), ours=["dz_" + n for n in dz.list_models()],
+    tags=timm.list_pretrained("dz_densenet121*"), weights=["dz_" + n for n in dz.list_weights("densenet121*")],
+    built=type(timm.create_model("dz_densenet_bc_100", num_classes=3)).__module__,
+    loader=type(timm.__spec__.loader).__name__ if timm.__loader__ is timm.__spec__.loader else "differs",
+)))
+"""
+
+
+@pytest.mark.parametrize("first", [
+    "import densenet_zoo; assert 'timm' not in sys.modules; import timm",  # registered right after timm's import
+    "import timm; import densenet_zoo",                                     # registered at once
+    "import densenet_zoo.models.timm_adapter; import timm",                 # the adapter imports timm itself
+    "import densenet_zoo; from timm.models import create_model; import timm",
+], ids=["dz-then-timm", "timm-then-dz", "adapter-first", "timm-submodule-first"])
+def test_dz_models_enter_timms_registry_whichever_is_imported_first(first):
+    r = _fresh(f"import json, sys\n{first}\n{_TIMM_NAMES}")
+    assert r["models"] == sorted(r["ours"]) and len(r["models"]) >= 8
+    assert sorted(r["tags"]) == sorted(r["weights"]) and r["tags"]
+    assert r["built"] == "densenet_zoo.models.densenet"
+    assert r["loader"] == "SourceFileLoader"  # timm keeps its own loader, not the watcher's wrapper
+
+
+def test_torch_hub_loads_from_a_fresh_interpreter():
+    code = f"""
+import json, sys, torch
+model = torch.hub.load({str(ROOT)!r}, "densenet_bc_100", source="local", num_classes=3, block_config=(2, 2, 2))
+print(json.dumps(dict(kind=type(model).__module__, classes=model.num_classes)))
+"""
+    assert _fresh(code) == {"kind": "densenet_zoo.models.densenet", "classes": 3}

@@ -3,6 +3,9 @@
 Each command group has an ``add_<group>`` function (here or in its own module) that registers its
 sub-parsers and sets ``func``; the function returns the process exit code. Errors print one line on stderr
 (exit code 1; ``--debug`` shows the traceback), Ctrl-C exits with 130 and a closed pipe with 141.
+
+Parsing imports nothing heavy: each ``_cmd_<name>`` imports the library when it runs, so ``--help``,
+``--version`` and a mistyped flag answer at once, without loading torch.
 """
 
 from __future__ import annotations
@@ -12,9 +15,8 @@ import os
 import sys
 from typing import List, Optional
 
+from .._utils import __version__
 from ..allocator import reexec_with_preferred
-from ..models import convert_checkpoint, create_model, list_models
-from ..weights import fetch, get_weights, list_weights, read_safetensors
 from .common import add_overwrite, one_line, refuse_overwriting_inputs
 from .infer import add_inference
 from .profile import add_profile
@@ -22,6 +24,8 @@ from .train import add_train
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    from ..models import create_model, list_models
+
     names = list_models(args.pattern)
     if not names:
         raise LookupError(f"no model name matches {args.pattern!r}; `densenet-zoo models` lists them all")
@@ -39,6 +43,8 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_weights_list(args: argparse.Namespace) -> int:
+    from ..weights import get_weights, list_weights
+
     names = list_weights(args.pattern)
     if not names:
         raise LookupError(f"no weights name matches {args.pattern!r}; `densenet-zoo weights list` lists them all")
@@ -51,6 +57,8 @@ def _cmd_weights_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_weights_download(args: argparse.Namespace) -> int:
+    from ..weights import fetch, get_weights
+
     for name in args.names:
         print(fetch(get_weights(name), progress=not args.quiet))
     return 0
@@ -69,6 +77,9 @@ def _add_weights(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    from ..models import convert_checkpoint
+    from ..weights import read_safetensors
+
     refuse_overwriting_inputs("output", args.output, [("input", args.input)])
     out = convert_checkpoint(args.input, args.output, use_ema=args.ema, overwrite=args.overwrite)
     _, meta = read_safetensors(out)
@@ -88,6 +99,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="densenet-zoo", description="DenseNet model zoo for PyTorch.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version of densenet_zoo and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_models(sub)
     _add_weights(sub)

@@ -1,4 +1,4 @@
-"""``densenet-zoo predict``, ``info`` and ``export``: parse, call the library, print."""
+"""``densenet-zoo predict``, ``info`` and ``export``: parse, call the library (imported when a command runs), print."""
 
 from __future__ import annotations
 
@@ -7,17 +7,13 @@ import json
 import sys
 
 from .._utils import check_output
-from ..infer import export, optimize_for_inference
-from ..infer.exporter import EXPORTED_MODEL
-from ..infer.info import format_info, model_info
-from ..infer.predict import PREDICTIONS_CSV, Predictor, collect_images, predict_summary, write_csv
-from ..models import create_model, load_model
-from ..train.data import printable
 from .common import add_overwrite, refuse_overwriting_inputs
 
 
 def _load_model(args: argparse.Namespace):
     """A model from ``--checkpoint FILE`` or ``--model NAME [--pretrained]``, in eval mode."""
+    from ..models import create_model, load_model
+
     if args.checkpoint:
         model, _ = load_model(args.checkpoint)
         return model.eval()
@@ -27,6 +23,9 @@ def _load_model(args: argparse.Namespace):
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from ..infer.predict import PREDICTIONS_CSV, Predictor, collect_images, predict_summary, write_csv
+    from ..train.data import printable
+
     if args.top_k < 1 or args.batch_size < 1:
         raise ValueError(f"--top-k and --batch-size must be >= 1, got {args.top_k} and {args.batch_size}")
     paths = collect_images(args.inputs)
@@ -56,12 +55,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from ..infer.info import format_info, model_info
+
     info = model_info(args.name, args.image_size)
     print(json.dumps(info, indent=1) if args.json else format_info(info))
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from ..infer import export, optimize_for_inference
+    from ..infer.exporter import EXPORTED_MODEL
+
     refuse_overwriting_inputs("--out", args.out, [("--checkpoint", args.checkpoint)])
     check_output(args.out, EXPORTED_MODEL, overwrite=args.overwrite, flag="--out")
     model = _load_model(args)

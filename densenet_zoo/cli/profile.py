@@ -9,13 +9,13 @@ from typing import Any, Dict
 from .._utils import FIGURE, DataError, check_output
 from ..allocator import ALLOCATORS, describe
 from ..hardware import bf16_cost_note
-from ..profiling import depth_sweep, max_batch, profile
-from ..profiling.report import REPORT_CSV, REPORT_JSON
 from .common import add_overwrite
 
 
 def _outputs(args: argparse.Namespace, stem: str) -> Dict[str, Path]:
     """The files ``--out`` will hold, checked before minutes of measuring: a folder, no foreign file replaced."""
+    from ..profiling.report import REPORT_CSV, REPORT_JSON
+
     if not args.out:
         return {}
     folder = Path(args.out)
@@ -42,15 +42,17 @@ def _ints(text: str) -> list:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
+    from ..profiling import depth_sweep, max_batch, profile
+
     if args.image_size is not None and args.image_size < 1:
         raise ValueError(f"--image-size must be >= 1 pixel, got {args.image_size}")
     note = bf16_cost_note(args.device) if args.autocast == "bfloat16" and not args.depth_sweep else None
     if note:  # said before the minutes of measuring, not only in the report
         print(f"# note: {note}", flush=True)
-    if not args.depth_sweep and not args.device.startswith("cuda"):
-        print(f"# measured processes run with allocator {describe(args.allocator)}", flush=True)
     stem = "depth_sweep" if args.depth_sweep else "max_batch" if args.max_batch else "profile"
     paths = _outputs(args, stem)
+    if not args.depth_sweep and not args.device.startswith("cuda"):
+        print(f"# measured processes run with allocator {describe(args.allocator)}", flush=True)
     if args.depth_sweep:
         report = depth_sweep(args.depth_sweep, growth_rate=args.growth_rate, image_size=args.image_size or 32,
                              batch_size=args.batch_size, modes=args.modes)

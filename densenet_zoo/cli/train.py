@@ -1,4 +1,4 @@
-"""``densenet-zoo sample-data | finetune | evaluate``: parse, call the library, print."""
+"""``densenet-zoo sample-data | finetune | evaluate``: parse, call the library (imported when a command runs), print."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ import json
 from pathlib import Path
 from typing import Any, Dict
 
-from ..train import evaluate_checkpoint, finetune
-from ..train.data import write_sample_data
-from ..train.run_files import STATE_FILE
 from .common import add_overwrite
 
 
 def _cmd_sample_data(args: argparse.Namespace) -> int:
+    from ..train.data import write_sample_data
+
     counts = write_sample_data(args.name, args.dir, seed=args.seed)
     print(f"{args.name}: {counts['train']} train / {counts['val']} val images in {args.dir}/train and {args.dir}/val")
     return 0
@@ -29,6 +28,8 @@ _FLAGS = {
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    from ..train import finetune
+
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -61,6 +62,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 def _finetune_interrupted(args: argparse.Namespace) -> str:
     """What Ctrl-C during finetune leaves behind, and how to go on."""
+    from ..train.run_files import STATE_FILE
+
     out = args.resume or args.out or "runs/finetune"
     if (Path(out) / STATE_FILE).is_file():
         return f"{out} keeps the last saved state; continue with: densenet-zoo finetune --resume {out}"
@@ -68,6 +71,8 @@ def _finetune_interrupted(args: argparse.Namespace) -> str:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..train import evaluate_checkpoint
+
     r = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, workers=args.workers,
                             out=args.out, device=args.device, strict_data=args.strict_data, overwrite=args.overwrite)
     print(f"{args.checkpoint} on {args.data}: {r['count']} images, acc@1 {r['acc1']:.2f}%, acc@5 {r['acc5']:.2f}%, loss {r['loss']:.4f}")

@@ -1,9 +1,15 @@
-"""Inference: BN folding and the fast eval network, export (ONNX, TorchScript, torch.export), predict, info."""
+"""Inference: BN folding and the fast eval network, export (ONNX, TorchScript, torch.export), predict, info.
 
-from .exporter import EXPORT_FORMATS, export, load_exported
-from .fast import FastDenseNet, fold_bn, optimize_for_inference
-from .info import count_flops, format_info, model_info
-from .predict import Predictor
+Names are imported on first use: prediction reads images (torchvision), folding and export do not."""
+
+from .._utils import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "EXPORT_FORMATS": ".exporter", "export": ".exporter", "load_exported": ".exporter",
+    "FastDenseNet": ".fast", "fold_bn": ".fast", "optimize_for_inference": ".fast",
+    "count_flops": ".info", "format_info": ".info", "model_info": ".info",
+    "Predictor": ".predict",
+})
 
 __all__ = [
     "EXPORT_FORMATS", "FastDenseNet", "Predictor", "count_flops", "export", "fold_bn", "format_info",

@@ -72,12 +72,12 @@ def test_debug_shows_the_traceback(tree):
 
 
 def test_an_unexpected_error_is_one_line_with_a_hint(monkeypatch, capsys):
-    import densenet_zoo.cli.infer as cli_infer
+    import densenet_zoo.infer.info as info  # the command imports model_info from here when it runs
 
     def broken(*a, **k):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(cli_infer, "model_info", broken)
+    monkeypatch.setattr(info, "model_info", broken)
     assert main(["info", "densenet121"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ZeroDivisionError: division by zero" in err and "--debug" in err
