@@ -255,9 +255,6 @@ def csv_kind(what: str, first_column: str) -> OutputKind:
             return f.readline().startswith(first_column.encode() + b",")
 
     return OutputKind(what, recognise)
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def lazy_exports(package: str, exports: Mapping[str, str]) -> Tuple[Callable[[str], Any], Callable[[], List[str]]]:
