@@ -13,6 +13,7 @@ from .models.timm_registration import register_when_timm_is_imported
 
 #: Each public name -> the subpackage that exports it.
 _EXPORTS = {
+    **dict.fromkeys(["CpuCapabilities", "HardwareError", "cpu_capabilities", "describe_hardware"], ".hardware"),
     **dict.fromkeys([
         "BatchNorm2d", "CaffeBatchNorm2d", "FrozenBatchNorm2d", "SyncBatchNorm", "caffe_blobs_to_state_dict",
         "convert_norm", "group_norm", "is_norm_layer", "list_norms", "register_norm", "resolve_norm",
@@ -38,7 +39,9 @@ del lazy_exports, register_when_timm_is_imported  # tools of this file, not name
 
 __all__ = [
     # errors
-    "ZooError", "CheckpointError", "DataError", "RunError", "WeightsError",
+    "ZooError", "CheckpointError", "DataError", "RunError", "WeightsError", "HardwareError",
+    # the machine
+    "CpuCapabilities", "cpu_capabilities", "describe_hardware",
     # normalisation
     "BatchNorm2d", "CaffeBatchNorm2d", "FrozenBatchNorm2d", "SyncBatchNorm", "caffe_blobs_to_state_dict",
     "convert_norm", "group_norm", "is_norm_layer", "list_norms", "register_norm", "resolve_norm",

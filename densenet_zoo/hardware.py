@@ -52,9 +52,17 @@ class CpuCapabilities:
         name: the processor's model name.
         isa: ATen's kernel level in this process (``AVX512``, ``AVX2``, ``DEFAULT``...).
         onednn_cap: the ``ONEDNN_MAX_CPU_ISA`` cap in force, or ``None`` when oneDNN is not capped.
-        avx2, avx512, avx512_bf16, vnni, amx: the hardware's features (torch's cpuinfo probes).
+        avx2: the hardware has AVX2 (torch's cpuinfo probe, as the next four).
+        avx512: the hardware has AVX-512 (F).
+        avx512_bf16: the hardware has AVX512_BF16.
+        vnni: AVX512-VNNI (int8 dot products), usable under the oneDNN cap.
+        amx: AMX tiles, usable under the oneDNN cap.
         native_bf16: bfloat16 runs on bf16 instructions in both ATen and oneDNN.
-        threads: torch's intra-op threads; ``logical_cpus``: ``os.cpu_count()``.
+        threads: torch's intra-op threads.
+        logical_cpus: ``os.cpu_count()``.
+
+    Example:
+        cpu_capabilities().native_bf16   # False on an AVX2-only CPU
     """
 
     name: str
@@ -136,8 +144,7 @@ def cpu_capabilities() -> CpuCapabilities:
     Returns:
         A :class:`CpuCapabilities`; ``threads`` is torch's thread count at the call.
 
-    Example::
-
+    Example:
         if not cpu_capabilities().native_bf16:
             model = optimize_for_inference(model)   # float32: faster than emulated bf16 here
     """
@@ -154,6 +161,9 @@ def describe_hardware(device: Any = "cpu") -> str:
 
     Returns:
         e.g. ``"AMD EPYC: kernels AVX512, native bf16 yes (AVX512_BF16), VNNI yes, AMX no, 2 threads of 2 logical CPUs"``.
+
+    Example:
+        print(f"# hardware: {describe_hardware('cpu')}")
     """
     import torch
 
@@ -175,6 +185,9 @@ def require_native_bf16(device: Any, what: str) -> None:
 
     Raises:
         HardwareError: on a CPU without native bf16 (see :class:`CpuCapabilities`).
+
+    Example:
+        require_native_bf16("cpu", "optimize_for_inference(dtype=torch.bfloat16)")
     """
     import torch
 
@@ -198,6 +211,9 @@ def bf16_cost_note(device: Any) -> Optional[str]:
 
     Returns:
         One sentence for the first line of a run's output, or ``None``.
+
+    Example:
+        note = bf16_cost_note("cpu")
     """
     import torch
 
