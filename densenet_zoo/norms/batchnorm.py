@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .bn_math import acc_dtype, average_factor, inv_std, moments, scale_shift, update_running_stats
+from .bn_math import acc_dtype, average_factor, inv_std, moments, norm_scale, scale_shift, update_running_stats
 
 __all__ = ["BatchNormFunction", "BatchNorm2d", "SyncBatchNorm", "FrozenBatchNorm2d"]
 
@@ -96,7 +96,7 @@ class BatchNormFunction(torch.autograd.Function):
         grad_b = sum_dy.to(weight.dtype if weight is not None else dy.dtype) if need_b and ctx.has_bias else None
         grad_x = None
         if need_x or (ctx.batch_stats and ctx.group is not None):
-            scale = scale_shift(weight, None, mean, invstd)[0]
+            scale = norm_scale(weight, invstd)
             if ctx.batch_stats:
                 if ctx.group is not None:
                     # Every rank joins, even one whose input needs no gradient or is empty.

@@ -81,12 +81,14 @@ def centred(x: Tensor, mean: Tensor, temp: Optional[Tensor] = None) -> Tensor:
     Args:
         x: the values.
         mean: per-channel means, shaped to broadcast against ``x``.
-        temp: flat scratch memory in ``mean``'s dtype; None: a tensor laid out like ``x`` is allocated.
+        temp: flat scratch memory in ``mean``'s dtype; None: a new tensor laid out like ``x``.
 
     Returns:
         The deviations, dense.
     """
-    out = torch.empty_like(x, dtype=mean.dtype) if temp is None else temp[: x.numel()].view(x.shape)
+    if temp is None:
+        return (x if x.dtype == mean.dtype else x.to(mean.dtype)) - mean
+    out = temp[: x.numel()].view(x.shape)
     return torch.sub(x, mean, out=out) if x.dtype == out.dtype else out.copy_(x).sub_(mean)
 
 
@@ -116,8 +118,18 @@ def scale_shift(weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, 
 
         scale, shift = scale_shift(norm.weight, norm.bias, norm.running_mean, inv_std(norm.running_var, norm.eps))
     """
-    scale = invstd if weight is None else invstd * weight.to(mean.dtype)
+    scale = norm_scale(weight, invstd)
     return scale, (-mean * scale if bias is None else bias.to(mean.dtype) - mean * scale)
+
+
+def norm_scale(weight: Optional[Tensor], invstd: Tensor) -> Tensor:
+    """What a batch norm multiplies ``x - mean`` by: ``invstd * weight`` (``weight`` cast to ``invstd``'s dtype).
+
+    Example::
+
+        norm_scale(norm.weight, inv_std(norm.running_var, norm.eps))
+    """
+    return invstd if weight is None else invstd * weight.to(invstd.dtype)
 
 
 def average_factor(norm: nn.Module) -> float:
