@@ -134,12 +134,14 @@ class MemoryStrategy:
         return x
 
     def block_forward(self, block: nn.ModuleDict, x: Tensor) -> Tensor:
+        """A dense block on ``x``: its layers in order (each through :meth:`layer_forward`), concatenated."""
         features: List[Tensor] = [x]
         for layer in block.values():
             features.append(layer(features))
         return torch.cat(features, 1)
 
     def layer_forward(self, layer: nn.Module, features: List[Tensor]) -> Tensor:
+        """One dense layer on the earlier ``features``: its ``k`` new channels."""
         return layer.composite(layer.bottleneck(features))
 
     def __repr__(self) -> str:

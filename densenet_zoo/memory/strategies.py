@@ -211,6 +211,11 @@ class FusedStrategy(MemoryStrategy):
             return fused_transition_forward(modules, x)
         return self.sequence_fallback.transition_forward(modules, x)
 
+    def __repr__(self) -> str:
+        if self.sequence_fallback is self.fallback:
+            return super().__repr__()
+        return f"{super().__repr__()[:-1]}, sequence_fallback={self.sequence_fallback.name!r})"
+
 
 _BOTTLENECK = BottleneckCheckpoint()
 _NORMS = PerLayerRecompute("norms", "'shared' + norm2/relu2 recomputed too: keeps only conv1's output per layer",

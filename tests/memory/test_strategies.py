@@ -39,6 +39,13 @@ def test_fallbacks_are_the_documented_strategies(name, fallback):
         assert strategy.fallback is dz.get_memory_strategy(fallback)
 
 
+def test_fused_lean_checkpoints_a_stem_it_cannot_fuse():
+    strategy = dz.get_memory_strategy("fused_lean")
+    assert strategy.sequence_fallback.name == "stem_transition_checkpoint"
+    assert "sequence_fallback='stem_transition_checkpoint'" in repr(strategy)
+    assert dz.get_memory_strategy("fused").sequence_fallback is dz.get_memory_strategy("norms")
+
+
 def _count(monkeypatch, function):
     calls, real = [], function.apply
     monkeypatch.setattr(function, "apply", lambda *a: calls.append(1) or real(*a))
@@ -76,3 +83,16 @@ def test_a_strategy_overriding_sequence_forward_still_runs_the_stem_and_transiti
     model = _tiny(memory_efficient=Tracing()).train()
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert seen == ["Conv2d", "BatchNorm2d"]
+
+
+@pytest.mark.parametrize("name, checkpoints", [("fused", 0), ("fused_lean", 2)])
+def test_where_blocks_cannot_run_fused_the_stem_and_transition_run_the_sequence_fallback(name, checkpoints, monkeypatch):
+    """Dropout: no block runs fused, so neither do the stem and the transition; fused_lean checkpoints both."""
+    import densenet_zoo.memory.base as memory_base
+
+    calls, real = [], memory_base.checkpoint
+    monkeypatch.setattr(memory_base, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    stems, transitions = _count(monkeypatch, fused_stem.FusedStem), _count(monkeypatch, fused_transition.FusedTransition)
+    model = _tiny(memory_efficient=name, drop_rate=0.2).train()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert (len(calls), len(stems), len(transitions)) == (checkpoints, 0, 0)
