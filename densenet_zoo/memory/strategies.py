@@ -95,16 +95,17 @@ class StemTransitionCheckpoint(MemoryStrategy):
 class Recomputed(enum.Enum):
     """What :class:`PerLayerRecompute` runs again in backward for each dense layer, and so what it keeps."""
 
-    #: keeps conv1's output and relu2's output; conv2's backward as in normal mode
-    NORM1 = "concat + norm1 + relu1"
-    #: keeps conv1's output
-    NORMS = "concat + norm1 + relu1, norm2 + relu2"
-    #: keeps only the layer's inputs (its k new channels are kept as the next layers' inputs)
-    LAYER = "concat + norm1 + relu1 + conv1 + norm2 + relu2"
+    NORM1 = ("concat + norm1 + relu1", "the earlier features, conv1's output and relu2's output")
+    NORMS = ("concat + norm1 + relu1, norm2 + relu2", "the earlier features and conv1's output")
+    LAYER = ("concat + norm1 + relu1 + conv1 + norm2 + relu2", "the earlier features")
 
+    @property
+    def recomputes(self) -> str:
+        return self.value[0]
 
-_KEEPS = {Recomputed.NORM1: "the earlier features, conv1's output and relu2's output",
-          Recomputed.NORMS: "the earlier features and conv1's output", Recomputed.LAYER: "the earlier features"}
+    @property
+    def keeps(self) -> str:
+        return self.value[1]
 
 
 class PerLayerRecompute(MemoryStrategy):
@@ -121,8 +122,8 @@ class PerLayerRecompute(MemoryStrategy):
                  fallback: MemoryStrategy) -> None:
         self.name, self.description, self.recompute, self.shared_buffer = name, description, recompute, shared_buffer
         self.fallback = fallback
-        self.recomputes = recompute.value
-        self.keeps = _KEEPS[recompute] + (", in one buffer per block" if shared_buffer else "")
+        self.recomputes = recompute.recomputes
+        self.keeps = recompute.keeps + (", in one buffer per block" if shared_buffer else "")
 
     def layer_forward(self, layer: nn.Module, features: List[Tensor]) -> Tensor:
         if not needs_graph(features, layer):

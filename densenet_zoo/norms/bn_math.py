@@ -49,7 +49,7 @@ def moments(x: Tensor, dims: Sequence[int], step: Optional[int] = None, temp: Op
     one slice large) then holds a slice's deviations.
 
     Args:
-        x: the values, channels in the one dimension not in ``dims``; not empty.
+        x: the values, channels in dimension 1 (the one dimension not in ``dims``); not empty.
         dims: the dimensions reduced (``(0,)`` for a (pixels, channels) matrix, ``(0, 2, 3)`` for N, C, H, W).
         step: entries of dimension 0 per slice; None: the whole of ``x`` at once.
         temp: scratch memory for one slice's deviations; None: allocated.
