@@ -113,7 +113,7 @@ def test_every_repository_path_a_page_names_exists(page):
 
 def test_the_path_check_sees_the_files_the_docs_name():
     named = set().union(*(NAMED_PATH.findall(p.read_text()) for p in PAGES))
-    assert {"examples/main_job.py", "benchmarks/memory.py", "densenet_zoo/memory/fused.py",
+    assert {"examples/main_job.py", "benchmarks/memory.py", "densenet_zoo/memory/fused_block.py",
             "tests/models/test_model.py"} <= named
     assert "weights/manifest.json" in NAMED_PATH.findall("see `weights/manifest.json`.")
 

@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..models.densenet import DenseNet, _DenseLayer
+from ..norms.bn_math import inv_std, scale_shift
 from .inputs import require_eval as _require_eval
 
 __all__ = ["fold_bn", "norm_as_affine"]
@@ -61,14 +62,10 @@ def _read_bn(norm: nn.Module, num_features: int, device: torch.device, dtype: to
     mean, var, eps = (getattr(norm, k, None) for k in ("running_mean", "running_var", "eps"))
     if not (isinstance(mean, Tensor) and isinstance(var, Tensor) and eps is not None and getattr(norm, "track_running_stats", True)):
         return None
-    scale = (var.double() + float(eps)).rsqrt()
-    shift = -mean.double() * scale
-    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
-    if isinstance(weight, Tensor):
-        scale, shift = scale * weight.double(), shift * weight.double()
-    if isinstance(bias, Tensor):
-        shift = shift + bias.double()
-    return scale, shift
+    weight, bias = (getattr(norm, k, None) for k in ("weight", "bias"))
+    weight = weight.double() if isinstance(weight, Tensor) else None
+    bias = bias.double() if isinstance(bias, Tensor) else None
+    return scale_shift(weight, bias, mean.double(), inv_std(var.double(), float(eps)))
 
 
 def _probe(norm: nn.Module, num_features: int, device: torch.device, dtype: torch.dtype) -> Optional[Tuple[Tensor, Tensor]]:

@@ -12,10 +12,16 @@ buffers are restored right after, so the statistics are those of the one real fo
 Strategies only take effect while training with autograd recording; in eval mode, under
 ``torch.no_grad()`` or when nothing requires grad, every strategy runs the plain forward.
 
+A strategy says what it keeps, what it recomputes and which strategy runs where it cannot
+(``fallback``): ``get_memory_strategy("fused")`` shows all three.
+
 Modules, bottom to top: ``base`` (normal mode, once-only checkpointing, saved-bytes counter),
-``recompute`` (per-layer recomputing autograd function), ``workspace`` (the fused block's scratch
-buffer), ``blockmath`` (its chunked matrix kernels), ``fused`` (a whole block as one function),
-``strategies`` (the named strategies), ``registry`` (names), ``auto`` (measured choice under a budget).
+``recompute`` (the per-layer recomputing autograd function), ``workspace`` (the fused functions'
+scratch buffer), ``kernels`` (their chunked matrix kernels), ``fusion`` (what the fused functions
+share: fusability checks, dtype and autocast rules, batch statistics, gradient order), ``fused_block``,
+``fused_stem`` and ``fused_transition`` (a dense block, the ImageNet stem and a transition as one
+function each), ``strategies`` (the named strategies), ``registry`` (names), ``auto`` (measured choice
+under a budget). The batch-norm arithmetic is :mod:`densenet_zoo.norms.bn_math`'s.
 """
 
 from .base import MemoryStrategy, SavedTensorBytes, checkpoint_once, preserved_buffers

@@ -16,16 +16,14 @@ import threading
 import time
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 
 from .base import MemoryStrategy, SavedTensorBytes, needs_graph, preserved_buffers
 from .registry import get_memory_strategy
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..models.densenet import _DenseBlock, _DenseLayer
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
@@ -83,6 +81,8 @@ class AutoStrategy(MemoryStrategy):
 
     name = "auto"
     description = "per block, the fastest strategy whose measured bytes fit a budget (default: half of normal mode)"
+    keeps = "per block, what the chosen candidate keeps"
+    recomputes = "per block, what the chosen candidate recomputes"
     default_candidates = ("none", "efficient", "shared", "norms", "layer", "fused", "fused_lean")
 
     def __init__(self, budget: Union[float, int, str] = 0.5, candidates: Optional[Sequence[str]] = None, name: str = "auto") -> None:
@@ -91,12 +91,12 @@ class AutoStrategy(MemoryStrategy):
         if any(isinstance(c, AutoStrategy) for c in self.candidates):
             raise ValueError("the candidates of an AutoStrategy cannot include another AutoStrategy")
         self.name = name
-        self._plans: "weakref.WeakKeyDictionary[_DenseBlock, Dict[tuple, MemoryStrategy]]" = weakref.WeakKeyDictionary()
-        self._pending: List[Tuple["weakref.ref[_DenseBlock]", tuple, Measurement]] = []
+        self._plans: "weakref.WeakKeyDictionary[nn.ModuleDict, Dict[tuple, MemoryStrategy]]" = weakref.WeakKeyDictionary()
+        self._pending: List[Tuple["weakref.ref[nn.ModuleDict]", tuple, Measurement]] = []
         self._local = threading.local()
 
     # -- inspection ----------------------------------------------------------------------------
-    def plan(self, block: "_DenseBlock") -> Dict[tuple, str]:
+    def plan(self, block: nn.ModuleDict) -> Dict[tuple, str]:
         """The chosen strategy name of ``block`` per input signature (shape, dtype, device)."""
         return {key: s.name for key, s in self._plans.get(block, {}).items()}
 
@@ -105,11 +105,11 @@ class AutoStrategy(MemoryStrategy):
         return [m for _, _, m in self._pending]
 
     # -- forward -------------------------------------------------------------------------------
-    def layer_forward(self, layer: "_DenseLayer", features: List[Tensor]) -> Tensor:
+    def layer_forward(self, layer: nn.Module, features: List[Tensor]) -> Tensor:
         active = getattr(self._local, "active", None)
         return (active or MemoryStrategy()).layer_forward(layer, features)
 
-    def block_forward(self, block: "_DenseBlock", x: Tensor) -> Tensor:
+    def block_forward(self, block: nn.ModuleDict, x: Tensor) -> Tensor:
         if not needs_graph([x], block):
             return super().block_forward(block, x)
         key = (tuple(x.shape), x.dtype, x.device)
@@ -124,14 +124,14 @@ class AutoStrategy(MemoryStrategy):
                 chosen = get_memory_strategy(min(measured, key=lambda n: measured[n][0]))
         return self._run(chosen, block, x)
 
-    def _run(self, strategy: MemoryStrategy, block: "_DenseBlock", x: Tensor) -> Tensor:
+    def _run(self, strategy: MemoryStrategy, block: nn.ModuleDict, x: Tensor) -> Tensor:
         previous, self._local.active = getattr(self._local, "active", None), strategy
         try:
             return strategy.block_forward(block, x)
         finally:
             self._local.active = previous
 
-    def _measure(self, block: "_DenseBlock", x: Tensor) -> Measurement:
+    def _measure(self, block: nn.ModuleDict, x: Tensor) -> Measurement:
         params = [p for p in block.parameters() if p.requires_grad]
         devices = [x.device] if x.device.type == "cuda" else []
         result: Measurement = {}

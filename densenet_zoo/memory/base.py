@@ -4,15 +4,12 @@ norm statistics once, and the exact count of bytes autograd saves for backward."
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..models.densenet import _DenseBlock, _DenseLayer
 
 
 @contextlib.contextmanager
@@ -93,11 +90,14 @@ def any_requires_grad(tensors: Iterable[Tensor]) -> bool:
 
 
 class MemoryStrategy:
-    """How a dense block runs its layers while training.
+    """How a dense network runs while training: what it keeps for backward, what it recomputes in
+    backward, and which strategy runs where it cannot (``fallback``). This base class is normal mode.
 
-    The base class is the normal mode. A strategy has a ``name`` and a ``description``; subclasses
-    override :meth:`layer_forward` (one dense layer, given the list of earlier features) and/or
-    :meth:`block_forward` (a whole block), and register with :func:`register_memory_strategy`.
+    A strategy is asked to run one dense layer (:meth:`layer_forward`, given the list of earlier
+    features), a whole block (:meth:`block_forward`), the stem (:meth:`stem_forward`) and each
+    transition (:meth:`transition_forward`); the last two run their modules in order through
+    :meth:`sequence_forward` unless a strategy has its own way with them. Subclasses override what
+    they change, and register with :func:`register_memory_strategy`.
 
     Example:
         class Logged(MemoryStrategy):
@@ -113,36 +113,45 @@ class MemoryStrategy:
 
     name: str = "none"
     description: str = "store everything for backward (fastest, quadratic memory)"
-    #: Also keep only the inputs of the stem (conv0 .. pool0) and of each transition; rerun them in backward.
-    recompute_stem_and_transitions: bool = False
+    #: What the strategy keeps for backward, in words.
+    keeps: str = "every activation"
+    #: What it runs again in backward, in words.
+    recomputes: str = "nothing"
+    #: The strategy that runs the blocks (and layers) this one cannot run; None: it runs everything.
+    fallback: Optional["MemoryStrategy"] = None
 
-    def prefers_channels_last(self, blocks: List["_DenseBlock"]) -> bool:
+    def prefers_channels_last(self, blocks: List[nn.Module]) -> bool:
         """Whether the network should run on channels-last tensors while training (the strategy's own layout)."""
         return False
 
+    def stem_forward(self, modules: List[nn.Module], x: Tensor) -> Tensor:
+        """The stem (conv0, and norm0, relu0, pool0 for large inputs) on ``x``."""
+        return self.sequence_forward(modules, x)
+
+    def transition_forward(self, modules: List[nn.Module], x: Tensor) -> Tensor:
+        """A transition (norm, relu, conv, pool) on ``x``."""
+        return self.sequence_forward(modules, x)
+
     def sequence_forward(self, modules: List[nn.Module], x: Tensor) -> Tensor:
-        """The stem or a transition: ``modules`` applied in order (checkpointed if the strategy says so)."""
+        """``modules`` applied to ``x`` in order."""
+        for m in modules:
+            x = m(x)
+        return x
 
-        def run(t: Tensor) -> Tensor:
-            for m in modules:
-                t = m(t)
-            return t
-
-        if not self.recompute_stem_and_transitions or not any(needs_graph([x], m) for m in modules):
-            return run(x)
-        return checkpoint_once(run, x, norms=modules)
-
-    def block_forward(self, block: "_DenseBlock", x: Tensor) -> Tensor:
+    def block_forward(self, block: nn.ModuleDict, x: Tensor) -> Tensor:
+        """A dense block on ``x``: its layers in order (each through :meth:`layer_forward`), concatenated."""
         features: List[Tensor] = [x]
         for layer in block.values():
             features.append(layer(features))
         return torch.cat(features, 1)
 
-    def layer_forward(self, layer: "_DenseLayer", features: List[Tensor]) -> Tensor:
+    def layer_forward(self, layer: nn.Module, features: List[Tensor]) -> Tensor:
+        """One dense layer on the earlier ``features``: its ``k`` new channels."""
         return layer.composite(layer.bottleneck(features))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r})"
+        fallback = f", fallback={self.fallback.name!r}" if self.fallback is not None else ""
+        return f"{type(self).__name__}(name={self.name!r}, keeps={self.keeps!r}, recomputes={self.recomputes!r}{fallback})"
 
 
 def needs_graph(tensors: Iterable[Tensor], module: nn.Module) -> bool:

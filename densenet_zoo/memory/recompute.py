@@ -23,13 +23,7 @@ from torch import Tensor
 
 from ..allocator import release_freed_memory
 from .base import preserved_buffers
-
-
-def _autocast_state(device: str) -> Dict[str, Any]:
-    """``torch.autocast`` arguments that reproduce the current autocast state of ``device``."""
-    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
-        return {"device_type": device if device in ("cpu", "cuda") else "cpu", "enabled": False}
-    return {"device_type": device, "dtype": torch.get_autocast_dtype(device), "enabled": True}
+from .fusion import autocast_dtype, autocast_state, plain_conv
 
 
 class Stage:
@@ -45,12 +39,7 @@ class Stage:
     @staticmethod
     def supported(conv: nn.Module) -> bool:
         """Plain 2-d convolutions whose backward ``aten.convolution_backward`` computes directly."""
-        return (
-            type(conv) is nn.Conv2d
-            and conv.padding_mode == "zeros"
-            and not isinstance(conv.padding, str)
-            and not nn.utils.parametrize.is_parametrized(conv)
-        )
+        return plain_conv(conv, allow_bias=True)
 
     def activation(self, x: Tensor) -> Tensor:
         y = self.norm(x)
@@ -62,9 +51,8 @@ class Stage:
         """Gradients of input, weight and bias; under autocast the weight is cast as the forward cast it."""
         c = self.conv
         bias_sizes = [c.out_channels] if c.bias is not None else None
-        device = a.device.type
-        autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device) and a.dtype != torch.float64
-        dtype = torch.get_autocast_dtype(device) if autocast else a.dtype
+        cast = autocast_dtype(a.device.type)
+        dtype = cast if cast is not None and a.dtype != torch.float64 else a.dtype
         grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad.to(dtype), a.to(dtype), c.weight.to(dtype), bias_sizes, list(c.stride), list(c.padding),
             list(c.dilation), False, [0, 0], c.groups, list(mask),
@@ -139,7 +127,7 @@ class RecomputedStages(torch.autograd.Function):
         inputs = tensors[:n_inputs]
         ctx.stages, ctx.n_inputs = stages, n_inputs
         ctx.guard = shared[0].guard if shared is not None else None
-        ctx.autocast = _autocast_state(inputs[0].device.type)
+        ctx.autocast = autocast_state(inputs[0].device.type)
         ctx.sizes = [t.shape[1] for t in inputs]
         if shared is not None:
             holder, channels = shared

@@ -149,7 +149,7 @@ class _Transition(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
             if self.training and torch.is_grad_enabled() and not symbolic(x):
-                return self.strategy.sequence_forward(list(self), x)
+                return self.strategy.transition_forward(list(self), x)
         x = self.norm(x) if torch.jit.is_scripting() else call_norm(self.norm, x)
         return self.pool(self.conv(self.relu(x)))
 
@@ -347,7 +347,7 @@ class DenseNet(InteropMixin, nn.Module):
         if x.dim() == 4 and strategy.prefers_channels_last([m for m in modules if isinstance(m, _DenseBlock)]):
             x = x.contiguous(memory_format=torch.channels_last)
         stem = 1 if self.small_inputs else 4  # conv0 (norm0, relu0, pool0)
-        x = strategy.sequence_forward(modules[:stem], x)
+        x = strategy.stem_forward(modules[:stem], x)
         for module in modules[stem:]:
             x = module(x)
         return x

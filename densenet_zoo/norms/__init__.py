@@ -1,6 +1,7 @@
 """Normalisation layers, chosen per layer by name: the registry and per-layer specs (``resolve_norm``,
 ``convert_norm``), our BatchNorm (``nn.BatchNorm2d`` semantics), SyncBatchNorm on any backend,
-FrozenBatchNorm2d, and Caffe's BatchNorm + Scale."""
+FrozenBatchNorm2d, and Caffe's BatchNorm + Scale. The batch-norm arithmetic they, the fused memory
+strategies and BN folding share is :mod:`.bn_math`'s."""
 
 from .batchnorm import BatchNorm2d, FrozenBatchNorm2d, SyncBatchNorm
 from .caffe import CaffeBatchNorm2d, caffe_blobs_to_state_dict

@@ -1,9 +1,10 @@
 """BatchNorm written from tensor operations: ``_NormBase`` -> ``_BatchNorm`` -> ``BatchNorm2d``, and a
 ``SyncBatchNorm`` that synchronises statistics over any ``torch.distributed`` backend (gloo on CPU too).
 
-Forward and backward are explicit (:class:`BatchNormFunction`), not ``F.batch_norm``. Statistics and
-gradients accumulate in float32 for float16/bfloat16 inputs; outputs keep the input's dtype and
-memory format (channels_last stays channels_last). The state dict is that of ``nn.BatchNorm2d``.
+Forward and backward are explicit (:class:`BatchNormFunction`), not ``F.batch_norm``, with the
+arithmetic of :mod:`.bn_math`. Statistics and gradients accumulate in float32 for float16/bfloat16
+inputs; outputs keep the input's dtype and memory format (channels_last stays channels_last). The
+state dict is that of ``nn.BatchNorm2d``.
 
 >>> bn = BatchNorm2d(64)
 >>> bn.load_state_dict(torch.nn.BatchNorm2d(64).state_dict())
@@ -20,18 +21,15 @@ import torch.nn as nn
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .bn_math import acc_dtype, average_factor, inv_std, moments, norm_scale, scale_shift, update_running_stats
+
 __all__ = ["BatchNormFunction", "BatchNorm2d", "SyncBatchNorm", "FrozenBatchNorm2d"]
 
 _DIMS = (0, 2, 3)  # every dimension but channels
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for reduced-precision inputs (accumulate in fp32), their own dtype otherwise (fp32, fp64)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def _acc(x: Tensor) -> Tensor:
-    return x.to(_acc_dtype(x.dtype))
+    return x.to(acc_dtype(x.dtype))
 
 
 def _per_channel(v: Tensor) -> Tensor:
@@ -41,36 +39,15 @@ def _per_channel(v: Tensor) -> Tensor:
 def local_stats(x: Tensor) -> Tuple[int, Tensor, Tensor]:
     """Count per channel, mean and sum of squared deviations (M2) of ``x`` over N, H, W, in fp32 or wider.
 
-    Two passes (mean, then squared deviations) for accuracy; an empty batch gives zeros.
+    Two passes (:func:`~densenet_zoo.norms.bn_math.moments`); an empty batch gives zeros.
     """
     count = x.numel() // x.shape[1] if x.dim() > 1 else 0
     xa = _acc(x)
     if count == 0:
         zeros = xa.new_zeros(x.shape[1])
         return 0, zeros, zeros.clone()
-    mean = xa.mean(_DIMS)
-    m2 = (xa - _per_channel(mean)).square().sum(_DIMS)
+    mean, m2 = moments(xa, _DIMS, channel_shape=(-1, 1, 1))
     return count, mean, m2
-
-
-def average_factor(norm: nn.Module) -> float:
-    """What ``nn.BatchNorm2d`` does in training before it normalises: count the batch in
-    ``num_batches_tracked`` and return the weight of this batch in the running statistics (``momentum``,
-    or ``1 / num_batches_tracked`` for a cumulative average); 0 for a norm without running statistics."""
-    if not norm.track_running_stats or norm.running_mean is None:
-        return 0.0
-    if norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-    return 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-
-
-@torch.no_grad()
-def update_running_stats(norm: nn.Module, factor: float, count: int, mean: Tensor, m2: Tensor) -> None:
-    """Move the running mean towards ``mean`` and the running variance towards the unbiased
-    ``m2 / (count - 1)`` by ``factor``, computed in the statistics' precision."""
-    rm, rv = norm.running_mean, norm.running_var
-    rm.copy_((rm.to(mean.dtype) * (1 - factor) + mean * factor).to(rm.dtype))
-    rv.copy_((rv.to(mean.dtype) * (1 - factor) + m2 / (count - 1) * factor).to(rv.dtype))
 
 
 def merge_stats(counts: Tensor, means: Tensor, m2s: Tensor) -> Tuple[int, Tensor, Tensor]:
@@ -99,8 +76,7 @@ class BatchNormFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
                 invstd: Tensor, batch_stats: bool, count: int, group: Any = None) -> Tensor:
         xa = _acc(x)
-        scale = invstd if weight is None else invstd * weight.to(mean.dtype)
-        shift = -mean * scale if bias is None else bias.to(mean.dtype) - mean * scale
+        scale, shift = scale_shift(weight, bias, mean, invstd)
         y = torch.addcmul(_per_channel(shift), xa, _per_channel(scale))
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.batch_stats, ctx.count, ctx.group = batch_stats, count, group
@@ -120,7 +96,7 @@ class BatchNormFunction(torch.autograd.Function):
         grad_b = sum_dy.to(weight.dtype if weight is not None else dy.dtype) if need_b and ctx.has_bias else None
         grad_x = None
         if need_x or (ctx.batch_stats and ctx.group is not None):
-            scale = invstd if weight is None else invstd * weight.to(mean.dtype)
+            scale = norm_scale(weight, invstd)
             if ctx.batch_stats:
                 if ctx.group is not None:
                     # Every rank joins, even one whose input needs no gradient or is empty.
@@ -223,9 +199,9 @@ class _BatchNorm(_NormBase):
         use_batch_stats = self._use_batch_stats()
         factor = average_factor(self) if use_batch_stats and self.training else 0.0
         if not use_batch_stats:
-            acc = _acc_dtype(x.dtype)
+            acc = acc_dtype(x.dtype)
             mean = self.running_mean.to(acc, copy=True)  # saved for backward: not the buffer itself
-            invstd = torch.rsqrt(self.running_var.to(acc) + self.eps)
+            invstd = inv_std(self.running_var.to(acc), self.eps)
             return BatchNormFunction.apply(x, self.weight, self.bias, mean, invstd, False, 0, None)
         with torch.no_grad():
             count, mean, m2 = self._batch_stats(x.detach())
@@ -238,7 +214,7 @@ class _BatchNorm(_NormBase):
         var = m2 / count
         if factor > 0:
             update_running_stats(self, factor, count, mean, m2)
-        invstd = torch.rsqrt(var + self.eps)
+        invstd = inv_std(var, self.eps)
         return BatchNormFunction.apply(x, self.weight, self.bias, mean, invstd, True, count, self._group())
 
 
@@ -367,9 +343,9 @@ class FrozenBatchNorm2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.num_features:
             raise ValueError(f"FrozenBatchNorm2d({self.num_features}) expects (N, {self.num_features}, H, W), got shape {tuple(x.shape)}")
-        acc = _acc_dtype(x.dtype)
-        scale = self.weight.to(acc) * torch.rsqrt(self.running_var.to(acc) + self.eps)
-        shift = self.bias.to(acc) - self.running_mean.to(acc) * scale
+        acc = acc_dtype(x.dtype)
+        mean = self.running_mean.to(acc)
+        scale, shift = scale_shift(self.weight, self.bias, mean, inv_std(self.running_var.to(acc), self.eps))
         return torch.addcmul(_per_channel(shift), _acc(x), _per_channel(scale)).to(x.dtype)
 
     def extra_repr(self) -> str:

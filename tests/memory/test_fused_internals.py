@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import densenet_zoo as dz
-from densenet_zoo.memory import blockmath, release_workspaces, workspace, workspace_bytes
+from densenet_zoo.memory import kernels, release_workspaces, workspace, workspace_bytes
 from densenet_zoo.memory.workspace import scratch
 
 pytestmark = pytest.mark.numerics  # run again with kernels capped at AVX2 (Makefile: make test)
@@ -33,7 +33,7 @@ def _step(model, x, y):
 @pytest.mark.parametrize("strategy", FUSED)
 @pytest.mark.parametrize("rows", [1, 7, 100])
 def test_fused_block_in_short_chunks_equals_normal_mode_in_float64(strategy, rows, monkeypatch):
-    monkeypatch.setattr(blockmath, "chunk_rows", lambda cols, like: rows)
+    monkeypatch.setattr(kernels, "chunk_rows", lambda cols, like: rows)
     torch.manual_seed(0)
     normal = _tiny().double()
     fused = copy.deepcopy(normal).set_memory_efficient(strategy)
@@ -57,7 +57,7 @@ def test_relu_norm_backward_matches_autograd():
     mean, var = x.mean(0), x.var(0, unbiased=False)
     grad_x = torch.full_like(x, 0.5)  # accumulate: added to what is there
     seen = []
-    gw, gb = blockmath.relu_norm_backward(g.clone().__getitem__, x, mean, (var + 1e-5).rsqrt(), weight, bias, grad_x,
+    gw, gb = kernels.relu_norm_backward(g.clone().__getitem__, x, mean, (var + 1e-5).rsqrt(), weight, bias, grad_x,
                                           True, lambda rows, a: seen.append((rows, a.clone())))
     assert torch.allclose(grad_x - 0.5, expected[0], atol=1e-12)
     assert torch.allclose(gw, expected[1], atol=1e-12) and torch.allclose(gb, expected[2], atol=1e-12)
@@ -128,11 +128,11 @@ def _count(monkeypatch, function):
 
 @pytest.mark.parametrize("strategy", FUSED)
 def test_stem_and_transitions_run_as_one_function_and_equal_normal_mode(strategy, monkeypatch):
-    from densenet_zoo.memory import stem, transition
+    from densenet_zoo.memory import fused_stem as stem, fused_transition as transition
 
     calls = _count(monkeypatch, transition.FusedTransition)
     stem_calls = _count(monkeypatch, stem.FusedStem)
-    monkeypatch.setattr(blockmath, "chunk_rows", lambda cols, like: 50)
+    monkeypatch.setattr(kernels, "chunk_rows", lambda cols, like: 50)
     monkeypatch.setattr(stem, "_IMAGE_BYTES", 1)  # one image per chunk
     torch.manual_seed(0)
     normal = dz.DenseNet(growth_rate=8, block_config=(2, 2, 2), num_init_features=16, num_classes=5).double()
@@ -148,7 +148,7 @@ def test_stem_and_transitions_run_as_one_function_and_equal_normal_mode(strategy
 
 
 def test_transition_with_other_modules_is_not_fused(monkeypatch):
-    from densenet_zoo.memory import transition
+    from densenet_zoo.memory import fused_transition as transition
 
     calls = _count(monkeypatch, transition.FusedTransition)
     normal = dz.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=5).double()
@@ -165,7 +165,7 @@ def test_transition_with_other_modules_is_not_fused(monkeypatch):
 
 @pytest.mark.parametrize("strategy", FUSED)
 def test_stem_and_transitions_under_bf16_autocast_match_normal_mode_to_the_format(strategy, monkeypatch):
-    from densenet_zoo.memory import stem, transition
+    from densenet_zoo.memory import fused_stem as stem, fused_transition as transition
 
     calls, stem_calls = _count(monkeypatch, transition.FusedTransition), _count(monkeypatch, stem.FusedStem)
     torch.manual_seed(0)

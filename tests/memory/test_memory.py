@@ -215,7 +215,7 @@ def test_saved_bytes_shrink_in_the_documented_order():
 
 # -- the fused strategies: one autograd function per block ----------------------------------------
 def _count_fused_calls(monkeypatch):
-    from densenet_zoo.memory import fused
+    from densenet_zoo.memory import fused_block as fused
 
     calls = []
     real = fused.FusedDenseBlock.apply

@@ -36,7 +36,7 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("strategy", FUSED)
 def test_fused_under_bf16_autocast_matches_normal_mode_to_the_format(strategy, monkeypatch):
-    from densenet_zoo.memory import fused
+    from densenet_zoo.memory import fused_block as fused
 
     calls, real = [], fused.FusedDenseBlock.apply
     monkeypatch.setattr(fused.FusedDenseBlock, "apply", lambda *a: calls.append(a[2].dtype) or real(*a))

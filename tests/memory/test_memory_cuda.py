@@ -66,7 +66,7 @@ def test_every_strategy_equals_normal_mode_on_cuda_in_float64(strategy):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("strategy", ["fused", "fused_lean"])
 def test_fused_under_cuda_autocast_matches_normal_mode_to_the_format(strategy, dtype, monkeypatch):
-    from densenet_zoo.memory import fused
+    from densenet_zoo.memory import fused_block as fused
 
     calls, real = [], fused.FusedDenseBlock.apply
     monkeypatch.setattr(fused.FusedDenseBlock, "apply", lambda *a: calls.append(a[2].dtype) or real(*a))
@@ -83,7 +83,7 @@ def test_fused_under_cuda_autocast_matches_normal_mode_to_the_format(strategy, d
 
 @pytest.mark.parametrize("strategy", ["fused", "fused_lean"])
 def test_fused_stem_and_transitions_on_cuda_in_float64_and_bf16(strategy, monkeypatch):
-    from densenet_zoo.memory import stem, transition
+    from densenet_zoo.memory import fused_stem as stem, fused_transition as transition
 
     calls = []
     for function in (stem.FusedStem, transition.FusedTransition):
@@ -105,7 +105,7 @@ def test_fused_stem_and_transitions_on_cuda_in_float64_and_bf16(strategy, monkey
 
 
 def test_fused_function_directly_on_cuda_gradcheck_in_float64():
-    from densenet_zoo.memory.fused import fused_block_forward
+    from densenet_zoo.memory.fused_block import fused_block_forward
 
     block = _model().double().features.denseblock1
     x = torch.randn(2, 16, 6, 6, device=DEVICE, dtype=torch.float64, requires_grad=True)

@@ -3,8 +3,8 @@
 Normal autograd keeps conv0's output, its normalised copy and the pool's indices (two full-resolution
 maps and an int64 one: the largest tensors of the network), and its backward creates three more maps
 of that size. This function keeps the input image and the batch statistics, plus conv0's output
-with ``keep_conv``; norm + ReLU + pool run a few images at a time, and backward turns one gradient
-map into conv0's output gradient in place. Running statistics are updated once, in forward.
+with ``keep_conv_output``; norm + ReLU + pool run a few images at a time, and backward turns one
+gradient map into conv0's output gradient in place. Running statistics are updated once, in forward.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .blockmath import affine, aten, matrix, norm_relu, relu_norm_backward
-from .fused import batch_statistics, compute_dtype, ordered_grads, plain_batchnorm, unhooked
+from ..norms.bn_math import scale_shift
+from .fusion import batch_statistics, compute_dtype, no_forward_hooks, ordered_grads, plain_batchnorm, plain_conv
+from .kernels import aten, matrix, norm_relu, relu_norm_backward
 
 _IMAGE_BYTES = 1 << 23  # images per chunk of the per-image passes: about 8 MiB of conv0 output
 
@@ -31,9 +32,8 @@ def stem_supported(modules: List[nn.Module], x: Tensor) -> bool:
         return False
     conv, norm, relu, pool = modules
     return (
-        type(conv) is nn.Conv2d and conv.bias is None and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
-        and not nn.utils.parametrize.is_parametrized(conv) and plain_batchnorm(norm) and type(relu) is nn.ReLU
-        and type(pool) is nn.MaxPool2d and not pool.return_indices and unhooked(modules)
+        plain_conv(conv) and plain_batchnorm(norm) and type(relu) is nn.ReLU
+        and type(pool) is nn.MaxPool2d and not pool.return_indices and no_forward_hooks(modules)
     )
 
 
@@ -49,10 +49,10 @@ def _images_per_chunk(z: Tensor) -> int:
 
 
 class FusedStem(torch.autograd.Function):
-    """``apply(modules, keep_conv, x, *params)`` -> ``pool0(relu0(norm0(conv0(x))))`` (channels-last)."""
+    """``apply(modules, keep_conv_output, x, *params)`` -> ``pool0(relu0(norm0(conv0(x))))`` (channels-last)."""
 
     @staticmethod
-    def forward(ctx: Any, modules: List[nn.Module], keep_conv: bool, x: Tensor, *params: Tensor) -> Tensor:
+    def forward(ctx: Any, modules: List[nn.Module], keep_conv_output: bool, x: Tensor, *params: Tensor) -> Tensor:
         conv, norm, _, pool = modules
         dtype = compute_dtype(x, casts_input=True)
         with torch.autocast(x.device.type, enabled=False):  # the casts autocast would make, made here
@@ -60,14 +60,14 @@ class FusedStem(torch.autograd.Function):
             z = F.conv2d(xc, conv.weight.to(dtype), None, conv.stride, conv.padding, conv.dilation, conv.groups)
             z = z.contiguous(memory_format=torch.channels_last)
             mean, invstd = batch_statistics(norm, matrix(z))
-            scale, shift = affine(norm.weight, norm.bias, mean, invstd)
+            scale, shift = scale_shift(norm.weight, norm.bias, mean, invstd)
             step, pieces, pool_args = _images_per_chunk(z), [], _pool_args(pool)
             for i in range(0, z.shape[0], step):
                 pieces.append(F.max_pool2d(norm_relu(z[i : i + step], scale.view(-1, 1, 1), shift.view(-1, 1, 1)),
                                            *pool_args, ceil_mode=pool.ceil_mode))
             out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        ctx.modules, ctx.keep_conv, ctx.input_dtype = modules, keep_conv, x.dtype
-        ctx.save_for_backward(xc, mean, invstd, z if keep_conv else None, *params)
+        ctx.modules, ctx.keep_conv_output, ctx.input_dtype = modules, keep_conv_output, x.dtype
+        ctx.save_for_backward(xc, mean, invstd, z if keep_conv_output else None, *params)
         return out.contiguous(memory_format=torch.channels_last)
 
     @staticmethod
@@ -79,7 +79,7 @@ class FusedStem(torch.autograd.Function):
         if z is None:
             z = F.conv2d(xc, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
             z = z.contiguous(memory_format=torch.channels_last)
-        scale, shift = affine(norm.weight, norm.bias, mean, invstd)
+        scale, shift = scale_shift(norm.weight, norm.bias, mean, invstd)
         grad = torch.empty_like(z, memory_format=torch.channels_last)
         grad_out = grad_out.to(z.dtype)
         step, pool_args = _images_per_chunk(z), _pool_args(pool)
@@ -100,7 +100,7 @@ class FusedStem(torch.autograd.Function):
         return (None, None, None if grad_x is None else grad_x.to(ctx.input_dtype), *param_grads)
 
 
-def fused_stem_forward(modules: List[nn.Module], x: Tensor, keep_conv: bool) -> Tensor:
+def fused_stem_forward(modules: List[nn.Module], x: Tensor, keep_conv_output: bool) -> Tensor:
     conv, norm = modules[0], modules[1]
     params = [p for p in (conv.weight, norm.weight, norm.bias) if p is not None]
-    return FusedStem.apply(modules, keep_conv, x, *params)
+    return FusedStem.apply(modules, keep_conv_output, x, *params)

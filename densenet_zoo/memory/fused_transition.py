@@ -4,7 +4,7 @@ Normal autograd keeps the normalised input (as large as the block output before 
 convolution's output for backward, and its backward creates two more gradients of the block
 output's size. This function keeps only its input, which the block before keeps anyway (the same
 tensor), and the batch statistics; forward and backward run norm + ReLU + conv in row chunks
-(:mod:`.blockmath`), so the normalised input never exists whole and backward creates one gradient
+(:mod:`.kernels`), so the normalised input never exists whole and backward creates one gradient
 of the input's size: the one it returns. Running statistics are updated once, in forward.
 """
 
@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .blockmath import affine, aten, conv1_chunked, conv1x1_relu_norm_backward, matrix, nhwc
-from .fused import batch_statistics, compute_dtype, ordered_grads, plain_batchnorm, plain_conv, unhooked
+from ..norms.bn_math import scale_shift
+from .fusion import batch_statistics, compute_dtype, no_forward_hooks, ordered_grads, plain_batchnorm, plain_conv
+from .kernels import aten, conv1_chunked, conv1x1_relu_norm_backward, image_view, matrix
 
 
 def _plain_pool(pool: nn.Module) -> bool:
@@ -34,8 +35,8 @@ def transition_supported(modules: List[nn.Module], x: Tensor) -> bool:
         return False
     norm, relu, conv, pool = modules
     return (
-        plain_batchnorm(norm) and type(relu) is nn.ReLU and plain_conv(conv, 1) and _plain_pool(pool) and unhooked(modules)
-        and x.dim() == 4 and compute_dtype(x) is not None and x.is_contiguous(memory_format=torch.channels_last)
+        plain_batchnorm(norm) and type(relu) is nn.ReLU and plain_conv(conv, 1) and _plain_pool(pool)
+        and no_forward_hooks(modules) and x.dim() == 4 and compute_dtype(x) is not None and x.is_contiguous(memory_format=torch.channels_last)
     )
 
 
@@ -49,8 +50,8 @@ class FusedTransition(torch.autograd.Function):
             x_mat = matrix(x)
             mean, invstd = batch_statistics(norm, x_mat)
             z = x.new_empty(x_mat.shape[0], conv.out_channels)
-            conv1_chunked(x_mat, *affine(norm.weight, norm.bias, mean, invstd), conv.weight.to(x.dtype), out=z)
-            out = F.avg_pool2d(nhwc(z, (n, h, w)), 2, 2)
+            conv1_chunked(x_mat, *scale_shift(norm.weight, norm.bias, mean, invstd), conv.weight.to(x.dtype), out=z)
+            out = F.avg_pool2d(image_view(z, (n, h, w)), 2, 2)
         ctx.norm, ctx.conv, ctx.z_shape = norm, conv, (n, conv.out_channels, h, w)
         ctx.save_for_backward(x, mean, invstd, *params)
         return out

@@ -1,69 +1,49 @@
-"""The matrix kernels of the fused dense block (:mod:`.fused`), on (pixels x channels) matrices.
+"""The chunked matrix kernels of the fused stem, block and transition, on (pixels x channels) matrices.
 
 A channels-last (N, C, H, W) tensor is a (pixels, channels) matrix without a copy, and a slice of
 the block buffer's columns is a strided matrix. The chunked kernels work through a matrix a few
 thousand rows at a time, so that a layer's normalised input and its gradient never exist whole:
-those are the largest temporaries of a dense layer.
+those are the largest temporaries of a dense layer. The batch-norm arithmetic they chunk is that
+of :mod:`densenet_zoo.norms.bn_math`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..norms.bn_math import acc_dtype, centred, moments, scale_shift
 from .workspace import scratch
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch.nn as nn
 
 aten = torch.ops.aten
 
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics and reductions run in float32 for the autocast formats, else in the tensors' dtype."""
-    return torch.float32 if dtype in LOW_PRECISION else dtype
-
-
-def affine(weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor) -> Tuple[Tensor, Tensor]:
-    """``batch_norm(x) == x * scale + shift`` for the given batch statistics and affine parameters."""
-    scale = invstd if weight is None else invstd * weight
-    return scale, (-mean * scale if bias is None else bias - mean * scale)
-
-
-def moments(t: Tensor) -> Tuple[Tensor, Tensor]:
+def column_moments(t: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-column mean and biased variance of a (pixels, channels) matrix (two-pass, in float32 at least),
     in row chunks: no temporary as large as ``t``."""
     rows, cols = t.shape
-    acc = stats_dtype(t.dtype)
     step = chunk_rows(cols, t)
-    total = torch.zeros(cols, dtype=acc, device=t.device)
-    for r in range(0, rows, step):
-        total += t[r : r + step].sum(0, dtype=acc)
-    mean = total / rows
-    total = torch.zeros_like(total)
-    with scratch(t, [min(step, rows) * cols], acc, "chunks") as (tmp,):
-        for r in range(0, rows, step):
-            total += _centred(t[r : r + step], mean, tmp).square_().sum(0)
-    return mean, total / rows
+    with scratch(t, [min(step, rows) * cols], acc_dtype(t.dtype), "chunks") as (tmp,):
+        mean, m2 = moments(t, (0,), step, tmp)
+    return mean, m2 / rows
 
 
 def norm_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Optional[Tensor] = None) -> Tensor:
     return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype), out=out).relu_()
 
 
-def take(flat: Tensor, rows: int, cols: int) -> Tensor:
+def flat_matrix(flat: Tensor, rows: int, cols: int) -> Tensor:
     """The first ``rows * cols`` elements of a flat scratch tensor as a dense (rows, cols) matrix."""
     return flat[: rows * cols].view(rows, cols)
 
 
-def nhwc(t: Tensor, shape: Tuple[int, int, int]) -> Tensor:
-    """A (pixels, channels) matrix seen as an (N, C, H, W) channels-last tensor."""
+def image_view(t: Tensor, shape: Tuple[int, int, int]) -> Tensor:
+    """An (N, C, H, W) view (channels-last in memory) of a (pixels, channels) matrix; ``shape`` is (N, H, W)."""
     n, h, w = shape
     return t.view(n, h, w, t.shape[1]).permute(0, 3, 1, 2)
 
@@ -80,7 +60,7 @@ def chunk_rows(cols: int, like: Tensor) -> int:
     return max(1, (1 << 26) // (cols * like.element_size()))
 
 
-def as_image(t: Tensor) -> Tensor:
+def row_image(t: Tensor) -> Tensor:
     """A dense (rows, channels) matrix as a (1, channels, 1, rows) channels-last image."""
     rows, cols = t.shape
     return t.view(1, 1, rows, cols).permute(0, 3, 1, 2)
@@ -92,7 +72,7 @@ def rows_conv1x1(t: Tensor, weight: Tensor) -> Tensor:
     As a convolution rather than a matrix product: on the CPU oneDNN's kernels (normal mode's) are
     several times faster than the BLAS library's on some processors.
     """
-    return F.conv2d(as_image(t), weight).permute(0, 2, 3, 1).reshape(t.shape[0], -1)
+    return F.conv2d(row_image(t), weight).permute(0, 2, 3, 1).reshape(t.shape[0], -1)
 
 
 def conv1_chunked(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: Tensor) -> Tensor:
@@ -103,23 +83,17 @@ def conv1_chunked(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: 
     with scratch(x, [min(step, rows) * cols], slot="chunks") as (tmp,):
         for r in range(0, rows, step):
             xc = x[r : r + step]
-            out[r : r + step].copy_(rows_conv1x1(norm_relu(xc, scale, shift, out=take(tmp, *xc.shape)), weight))
+            out[r : r + step].copy_(rows_conv1x1(norm_relu(xc, scale, shift, out=flat_matrix(tmp, *xc.shape)), weight))
     return out
-
-
-def _centred(x: Tensor, mean: Tensor, out_flat: Tensor) -> Tensor:
-    """``x - mean`` in ``out_flat``'s dtype (the statistics' dtype)."""
-    out = take(out_flat, *x.shape)
-    return torch.sub(x, mean, out=out) if x.dtype == out.dtype else out.copy_(x).sub_(mean)
 
 
 def add_centred_affine(grad_x: Tensor, x: Tensor, mean: Tensor, k2: Tensor, k3: Tensor) -> None:
     """``grad_x += (x - mean) * k2 + k3`` (per column), in row chunks."""
     rows, cols = x.shape
     step = chunk_rows(cols, x)
-    with scratch(x, [min(step, rows) * cols], stats_dtype(x.dtype), "chunks") as (tmp,):
+    with scratch(x, [min(step, rows) * cols], acc_dtype(x.dtype), "chunks") as (tmp,):
         for r in range(0, rows, step):
-            grad_x[r : r + step].add_(_centred(x[r : r + step], mean, tmp).mul_(k2).add_(k3))
+            grad_x[r : r + step].add_(centred(x[r : r + step], mean, tmp).mul_(k2).add_(k3))
 
 
 @contextlib.contextmanager
@@ -151,9 +125,9 @@ def relu_norm_backward(source: Callable[[slice], Tensor], x: Tensor, mean: Tenso
     Returns the gradients of the norm's weight and bias.
     """
     rows, cols = x.shape
-    acc = stats_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     step = chunk_rows(cols, x)
-    k1, shift = affine(weight, bias, mean, invstd)  # k1: the norm's scale, which is also d out/d x's first term
+    k1, shift = scale_shift(weight, bias, mean, invstd)  # k1: the norm's scale, which is also d out/d x's first term
     k1_x, shift_x = k1.to(x.dtype), shift.to(x.dtype)
     sum_g, sum_g_xmu = torch.zeros(cols, dtype=acc, device=x.device), torch.zeros(cols, dtype=acc, device=x.device)
     n = min(step, rows) * cols
@@ -161,13 +135,13 @@ def relu_norm_backward(source: Callable[[slice], Tensor], x: Tensor, mean: Tenso
         for r in range(0, rows, step):
             part = slice(r, min(r + step, rows))
             gc, xc = source(part), x[part]
-            pre = torch.addcmul(shift_x, xc, k1_x, out=take(pre_flat, *xc.shape))
+            pre = torch.addcmul(shift_x, xc, k1_x, out=flat_matrix(pre_flat, *xc.shape))
             aten.threshold_backward.grad_input(gc, pre, 0, grad_input=gc)  # d loss/d norm output
             if on_output is not None:
                 on_output(part, pre.relu_())
-            g_acc = gc if gc.dtype == acc else take(g_flat, *gc.shape).copy_(gc)
+            g_acc = gc if gc.dtype == acc else flat_matrix(g_flat, *gc.shape).copy_(gc)
             sum_g += g_acc.sum(0)
-            sum_g_xmu += _centred(xc, mean, x_flat).mul_(g_acc).sum(0)
+            sum_g_xmu += centred(xc, mean, x_flat).mul_(g_acc).sum(0)
             if accumulate:
                 grad_x[part].addcmul_(gc, k1_x)
             else:
@@ -182,7 +156,7 @@ def relu_norm_backward(source: Callable[[slice], Tensor], x: Tensor, mean: Tenso
     return sum_g_xmu * invstd, sum_g
 
 
-def conv1x1_relu_norm_backward(grad_z: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, norm: "nn.Module",
+def conv1x1_relu_norm_backward(grad_z: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, norm: nn.Module,
                                conv_weight: Tensor, grad_x: Tensor, accumulate: bool, want_weight_grad: bool,
                                deferred: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Backward of ``z = conv1x1(relu(norm(x)))`` (training-mode batch norm with these statistics), given
@@ -193,10 +167,10 @@ def conv1x1_relu_norm_backward(grad_z: Tensor, x: Tensor, mean: Tensor, invstd: 
     """
     w = conv_weight.to(x.dtype)
     w_t = w.transpose(0, 1).contiguous()
-    grad_w = torch.zeros_like(w, dtype=stats_dtype(w.dtype)) if want_weight_grad else None
+    grad_w = torch.zeros_like(w, dtype=acc_dtype(w.dtype)) if want_weight_grad else None
 
     def add_weight_grad(rows: slice, a: Tensor) -> None:
-        grad_w.add_(aten.convolution_backward(as_image(grad_z[rows]), as_image(a), w, None, [1, 1], [0, 0], [1, 1],
+        grad_w.add_(aten.convolution_backward(row_image(grad_z[rows]), row_image(a), w, None, [1, 1], [0, 0], [1, 1],
                                               False, [0, 0], 1, [False, True, False])[1])
 
     grad_g, grad_b = relu_norm_backward(lambda rows: rows_conv1x1(grad_z[rows], w_t), x, mean, invstd, norm.weight,
