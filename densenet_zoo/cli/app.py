@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 from .._utils import __version__
 from ..allocator import reexec_with_preferred
@@ -96,8 +96,23 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_convert)
 
 
+class UsageError(Exception):
+    """A command line argparse cannot parse, reported as one line like every other error."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(f"{prog}: error: {message}; see `{prog} --help`")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors become a :class:`UsageError` (one line, exit code 1) instead of five
+    lines of usage and exit code 2; ``--help`` prints the full usage as before."""
+
+    def error(self, message: str) -> "NoReturn":
+        raise UsageError(self.prog, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="densenet-zoo", description="DenseNet model zoo for PyTorch.")
+    parser = OneLineParser(prog="densenet-zoo", description="DenseNet model zoo for PyTorch.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
                         help="print the version of densenet_zoo and exit")
@@ -115,10 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+        print("densenet-zoo: error: give a command; `densenet-zoo --help` lists them", file=sys.stderr)
+        return 1
     try:
         reexec_with_preferred(args.command, argv)  # finetune: tcmalloc/jemalloc when installed (DENSENET_ZOO_ALLOCATOR)
         code = int(args.func(args) or 0)

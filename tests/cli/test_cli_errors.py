@@ -100,3 +100,17 @@ def test_an_error_from_a_dataloader_worker_is_one_line():
         next(iter(DataLoader(Broken(), num_workers=1, multiprocessing_context="fork" if sys.platform == "linux" else None)))
     text = one_line(err.value)
     assert "\n" not in text and "Traceback" not in text and "img.png: unreadable image (truncated)" in text
+
+
+@pytest.mark.parametrize("argv", [
+    ["--no-such-flag"], ["finetune", "--epochs", "ten"], ["finetune", "--no-such"], ["weights"],
+    ["weights", "fly"], ["export", "--format", "caffe", "--out", "m.onnx"], ["predict"], ["profile", "--steps"],
+    ["evaluate", "--checkpoint"], ["no-such-command"], [],
+], ids=lambda a: " ".join(a) or "nothing")
+def test_argument_errors_are_one_line_with_exit_code_1(argv, capsys):
+    """Like every other error: one line naming the command and the problem, with where to read more."""
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert out == "" and len(lines) == 1 and lines[0].startswith("densenet-zoo") and ": error: " in lines[0], err
+    assert "--help" in lines[0] and "usage:" not in err
