@@ -42,8 +42,9 @@ def seeds(folder: Path) -> dict:
     optimizer.step()  # momentum buffers: the optimizer state a real run saves
     run_files.save_run_state({
         "format": run_files.STATE_FORMAT, "config": {"model": "custom", "epochs": 3}, "class_names": list("abcde"),
-        "model": sd, "optimizer": optimizer.state_dict(), "scheduler": {"last_epoch": 4}, "rng": run_files.rng_state(),
-        "epoch": 2, "batches_done": 1, "global_step": 5, "partial": {}, "history": [{"epoch": 1, "acc1": 0.5}],
+        "model": sd, "optimizer": optimizer.state_dict(), "scheduler": {"last_epoch": 4}, "rng": [run_files.rng_state()],
+        "epoch": 2, "batches_done": 1, "global_step": 5, "partial": torch.zeros(4, dtype=torch.float64),
+        "history": [{"epoch": 1, "acc1": 0.5}, {"epoch": 2, "acc1": 0.5}],
         "best_acc1": 0.5, "best_epoch": 1, "bad_epochs": 0}, folder / "state.pt")
     files.update({n: folder / f"{n.split('.')[0]}.{'pt' if n == 'state' else 'pth'}" for n in ("zip", "legacy", "wrapped", "state")})
     return files

@@ -13,6 +13,7 @@ import torch
 
 from .._utils import OutputKind, PathLike, RunError, atomic_write, save_figure
 from .data import printable
+from .run_state import check_run_state
 
 try:  # POSIX advisory locks; Windows locks a byte range of the file instead
     import fcntl
@@ -51,7 +52,7 @@ def load_run_state(path: PathLike) -> Dict[str, Any]:
     missing = [k for k in _STATE_KEYS if k not in state]
     if missing:
         raise RunError(f"{path} lacks {', '.join(missing)}; it is not a complete training state: start a new run with another --out")
-    return state
+    return check_run_state(state, path)
 
 
 _STATE_KEYS = ("config", "class_names", "model", "optimizer", "scheduler", "rng", "epoch", "batches_done",
