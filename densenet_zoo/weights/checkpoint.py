@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -113,7 +114,11 @@ def read_checkpoint(path: PathLike, *, metadata: bool = True) -> Tuple[Any, Dict
     if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
         raise CheckpointError(f"{path}: is an HTML/XML page, not weights; it was probably saved from an error or login page, download it again")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # A plain pickle.dump of tensors (protocol > 2) makes torch warn on two lines; the weights-only
+            # reader refuses what it cannot read anyway, with the one-line error below.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         detail = str(exc).split("WeightsUnpickler error:", 1)[-1].strip()
         first = detail.splitlines()[0][:200] if detail else type(exc).__name__

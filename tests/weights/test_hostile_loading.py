@@ -232,3 +232,17 @@ def test_odd_state_dicts_are_one_checkpoint_error(tmp_path, kind):
             call()
         _one_line(info, str(path))
     assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_a_plain_pickle_of_tensors_gives_one_line_and_no_warning(tmp_path, protocol, recwarn):
+    """``pickle.dump(state_dict)`` instead of ``torch.save``: read or refused in one line, no torch warning through."""
+    import pickle
+
+    path = tmp_path / "plain.pth"
+    with open(path, "wb") as f:
+        pickle.dump(small_model(1).state_dict(), f, protocol=protocol)
+    with pytest.raises(dz.CheckpointError) as info:
+        dz.load_weights(dz.DenseNet(**SMALL), path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+    assert [str(w.message) for w in recwarn if "pickle" in str(w.message)] == []
