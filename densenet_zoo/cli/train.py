@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict
 
@@ -24,6 +25,7 @@ _FLAGS = {
     "epochs": int, "batch_size": int, "accum_steps": int, "optimizer": str, "lr": float, "momentum": float,
     "weight_decay": float, "warmup_epochs": float, "label_smoothing": float, "amp": str, "freeze": str,
     "layer_decay": float, "seed": int, "workers": int, "patience": int, "save_every": int, "device": str,
+    "on_nonfinite": str, "clip_grad_norm": float,
 }
 
 
@@ -55,8 +57,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         result = finetune(resume=args.resume, **options)
     else:
         result = finetune(**options)
-    print(f"best val acc@1 {result['best_acc1']:.2f}% at epoch {result['best_epoch']}; "
-          f"outputs in {result['out']} (best.safetensors, last.safetensors, metrics.csv, curves.png)")
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun, one line for the run, not one per process
+        print(f"best val acc@1 {result['best_acc1']:.2f}% at epoch {result['best_epoch']}; "
+              f"outputs in {result['out']} (best.safetensors, last.safetensors, metrics.csv, curves.png)")
     return 0
 
 
@@ -122,6 +125,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     a("--threads", type=int, help="torch CPU threads for this process")
     a("--patience", type=int, help="early stopping after this many epochs without val improvement (default 0: off)")
     a("--save-every", type=int, help="also save the resumable state every N optimizer steps (default 0: each epoch)")
+    a("--on-nonfinite", choices=["stop", "skip"], help="a step with a non-finite loss or gradient stops the run "
+      "(default; exit code 1, the last finite checkpoint kept) or is skipped, as AMP's gradient scaler does")
+    a("--clip-grad-norm", type=float, help="clip the global gradient norm to this before each step (default 0: off)")
     a("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     a("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: when a terminal)")
     p.set_defaults(func=_cmd_finetune, interrupted=_finetune_interrupted)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -11,8 +12,10 @@ from . import data as D
 
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("none", "bf16", "fp16")
+#: What a step with a non-finite loss or gradient does: stop the run, or skip the step (as AMP's scaler does).
+NONFINITE_POLICIES = ("stop", "skip")
 #: Settings that may change when a run is resumed; every other one must stay as saved.
-RESUMABLE = ("epochs", "workers", "patience", "device", "progress", "save_every")
+RESUMABLE = ("epochs", "workers", "patience", "device", "progress", "save_every", "on_nonfinite", "clip_grad_norm")
 _ARCHITECTURE = ("model", "model_args", "norm", "pretrained", "weights")
 
 
@@ -20,8 +23,8 @@ _ARCHITECTURE = ("model", "model_args", "norm", "pretrained", "weights")
 class TrainConfig:
     """Every setting of a fine-tuning run (the CLI flags of ``densenet-zoo finetune``).
 
-    A resumed run may change only ``epochs``, ``workers``, ``patience``, ``device``, ``progress``
-    and ``save_every``.
+    A resumed run may change only ``epochs``, ``workers``, ``patience``, ``device``, ``progress``,
+    ``save_every``, ``on_nonfinite`` and ``clip_grad_norm``.
 
     Attributes:
         data: a folder with ``train/`` and ``val/`` class folders, a folder of class folders, or a
@@ -57,6 +60,9 @@ class TrainConfig:
         save_every: also save the resumable state every N optimizer steps; 0 after each epoch only.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         progress: progress bars; ``None`` shows them on a terminal.
+        on_nonfinite: a step whose loss or gradients are not finite ``"stop"`` s the run (exit code 1,
+            the last finite checkpoint kept) or is ``"skip"`` ped, its gradients dropped.
+        clip_grad_norm: clip the gradients' global norm to this before each step; 0 does not clip.
 
     Example:
         >>> TrainConfig(data="", epochs=3, augment="light").batch_size
@@ -94,6 +100,8 @@ class TrainConfig:
     save_every: int = 0
     device: str = "auto"
     progress: Optional[bool] = None
+    on_nonfinite: str = "stop"
+    clip_grad_norm: float = 0.0
 
     def __post_init__(self) -> None:
         # JSON-shaped (lists, not tuples) so a saved config compares equal to one given on a command line.
@@ -112,7 +120,12 @@ class TrainConfig:
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
         need(self.batch_size % world_size == 0, f"--batch-size {self.batch_size} is the global batch and must divide by the {world_size} processes")
-        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
+             f"--lr must be a finite number > 0 (e.g. 0.01), got {self.lr!r}")
+        need(self.on_nonfinite in NONFINITE_POLICIES,
+             f"--on-nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
+        need(isinstance(self.clip_grad_norm, (int, float)) and math.isfinite(self.clip_grad_norm) and self.clip_grad_norm >= 0,
+             f"--clip-grad-norm must be a finite number >= 0 (0: no clipping), got {self.clip_grad_norm!r}")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(self.amp in AMP_MODES, f"--amp must be one of {AMP_MODES}, got {self.amp!r}")
         need(self.augment in D.AUGMENTATIONS, f"--augment must be one of {D.AUGMENTATIONS}, got {self.augment!r}")

@@ -97,6 +97,7 @@ class Trainer:
         # Running position, replaced by the saved one on resume.
         self.epoch, self.batches_done, self.global_step = 0, 0, 0
         self.partial = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1, top-5, count of the epoch so far
+        self.group_finite, self.skipped_steps = torch.tensor(True), 0
         self.history: List[Dict[str, Any]] = []
         self.best_acc1, self.best_epoch, self.bad_epochs = -1.0, 0, 0
         if self.resume_state is not None:
@@ -271,10 +272,18 @@ class Trainer:
             loss, logits = step.forward_backward(self.ddp or self.model, x, y, group=group, scaler=self.scaler,
                                                  autocast=step.autocast_for(self.dist.device, self.amp_dtype),
                                                  label_smoothing=c.label_smoothing)
-        sums += step.batch_sums(loss, logits, y, min(5, len(self.class_names)))
+        finite = torch.isfinite(loss.detach())
+        self.group_finite = self.group_finite.to(finite.device) & finite  # no host sync per micro-batch
+        # A non-finite batch adds nothing to the epoch's metrics (nan would poison the whole sum).
+        sums += torch.where(finite, step.batch_sums(loss, logits, y, min(5, len(self.class_names))), torch.zeros_like(sums))
         if not step_now:
             return
-        step.optimizer_step(self.optimizer, self.scheduler, self.scaler)
+        if not self._step_is_finite():
+            self._nonfinite_step(micro)
+        elif c.clip_grad_norm:
+            step.clip_gradients(self.optimizer, c.clip_grad_norm, self.scaler)
+        step.optimizer_step(self.optimizer, self.scheduler, self.scaler, apply=bool(self.group_finite))
+        self.group_finite = torch.tensor(True)
         self.global_step += 1
         if c.save_every and self.global_step % c.save_every == 0 and micro + 1 < self.micro_per_epoch:
             self.batches_done = micro + 1
@@ -282,9 +291,42 @@ class Trainer:
             sums.zero_()
             self.save_state()
 
+    def _step_is_finite(self) -> bool:
+        """Whether the group's losses (and, without the fp16 scaler, which handles its own, its gradients) are
+        finite on every rank: all ranks decide alike."""
+        ok = self.group_finite
+        if self.scaler is None:
+            ok = ok & step.gradients_finite(self.optimizer).to(ok.device)
+        ok = reduce_sum(ok.to(torch.float64), self.dist) == self.dist.world_size
+        self.group_finite = ok
+        return bool(ok)
+
+    def _nonfinite_step(self, micro: int) -> None:
+        """Stop the run (``on_nonfinite="stop"``) or count the skipped step, naming where it happened."""
+        where = f"epoch {self.epoch + 1}, step {self.global_step + 1} (batch {micro + 1} of {self.micro_per_epoch})"
+        if self.config.on_nonfinite == "skip":
+            self.skipped_steps += 1
+            self.log(f"warning: {where}: non-finite loss or gradient, step skipped ({self.skipped_steps} so far)")
+            return
+        raise self._diverged(where)
+
+    def _diverged(self, where: str) -> RunError:
+        last = self.out / "last.safetensors"
+        kept = (f"the last finite checkpoint is {last} (epoch {self.epoch}; --resume {self.out} continues from it)"
+                if self.epoch and last.is_file() else "no epoch had finished, so no checkpoint was written")
+        return RunError(f"{where}: the loss or a gradient is not finite (nan/inf); training stopped and {kept}; "
+                        "try a lower --lr, --amp none, --clip-grad-norm 1.0, or --on-nonfinite skip")
+
+    def _model_finite(self) -> bool:
+        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all().cpu().to(torch.float64)
+        return bool(reduce_sum(ok, self.dist) == self.dist.world_size)
+
     def _end_epoch(self, row: Dict[str, Any]) -> bool:
         """Record the epoch, track the best accuracy, write weights, metrics, curves and state; True to stop early."""
         c = self.config
+        if not self._model_finite() or not math.isfinite(row["val_loss"]):  # never a non-finite model as best/last
+            raise self._diverged(f"epoch {row['epoch']}, after its last step (weights or validation loss)")
         self.history.append(row)
         improved = row["val_acc1"] > self.best_acc1
         if improved:

@@ -49,12 +49,32 @@ def batch_sums(loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, k: int
                         torch.tensor(float(len(y)), dtype=torch.float64, device=y.device)])
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Optional[Any]) -> None:
-    """Apply the accumulated gradients (through the fp16 scaler when there is one), then advance the schedule."""
+def gradients_finite(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """Whether every accumulated gradient is finite, as a 0-dim bool tensor (one reduction, no host sync)."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return torch.tensor(True)
+    return torch.stack([torch.isfinite(g).all() for g in grads]).all()
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float, scaler: Optional[Any]) -> None:
+    """Clip the accumulated gradients' global norm to ``max_norm`` (unscaled first under the fp16 scaler)."""
     if scaler:
+        scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Optional[Any], apply: bool = True) -> None:
+    """Apply the accumulated gradients (through the fp16 scaler when there is one), then advance the schedule.
+
+    ``apply=False`` drops them instead (a step skipped for a non-finite loss or gradient); the schedule
+    still advances, as it does when the fp16 scaler skips a step.
+    """
+    if apply and scaler:
         scaler.step(optimizer)
         scaler.update()
-    else:
+    elif apply:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
@@ -96,7 +116,9 @@ def epoch_row(epoch: int, lr: float, train: Sequence[float], val: Dict[str, Any]
     """The ``metrics.csv`` row of an epoch from the summed train metrics and the val result."""
     return {
         "epoch": epoch + 1, "lr": lr,
-        "train_loss": train[0] / train[3], "train_acc1": 100 * train[1] / train[3], "train_acc5": 100 * train[2] / train[3],
+        # max(count, 1): an epoch whose every step was skipped as non-finite reports zeros, not a division by zero
+        "train_loss": train[0] / max(train[3], 1), "train_acc1": 100 * train[1] / max(train[3], 1),
+        "train_acc5": 100 * train[2] / max(train[3], 1),
         "val_loss": val["loss"], "val_acc1": val["acc1"], "val_acc5": val["acc5"],
         "train_images_per_s": images / seconds, "epoch_time_s": seconds,
     }
