@@ -43,7 +43,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                                 progress=False if args.quiet else None)
     for r in results:
         if r.error:
-            print(f"{printable(r.path)}: unreadable image ({printable(r.error)}); skipped", file=sys.stderr)
+            what = r.error if r.error.startswith("the model's output") else f"unreadable image ({r.error})"
+            print(f"{printable(r.path)}: {printable(what)}; skipped", file=sys.stderr)
         else:
             print(f"{printable(r.path)}: " + ", ".join(f"{printable(label)} {100 * p:.1f}%" for label, p in zip(r.labels, r.probs)))
     summary = predict_summary(results)

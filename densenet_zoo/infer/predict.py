@@ -141,18 +141,19 @@ class Predictor:
             chunk = paths[start:start + batch_size]
             loaded = [self._load(p) for p in chunk]
             good = [t for t, err in loaded if t is not None]
-            top: List[Tuple[List[float], List[int]]] = []
+            top: List[Tuple[List[float], List[int], bool]] = []
             if good:
-                probs = self.model(torch.stack(good).to(self.device)).float().softmax(dim=1)
-                values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
-                top = list(zip(values.tolist(), indices.tolist()))
+                logits = self.model(torch.stack(good).to(self.device)).float()
+                values, indices = logits.softmax(dim=1).topk(min(top_k, logits.shape[1]), dim=1)
+                top = list(zip(values.tolist(), indices.tolist(), torch.isfinite(logits).all(1).tolist()))
             it = iter(top)
             for p, (t, err) in zip(chunk, loaded):
                 if t is None:
                     results.append(Prediction(str(p), error=err))
                     continue
-                vals, idx = next(it)
-                results.append(Prediction(str(p), [self.label(i) for i in idx], idx, vals))
+                vals, idx, finite = next(it)
+                results.append(Prediction(str(p), [self.label(i) for i in idx], idx, vals) if finite else
+                               Prediction(str(p), error="the model's output is not finite (nan/inf): no prediction"))
             bar.update(len(chunk))
         bar.close()
         return results

@@ -115,7 +115,7 @@ def _rebuildable(model: Any) -> bool:
     return {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in twin.state_dict().items()}
 
 
-def load_model(path: PathLike, **overrides: Any) -> Tuple[DenseNet, Dict[str, Any]]:
+def load_model(path: PathLike, *, allow_nonfinite: bool = False, **overrides: Any) -> Tuple[DenseNet, Dict[str, Any]]:
     """Rebuild a model saved by :func:`save_model` (or written by :func:`convert_checkpoint`).
 
     The metadata is checked against the tensors before the model is built: a damaged or forged
@@ -123,6 +123,7 @@ def load_model(path: PathLike, **overrides: Any) -> Tuple[DenseNet, Dict[str, An
 
     Args:
         path: the ``.safetensors`` file.
+        allow_nonfinite: load weights holding nan or inf (refused otherwise: a diverged run's).
         **overrides: constructor arguments that replace the saved ones (``memory_efficient=True``,
             ``norm_layer="frozen_bn"``...).
 
@@ -149,7 +150,7 @@ def load_model(path: PathLike, **overrides: Any) -> Tuple[DenseNet, Dict[str, An
         args = {**args, **overrides}
     model = build_checked(args, state, source=str(path))
     model.arch = meta.get("arch") if isinstance(meta.get("arch"), str) else None
-    load_state(model, state, strict=True, source=str(path))
+    load_state(model, state, strict=True, source=str(path), allow_nonfinite=allow_nonfinite)
     return model, meta
 
 
@@ -183,7 +184,7 @@ def resolve_weights(weights: Any, arch: Optional[str] = None, *, progress: bool 
 
 
 def load_weights(model: nn.Module, weights: WeightsSource, *, strict: bool = False, use_ema: bool = False,
-                 progress: bool = True) -> LoadReport:
+                 progress: bool = True, allow_nonfinite: bool = False) -> LoadReport:
     """Load a checkpoint into ``model``; returns what happened to each key.
 
     Keys are normalised (torchvision legacy names, ``module.``/``model.``/``backbone.`` prefixes,
@@ -196,6 +197,7 @@ def load_weights(model: nn.Module, weights: WeightsSource, *, strict: bool = Fal
         strict: raise if anything but the above does not fit (missing, unexpected, mismatched keys).
         use_ema: prefer EMA weights when the checkpoint holds both.
         progress: show a progress bar while downloading.
+        allow_nonfinite: load tensors holding nan or inf (refused otherwise: a diverged run's weights).
 
     Returns:
         A :class:`LoadReport`.
@@ -209,7 +211,7 @@ def load_weights(model: nn.Module, weights: WeightsSource, *, strict: bool = Fal
         print(report)          # loaded / adapted / freshly initialised / missing / unexpected / shape mismatches
     """
     source, entry, desc = resolve_weights(weights, getattr(model, "arch", None), progress=progress)
-    return _load_resolved(model, source, entry, desc, strict=strict, use_ema=use_ema)
+    return _load_resolved(model, source, entry, desc, strict=strict, use_ema=use_ema, allow_nonfinite=allow_nonfinite)
 
 
 def _read_state(source: Any, *, use_ema: bool = False) -> Tuple[Dict[str, torch.Tensor], str]:
@@ -232,9 +234,10 @@ def _about(desc: str) -> Iterator[None]:
 
 
 def _load_resolved(model: nn.Module, source: Any, entry: Optional[WeightsEntry], desc: str, *, strict: bool = False,
-                   use_ema: bool = False, state: Optional[Tuple[Dict[str, torch.Tensor], str]] = None) -> LoadReport:
+                   use_ema: bool = False, state: Optional[Tuple[Dict[str, torch.Tensor], str]] = None,
+                   allow_nonfinite: bool = False) -> LoadReport:
     state_dict, where = state if state is not None else _read_state(source, use_ema=use_ema)
-    report = load_state(model, state_dict, strict=strict, source=desc, wrapper=where)
+    report = load_state(model, state_dict, strict=strict, source=desc, wrapper=where, allow_nonfinite=allow_nonfinite)
     if entry is not None:
         model.weights_entry = entry
     return report

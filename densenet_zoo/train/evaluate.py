@@ -59,6 +59,9 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, batch_size: int = 64, wor
     loader = DataLoader(D.ImageDataset(samples, D.eval_transform(pre), in_chans=getattr(model, "in_chans", 3)),
                         batch_size=batch_size, num_workers=workers)
     result = evaluate_loader(model, loader, len(names), d, confusion=True)
+    if result.pop("nonfinite"):
+        raise DataError(f"{ckpt} gives non-finite outputs (nan/inf) for some of the {result['count']} images of {data}: "
+                        "an accuracy over them would mean nothing; check the checkpoint and the images")
     matrix = result.pop("confusion")
     per_class = {n: (100.0 * matrix[i, i].item() / row if (row := matrix[i].sum().item()) else None) for i, n in enumerate(names)}
     confusion_path = io.plot_confusion(matrix, names, out_dir / "confusion.png", overwrite=overwrite,

@@ -211,7 +211,7 @@ def evaluate_loader(model: nn.Module, loader: Any, num_classes: int, d: Optional
     was_training = model.training
     model.eval()
     k = min(5, num_classes)
-    sums = torch.zeros(4, dtype=torch.float64)
+    sums = torch.zeros(5, dtype=torch.float64)  # loss, top-1, top-5, count, images with a non-finite output
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for x, y in loader:
         x, y = x.to(d.device), y.to(d.device)
@@ -220,13 +220,15 @@ def evaluate_loader(model: nn.Module, loader: Any, num_classes: int, d: Optional
         logits = logits.float()
         top = logits.topk(k, 1).indices
         hit = top.eq(y[:, None])
-        sums += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(), hit[:, 0].sum().item(), hit.any(1).sum().item(), len(y)], dtype=torch.float64)
+        sums += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(), hit[:, 0].sum().item(), hit.any(1).sum().item(),
+                              len(y), (~torch.isfinite(logits).all(1)).sum().item()], dtype=torch.float64)
         if confusion:
             matrix += torch.bincount(y.cpu() * num_classes + top[:, 0].cpu(), minlength=num_classes**2).view(num_classes, num_classes)
     model.train(was_training)
     tot = reduce_sum(sums, d).tolist()
     n = max(tot[3], 1)
-    out: Dict[str, Any] = {"loss": tot[0] / n, "acc1": 100 * tot[1] / n, "acc5": 100 * tot[2] / n, "count": int(tot[3])}
+    out: Dict[str, Any] = {"loss": tot[0] / n, "acc1": 100 * tot[1] / n, "acc5": 100 * tot[2] / n, "count": int(tot[3]),
+                           "nonfinite": int(tot[4])}
     if confusion:
         out["confusion"] = reduce_sum(matrix, d).long()
     return out

@@ -167,7 +167,8 @@ def _short(items: List[str], n: int = 6) -> str:
 
 
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: bool = False, source: str = "state dict",
-               wrapper: str = "", adapt_classifier: bool = True, adapt_in_chans: bool = True) -> LoadReport:
+               wrapper: str = "", adapt_classifier: bool = True, adapt_in_chans: bool = True,
+               allow_nonfinite: bool = False) -> LoadReport:
     """Load a (normalised) state dict into ``model``, adapting what can be adapted.
 
     Example::
@@ -176,7 +177,8 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: b
 
     A classifier of another size is left freshly initialised (``report.reinitialized``); a 3-channel
     first conv is adapted to ``model``'s input channels. ``strict=True`` raises
-    :class:`CheckpointError` listing missing, unexpected and shape-mismatched keys.
+    :class:`CheckpointError` listing missing, unexpected and shape-mismatched keys. Tensors holding
+    nan or inf (the weights of a diverged run) are refused unless ``allow_nonfinite=True``.
     """
     target = model.state_dict()
     state, renamed = normalize_keys(state, target.keys(), source=source)
@@ -215,10 +217,26 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: b
                               "it is not a checkpoint of this architecture: check the file, or the model you built")
     if strict and not report.ok:
         raise CheckpointError(f"{source} does not fit the model (strict): {report.problems()}")
+    if not allow_nonfinite:
+        refuse_nonfinite(new, source)
     merged = dict(target)
     merged.update(new)
     model.load_state_dict(merged, strict=True)
     return report
+
+
+def refuse_nonfinite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """A one-line :class:`CheckpointError` when a floating-point tensor of ``state`` holds nan or inf.
+
+    Example::
+
+        refuse_nonfinite(model.state_dict(), "runs/x/last.safetensors")
+    """
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{source}: {len(bad)} tensor(s) hold nan or inf values (e.g. {bad[0]}): the weights of a "
+                              "diverged run, which would predict nonsense; use an earlier checkpoint, or pass "
+                              "allow_nonfinite=True to load them anyway")
 
 
 def infer_config(state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
