@@ -26,11 +26,12 @@ import functools
 import os
 import platform
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ._utils import ZooError
 
-__all__ = ["CpuCapabilities", "HardwareError", "bf16_cost_note", "cpu_capabilities", "describe_hardware",
+__all__ = ["CpuCapabilities", "HardwareError", "available_memory", "bf16_cost_note", "cpu_capabilities", "describe_hardware",
            "require_native_bf16"]
 
 #: oneDNN's ISA names from the least to the most capable (the values ``ONEDNN_MAX_CPU_ISA`` takes).
@@ -224,3 +225,63 @@ def bf16_cost_note(device: Any) -> Optional[str]:
         return None
     return (f"bf16 autocast on this CPU runs emulated ({caps._bf16_gap()}): expect it several times slower than "
             f"float32 (4x in fine-tuning on an AVX2-only AMD EPYC); --amp none / no --autocast is faster here")
+
+
+def _meminfo_bytes(field: str) -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_room() -> Optional[int]:
+    """What the cgroup (v2) still lets this process allocate, or None without a limit."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else max(int(limit) - used, 0)
+
+
+def _address_space_room() -> Optional[int]:
+    """What ``RLIMIT_AS`` (``ulimit -v``) still lets this process map, or None without a limit."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY:
+            return None
+        with open("/proc/self/status") as f:
+            size = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize:"))
+    except (ImportError, OSError, ValueError, StopIteration):
+        return None
+    return max(soft - size, 0)
+
+
+def available_memory(device: Any = "cpu") -> Optional[int]:
+    """Bytes a new allocation of this process can still get on ``device``, or ``None`` when unknown.
+
+    On a CPU, the least of the system's available memory (``MemAvailable``), the cgroup's room and the
+    address-space limit (``ulimit -v``); on CUDA, the device's free memory.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+
+    Returns:
+        Bytes, or ``None`` where no figure can be read.
+
+    Example:
+        available_memory("cpu") / 2**30   # GiB
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0]) if torch.cuda.is_available() else None
+    rooms = [r for r in (_meminfo_bytes("MemAvailable"), _cgroup_room(), _address_space_room()) if r is not None]
+    return min(rooms) if rooms else None

@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from ..allocator import allocator_env, describe
 from ..memory import SavedTensorBytes, list_memory_strategies, parse_bytes
+from ..memory.estimate import check_fits
 from ..models import DenseNet
 from ..models.configs import canonical_name
 from .report import DepthSweepReport, MaxBatchReport, ProfileReport, environment
@@ -215,8 +216,12 @@ def profile(
     _check_counts(steps=steps, warmup=warmup, threads=threads)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"rounds must be an integer >= 0 (0: all modes in one process, taking turns), got {rounds!r}")
-    _check_sizes(ref, kwargs, batch_size, image_size)
+    model = _check_sizes(ref, kwargs, batch_size, image_size)
     names = resolve_modes(modes, reference)
+    # Refused when even the leanest mode asked for cannot keep its activations (the others fail in their rows).
+    saving = [n.split(":")[0] for n in names if n.split(":")[0] in list_memory_strategies() and n.split(":")[0] != "none"]
+    check_fits(model.set_memory_efficient("fused_lean" if saving else False), image_size, batch_size, torch.device(device),
+               f"--batch-size {batch_size} at --image-size {image_size}")
     autocast = _check_autocast(autocast)
     subprocess_mode = not device.startswith("cuda") if subprocess_mode is None else subprocess_mode
     if subprocess_mode:

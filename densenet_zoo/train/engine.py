@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from . import data as D
 from .._utils import DataError, RunError
 from ..hardware import bf16_cost_note
+from ..memory.estimate import check_fits
 from ..models import create_model, save_model
 from . import run_files as io
 from . import step
@@ -89,6 +90,9 @@ class Trainer:
         self.preprocessing = D.resolve_preprocessing(pre, c.image_size, in_chans)
         self.frozen = apply_freeze(model, c.freeze)
         self.model = model.to(self.dist.device)
+        size = int(self.preprocessing["size"])
+        check_fits(self.model, size, c.batch_size // self.dist.world_size, self.dist.device,
+                   f"--image-size {size} with --batch-size {c.batch_size}")  # before the allocator finds out
         self.optimizer = make_optimizer(c.optimizer, param_groups(model, c.lr, c.weight_decay, c.layer_decay), c.lr, c.momentum)
         self.train_set = D.ImageDataset(train_samples, D.train_transform(self.preprocessing, c.augment), in_chans=in_chans, seed=c.seed)
         self.val_set = D.ImageDataset(val_samples, D.eval_transform(self.preprocessing), in_chans=in_chans)
