@@ -96,6 +96,22 @@ def describe(name: str) -> str:
     return "default (glibc malloc, no settings)"
 
 
+def allocator_note(active: str) -> str:
+    """The first line of a run about its allocator: what runs, and how to change it (or get tcmalloc).
+
+    Example::
+
+        allocator_note("default")   # "memory allocator default (glibc malloc, no settings): tcmalloc is not ..."
+    """
+    wanted = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if active != "default":
+        return f"memory allocator {describe(active)}; {ENV_VAR}=default runs without it"
+    if wanted == "default":
+        return f"memory allocator {describe(active)}, as {ENV_VAR}=default asks"
+    return (f"memory allocator {describe(active)}: tcmalloc is not installed (it keeps training memory lower: "
+            f"apt-get install {_PACKAGES['tcmalloc']})")
+
+
 def preferred_allocator() -> str:
     """What the command line runs with: ``$DENSENET_ZOO_ALLOCATOR``, else tcmalloc if installed, else default."""
     wanted = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
@@ -126,8 +142,7 @@ def reexec_with_preferred(command: Optional[str], argv: Optional[List[str]], com
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, "-m", "densenet_zoo", *sys.argv[1:]], env)
     # stdout: stderr stays for errors (bad input gives exactly one line there)
-    print(f"densenet-zoo {command}: memory allocator {describe(active)}; set {ENV_VAR}=default, tcmalloc or "
-          "jemalloc to choose", flush=True)
+    print(f"densenet-zoo {command}: {allocator_note(active)}", flush=True)
 
 
 def run_script(argv: List[str]) -> int:
@@ -141,7 +156,7 @@ def run_script(argv: List[str]) -> int:
     except ValueError as exc:
         print(f"densenet_zoo.allocator: {exc}", file=sys.stderr)
         wanted, env = "default", dict(os.environ)
-    print(f"{argv[0]}: memory allocator {describe(wanted)}; set {ENV_VAR}=default to turn this off", file=sys.stderr)
+    print(f"{argv[0]}: {allocator_note(wanted)}", file=sys.stderr)
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *argv], env)
     return 0  # pragma: no cover  (execve does not return)

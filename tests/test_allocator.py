@@ -75,3 +75,15 @@ def test_finetune_says_which_allocator_runs_in_its_first_line(wanted, tmp_path):
     assert proc.returncode == 1
     assert first.startswith(f"densenet-zoo finetune: memory allocator {wanted}"), proc.stdout
     assert proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr  # bad input: still one line
+
+
+@pytest.mark.parametrize("env, active, says", [
+    ("auto", "default", "tcmalloc is not installed (it keeps training memory lower: apt-get install libtcmalloc-minimal4)"),
+    ("default", "default", "as DENSENET_ZOO_ALLOCATOR=default asks"),
+    ("auto", "tcmalloc", "DENSENET_ZOO_ALLOCATOR=default runs without it"),
+])
+def test_the_allocator_line_says_what_runs_and_how_to_change_it(env, active, says, monkeypatch):
+    monkeypatch.setenv(allocator.ENV_VAR, env)
+    note = allocator.allocator_note(active)
+    assert note.startswith(f"memory allocator {active}") and note.endswith(says), note
+    assert "to turn this off" not in note
