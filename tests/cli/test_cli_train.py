@@ -160,6 +160,7 @@ def test_torchrun_two_processes_match_one_process(small, tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=220)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout and r.stdout.count("epoch 1:") == 1  # rank 0 prints, once
+    assert r.stdout.count("best val acc@1") == 1, r.stdout  # the closing line too
     one, ddp = _weights(tmp_path / "one" / "last.safetensors"), _weights(tmp_path / "ddp" / "last.safetensors")
     for k in one:
         torch.testing.assert_close(ddp[k].double(), one[k].double(), atol=2e-5, rtol=1e-4, msg=k)
