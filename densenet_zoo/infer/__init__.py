@@ -1,7 +1,8 @@
 """Inference: BN folding and the fast eval network, export (ONNX, TorchScript, torch.export), predict, info."""
 
 from .exporter import EXPORT_FORMATS, export, load_exported
-from .fast import FastDenseNet, fold_bn, optimize_for_inference
+from .fast import FastDenseNet, optimize_for_inference
+from .folding import fold_bn
 from .info import count_flops, format_info, model_info
 from .predict import Predictor
 

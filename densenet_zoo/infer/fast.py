@@ -31,11 +31,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.densenet import DenseNet, _DenseBlock, _DenseLayer, _Transition
-from .folding import _fold_into_conv, fold_bn, norm_as_affine
+from ..models.densenet import DenseNet, DenseBlock, DenseLayer, Transition
+from .folding import _fold_into_conv, norm_as_affine
 from .inputs import prepare_input, refuse_training, require_eval as _require_eval
 
-__all__ = ["FastDenseNet", "fold_bn", "norm_as_affine", "optimize_for_inference"]
+__all__ = ["FastDenseNet", "optimize_for_inference"]
 
 _CONV_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
 
@@ -132,7 +132,7 @@ class _NormReluConv(nn.Module):
 
 
 class _FastLayer(nn.Module):
-    def __init__(self, layer: _DenseLayer, dtype: Optional[torch.dtype] = None) -> None:
+    def __init__(self, layer: DenseLayer, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         self.first = _NormReluConv(layer.norm1, layer.conv1, out_norm=layer.norm2, relu=True, out_dtype=dtype)
         self.conv2 = layer.conv2
@@ -145,7 +145,7 @@ class _FastLayer(nn.Module):
 class _FastBlock(nn.Module):
     """A dense block writing every layer's output into one preallocated buffer."""
 
-    def __init__(self, block: _DenseBlock, dtype: Optional[torch.dtype] = None) -> None:
+    def __init__(self, block: DenseBlock, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         layers = list(block.values())
         self.in_channels = layers[0].conv1.in_channels
@@ -195,9 +195,9 @@ class FastDenseNet(nn.Module):
         self.conv0 = conv0
         stages: List[nn.Module] = []
         for name, module in feats.named_children():
-            if isinstance(module, _DenseBlock):
+            if isinstance(module, DenseBlock):
                 stages.append(_FastBlock(module, dtype))
-            elif isinstance(module, _Transition):
+            elif isinstance(module, Transition):
                 stages.append(_NormReluConv(module.norm, module.conv, pool=True, out_dtype=dtype))
         self.stages = nn.ModuleList(stages)
         self.norm5 = feats.norm5

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .._utils import IMAGENET_MEAN, IMAGENET_STD
 from ..models import create_model
 from ..weights import get_weights, list_weights
-from ..models.densenet import DenseNet, _DenseLayer, _Transition
+from ..models.densenet import DenseNet, DenseLayer, Transition
 
 __all__ = ["count_flops", "model_info", "format_info"]
 
@@ -69,8 +69,8 @@ def model_info(name: str, image_size: Optional[int] = None) -> Dict[str, Any]:
         "num_features": model.num_features,
         "num_classes": model.num_classes,
         "layers": {
-            "dense_layers": sum(isinstance(m, _DenseLayer) for m in mods),
-            "transitions": sum(isinstance(m, _Transition) for m in mods),
+            "dense_layers": sum(isinstance(m, DenseLayer) for m in mods),
+            "transitions": sum(isinstance(m, Transition) for m in mods),
             "conv": sum(isinstance(m, nn.Conv2d) for m in mods),
             "norm": sum(isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) for m in mods),
             "linear": sum(isinstance(m, nn.Linear) for m in mods),

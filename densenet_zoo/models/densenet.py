@@ -19,7 +19,7 @@ from .configs import POOLS, check_config
 from .features import (Indices, InteropMixin, call_norm, checked_input, min_input_size, run_children, symbolic,
                        take_indices)
 
-__all__ = ["DenseNet"]
+__all__ = ["DenseBlock", "DenseLayer", "DenseNet", "Transition"]
 
 MemorySpec = Union[bool, str, MemoryStrategy, None]
 NormMaker = Callable[[str, int], nn.Module]
@@ -152,6 +152,11 @@ class _Transition(nn.Sequential):
                 return self.strategy.sequence_forward(list(self), x)
         x = self.norm(x) if torch.jit.is_scripting() else call_norm(self.norm, x)
         return self.pool(self.conv(self.relu(x)))
+
+
+#: The building blocks under public names, for packages that inspect a model; the classes keep torchvision's
+#: private names because published checkpoints and pickles refer to them (one class, two names).
+DenseLayer, DenseBlock, Transition = _DenseLayer, _DenseBlock, _Transition
 
 
 def _stem(in_chans: int, num_init_features: int, small_inputs: bool, make_norm: NormMaker) -> nn.Sequential:

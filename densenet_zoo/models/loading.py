@@ -1,7 +1,8 @@
-"""Weights: safetensors I/O with metadata, robust checkpoint loading and pretrained-model construction.
+"""Weights joined to models: save and rebuild a model, load weights into one, build a pretrained one.
 
-The registry and download cache live in :mod:`densenet_zoo.weights.registry`, checkpoint formats and key
-normalisation in :mod:`densenet_zoo.weights.checkpoint`; this module joins them to models.
+Reading checkpoint files is :mod:`densenet_zoo.weights.checkpoint`'s job, key normalisation
+:mod:`densenet_zoo.weights.state_dict`'s, the registry :mod:`densenet_zoo.weights.registry`'s and the download
+cache :mod:`densenet_zoo.weights.cache`'s; this module only hands their results to a :class:`DenseNet`.
 """
 
 from __future__ import annotations
@@ -19,17 +20,14 @@ from safetensors.torch import save as safetensors_bytes
 
 from .._utils import CheckpointError, PathLike, WeightsError, atomic_write
 from ..weights.checkpoint import METADATA_KEY, extract_state_dict, read_checkpoint, read_safetensors
-from ..weights.registry import WeightsEntry, download, fetch, get_weights, list_weights, register_weights
+from ..weights.cache import download
+from ..weights.registry import WeightsEntry, fetch, get_weights
 from ..weights.state_dict import FIRST_CONV, LoadReport, infer_config, load_state, normalize_keys
 from .arch_check import build_checked
 from .densenet import DenseNet
 from .configs import list_architectures, model_config
 
-__all__ = [
-    "METADATA_KEY", "CheckpointError", "LoadReport", "WeightsEntry", "WeightsError", "build_pretrained",
-    "convert_checkpoint", "get_weights", "list_weights", "load_model", "load_weights", "read_safetensors",
-    "register_weights", "save_model",
-]
+__all__ = ["build_pretrained", "convert_checkpoint", "load_model", "load_weights", "resolve_weights", "save_model"]
 
 WeightsSource = Union[str, os.PathLike, WeightsEntry, Mapping[str, torch.Tensor], nn.Module, Any]
 _SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".pth.tar")

@@ -36,7 +36,7 @@ from ..models.configs import canonical_name
 from .report import DepthSweepReport, MaxBatchReport, ProfileReport, environment
 from .worker import AUTOCAST_DTYPES, CHANNELS_LAST, WORKER_COMMAND, build, measure
 
-__all__ = ["profile", "max_batch", "depth_sweep", "resolve_modes", "ProfileReport", "MaxBatchReport", "DepthSweepReport"]
+__all__ = ["profile", "max_batch", "depth_sweep", "resolve_modes"]
 
 REFERENCE_MODES = {"torchvision": ["torchvision", "torchvision_memory_efficient"]}
 ModelSpec = Union[str, Callable[..., nn.Module]]

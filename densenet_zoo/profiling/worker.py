@@ -29,7 +29,7 @@ import torch.nn as nn
 from ..allocator import active_allocator, describe
 from ..memory import SavedTensorBytes
 from ..models import create_model
-from .rss import _PeakRss, _rss_kib
+from .rss import PeakRss, rss_kib
 
 #: ``"none:channels_last"``: a mode run with the model and the input in channels-last memory format.
 CHANNELS_LAST = ":channels_last"
@@ -122,7 +122,7 @@ def _sync(device: torch.device) -> None:
 def _baseline(device: torch.device) -> int:
     gc.collect()
     _sync(device)
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss_kib("VmRSS") * 1024
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_kib("VmRSS") * 1024
 
 
 def _measured_step(device: torch.device, step: Callable[[], None], baseline: int) -> Tuple[float, int, int]:
@@ -134,11 +134,11 @@ def _measured_step(device: torch.device, step: Callable[[], None], baseline: int
         _sync(device)
         seconds = time.perf_counter() - start
         return seconds, torch.cuda.max_memory_allocated(device) - baseline, torch.cuda.memory_allocated(device) - baseline
-    with _PeakRss() as peak:
+    with PeakRss() as peak:
         start = time.perf_counter()
         step()
         seconds = time.perf_counter() - start
-    return seconds, peak.peak * 1024 - baseline, _rss_kib("VmRSS") * 1024 - baseline
+    return seconds, peak.peak * 1024 - baseline, rss_kib("VmRSS") * 1024 - baseline
 
 
 def measure(config: Dict[str, Any]) -> Dict[str, Any]:
@@ -159,7 +159,7 @@ def measure(config: Dict[str, Any]) -> Dict[str, Any]:
         return {"step_s": statistics.median(times), "step_times_s": times}
     cuda = device.type == "cuda"
     method = ("torch.cuda.max_memory_allocated after reset_peak_memory_stats" if cuda
-              else f"VmHWM per step ({_PeakRss().method})")
+              else f"VmHWM per step ({PeakRss().method})")
     dtype = AUTOCAST_DTYPES.get(config.get("autocast") or "")
     with SavedTensorBytes(exclude=model.parameters()) as saved, \
             torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

@@ -32,7 +32,7 @@ from .._utils import DataError, RunError
 from ..models import create_model, save_model
 from . import run_files as io
 from . import step
-from .config import RESUMABLE, TrainConfig, config_from, resumed_config  # noqa: F401 (RESUMABLE: public)
+from .config import TrainConfig, config_from, resumed_config
 from .parts import (
     Dist, EpochBatchSampler, apply_freeze, evaluate_loader, lr_factor, make_optimizer, param_groups, reduce_sum,
     set_train_mode, weights_preprocessing,
@@ -326,7 +326,7 @@ def finetune(data: Optional[str] = None, out: Optional[str] = None, *, resume: U
 
     ``options`` are the fields of :class:`TrainConfig`. A new run needs a new or empty ``out``
     folder (nothing of the user's is replaced); ``resume`` continues a run and accepts changes
-    only to ``RESUMABLE`` settings. The folder is locked while the run lasts: a second run into
+    only to ``config.RESUMABLE`` settings. The folder is locked while the run lasts: a second run into
     it fails at once. ``on_save`` is passed to :class:`Trainer`.
     """
     if data is not None:

@@ -1,6 +1,6 @@
 """Published weights as data: the registry (``weights/manifest.json`` + user manifests).
 
-Environment (see also :mod:`densenet_zoo.weights.download`):
+Environment (the cache reads its own: :mod:`densenet_zoo.weights.cache`):
 ``DENSENET_ZOO_MIRROR``    base URL that replaces ``https://download.pytorch.org/models`` for every URL entry;
 ``DENSENET_ZOO_MANIFEST``  extra manifest file(s), ``os.pathsep``-separated, whose entries add to or override ours.
 """
@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
-from .._utils import IMAGENET_MEAN, IMAGENET_STD
-from .cache import WeightsError, cache_dir, download, hf_download, is_offline, sha256_file
+from .._utils import IMAGENET_MEAN, IMAGENET_STD, WeightsError
+from .cache import download, hf_download
 
-__all__ = ["WeightsEntry", "WeightsError", "cache_dir", "download", "fetch", "get_weights", "hf_download",
-           "is_offline", "list_weights", "read_manifest", "register_weights", "sha256_file"]
+__all__ = ["WeightsEntry", "fetch", "get_weights", "list_weights", "read_manifest", "register_weights"]
 
 
 # Installed: the package data folder densenet_zoo/_data; in a source checkout: the top-level weights/ folder.
@@ -83,7 +82,7 @@ class WeightsEntry:
 
     @property
     def filename(self) -> str:
-        """File name of the download (the cache adds a URL digest to a name without a hash: see :func:`download.cache_name`)."""
+        """File name of the download (the cache adds a URL digest to a name without a hash: see :func:`densenet_zoo.weights.cache.cache_name`)."""
         if self.url:
             return Path(urllib.parse.urlparse(self.url).path).name or f"{self.name}.bin"
         return self.hf_filename

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 import densenet_zoo as dz
-from densenet_zoo.infer.fast import FastDenseNet, fold_bn, norm_as_affine, optimize_for_inference
+from densenet_zoo.infer.fast import FastDenseNet, optimize_for_inference
+from densenet_zoo.infer.folding import fold_bn, norm_as_affine
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -18,6 +18,7 @@ from timm.models import FeatureInfo, get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import densenet_zoo as dz
+from densenet_zoo.weights import cache as weights_cache
 from densenet_zoo.weights import registry as hub
 from _weights_helpers import LoopbackServer, isolated_registry
 
@@ -300,7 +301,7 @@ def _published(tmp_path, seed=5):
                 t.copy_(torch.rand_like(t) + 0.5 if "var" in name or "weight" in name else torch.randn_like(t) * 0.1)
     path = tmp_path / "tmp.pth"
     torch.save(src.state_dict(), path)
-    digest = hub.sha256_file(path)
+    digest = weights_cache.sha256_file(path)
     final = path.rename(tmp_path / f"densenet_bc_100-{digest[:8]}.pth")
     return src, final, digest
 

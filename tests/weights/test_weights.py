@@ -14,6 +14,7 @@ import torchvision
 from PIL import Image
 
 import densenet_zoo as dz
+from densenet_zoo.weights import cache as weights_cache
 from densenet_zoo.weights import registry as hub
 from densenet_zoo.weights.checkpoint import read_checkpoint
 from densenet_zoo.weights.state_dict import adapt_input_conv, infer_config
@@ -71,12 +72,12 @@ def test_weights_names_resolve():
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("DENSENET_ZOO_CACHE", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
-    assert hub.cache_dir() == tmp_path / "th" / "densenet_zoo"
+    assert weights_cache.cache_dir() == tmp_path / "th" / "densenet_zoo"
     monkeypatch.delenv("TORCH_HOME")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert hub.cache_dir() == tmp_path / "xdg" / "torch" / "densenet_zoo"
+    assert weights_cache.cache_dir() == tmp_path / "xdg" / "torch" / "densenet_zoo"
     monkeypatch.setenv("DENSENET_ZOO_CACHE", str(tmp_path / "mine"))
-    assert hub.cache_dir() == tmp_path / "mine"
+    assert weights_cache.cache_dir() == tmp_path / "mine"
 
 
 def test_transforms_equal_the_references():
@@ -217,7 +218,7 @@ def test_pretrained_entry_builds_with_other_head_and_input(tmp_path, monkeypatch
     src = randomize(dz.densenet_bc_100(), seed=2)
     path = dz.save_model(src, tmp_path / "bc.safetensors")
     dz.register_weights({"name": "densenet_bc_100.local", "arch": "densenet_bc_100", "url": path.as_uri(), "num_classes": 10,
-                         "sha256": hub.sha256_file(path), "default": True})
+                         "sha256": weights_cache.sha256_file(path), "default": True})
     m = dz.densenet_bc_100(pretrained=True, num_classes=3, in_chans=1)
     assert m.load_report.reinitialized == ["classifier.weight", "classifier.bias"] and len(m.load_report.adapted) == 1
     assert torch.allclose(m.features.conv0.weight, src.features.conv0.weight.sum(1, keepdim=True))
