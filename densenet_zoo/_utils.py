@@ -1,4 +1,4 @@
-"""Small pieces every layer shares: the error family, path types, ImageNet constants, atomic writes."""
+"""Small pieces every layer shares: the error family, path types, ImageNet constants, printable paths, atomic writes."""
 
 from __future__ import annotations
 
@@ -34,6 +34,20 @@ class DataError(ZooError, ValueError):
 
 class RunError(ZooError, RuntimeError):
     """A run folder cannot be written, resumed or shared as asked."""
+
+
+def printable(text: PathLike) -> str:
+    """``text`` (a path, a class name) as valid UTF-8: bytes of a file name that are not UTF-8 become ``\\xNN``.
+
+    Example::
+
+        printable(os.fsdecode(b"caf\\xe9"))  # -> 'caf\\\\xe9'
+    """
+    try:
+        raw = os.fsencode(text)
+    except UnicodeEncodeError:  # a lone surrogate that no file name decoded to
+        raw = str(text).encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def atomic_write(path: PathLike, write: Callable[[Any], None], *, binary: bool = True) -> Path:

@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "densenet_zoo"
 
 #: Bottom to top. A module may import from its own layer or a lower one, never from a higher one.
-LAYERS = ["_utils", "allocator", "norms", "memory", "weights", "models", "train", "profiling", "infer", "cli"]
+LAYERS = ["_utils", "allocator", "norms", "memory", "data", "weights", "models", "train", "profiling", "infer", "cli"]
 LAYER_OF = {name: i for i, name in enumerate(LAYERS)}
 #: train and profiling are siblings: neither imports the other.
 SIBLINGS = {frozenset({"train", "profiling"})}

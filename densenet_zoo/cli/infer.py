@@ -10,7 +10,7 @@ from ..infer import export, optimize_for_inference
 from ..infer.info import format_info, model_info
 from ..infer.predict import Predictor, collect_images, predict_summary, write_csv
 from ..models import create_model, load_model
-from ..train.data import printable
+from .._utils import printable
 from .common import refuse_folder, refuse_overwriting_inputs
 
 

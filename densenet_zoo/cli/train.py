@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from ..train import evaluate_checkpoint, finetune
-from ..train.data import write_sample_data
+from ..data.sample_data import write_sample_data
 from ..train.run_files import STATE_FILE
 
 

@@ -17,11 +17,12 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .._utils import DataError, PathLike, atomic_write
+from .._utils import DataError, PathLike, atomic_write, printable
+from ..data.images import UnreadableImageError, open_image
+from ..data.splits import IMAGE_EXTENSIONS
+from ..data.transforms import eval_transform, resolve_preprocessing
 from ..models import DenseNet, create_model, load_model
 from ..weights.registry import class_names
-from ..train import data as D
-from ..train.images import UnreadableImageError
 from .fast import optimize_for_inference
 
 __all__ = ["Prediction", "Predictor", "collect_images", "write_csv"]
@@ -49,15 +50,15 @@ def collect_images(inputs: Iterable[PathLike]) -> List[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in D.IMAGE_EXTENSIONS
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not files:
-                raise ValueError(f"folder {str(path)!r} holds no images (looked for {', '.join(D.IMAGE_EXTENSIONS)})")
+                raise ValueError(f"folder {str(path)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
             found.extend(files)
         elif path.is_file():
             found.append(path)  # named explicitly: tried whatever its suffix, reported if unreadable
         elif path.exists():  # reading a pipe or a device could block or never end
-            raise DataError(f"input {D.printable(path)!r} is not a regular file or folder (a pipe or device?); give image files or folders")
+            raise DataError(f"input {printable(path)!r} is not a regular file or folder (a pipe or device?); give image files or folders")
         else:
             raise FileNotFoundError(f"input {str(path)!r} does not exist; give image files or folders of images")
     if not found:
@@ -98,9 +99,9 @@ class Predictor:
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; give a .safetensors file written by finetune or save_model")
         model, meta = load_model(path)
-        pre = D.resolve_preprocessing(meta.get("preprocessing"), None, model.in_chans)
+        pre = resolve_preprocessing(meta.get("preprocessing"), None, model.in_chans)
         names = meta.get("class_names") or _imagenet_categories(model.num_classes)
-        return cls(model, D.eval_transform(pre), names, in_chans=model.in_chans, **kwargs)
+        return cls(model, eval_transform(pre), names, in_chans=model.in_chans, **kwargs)
 
     @classmethod
     def from_pretrained(cls, name: str, **kwargs: Any) -> "Predictor":
@@ -108,7 +109,7 @@ class Predictor:
         model = create_model(name, pretrained=True)
         entry = getattr(model, "weights_entry", None)
         names = (entry.categories if entry is not None else None) or _imagenet_categories(model.num_classes)
-        transform = entry.transforms() if entry is not None else D.eval_transform(D.resolve_preprocessing(None, None, model.in_chans))
+        transform = entry.transforms() if entry is not None else eval_transform(resolve_preprocessing(None, None, model.in_chans))
         return cls(model, transform, names, in_chans=model.in_chans, **kwargs)
 
     def label(self, index: int) -> str:
@@ -118,7 +119,7 @@ class Predictor:
 
     def _load(self, path: Path) -> Tuple[Optional[torch.Tensor], Optional[str]]:
         try:
-            return self.transform(D.open_image(path, self.in_chans)), None
+            return self.transform(open_image(path, self.in_chans)), None
         except UnreadableImageError as exc:
             return None, exc.reason
 
@@ -159,17 +160,17 @@ def write_csv(results: Sequence[Prediction], path: PathLike, top_k: int) -> Path
     """``path,top1,top1_prob,...,topK,topK_prob,error`` (one row per input, unreadable ones included).
 
     Written as UTF-8 whatever the locale; file and class names that are not valid UTF-8 are
-    written with ``\\xNN`` escapes (:func:`~densenet_zoo.train.data.printable`) rather than failing the file.
+    written with ``\\xNN`` escapes (:func:`~densenet_zoo._utils.printable`) rather than failing the file.
     """
     header = ["path"] + [c for k in range(1, top_k + 1) for c in (f"top{k}", f"top{k}_prob")] + ["error"]
     text = io.StringIO(newline="")
     w = csv.writer(text)
     w.writerow(header)
     for r in results:
-        cells: List[Any] = [D.printable(r.path)]
+        cells: List[Any] = [printable(r.path)]
         for k in range(top_k):
-            cells += [D.printable(r.labels[k]), f"{r.probs[k]:.6f}"] if k < len(r.labels) else ["", ""]
-        w.writerow(cells + [D.printable(r.error) if r.error else ""])
+            cells += [printable(r.labels[k]), f"{r.probs[k]:.6f}"] if k < len(r.labels) else ["", ""]
+        w.writerow(cells + [printable(r.error) if r.error else ""])
     data = text.getvalue().encode("utf-8")
     return atomic_write(path, lambda f: f.write(data))
 

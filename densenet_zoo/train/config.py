@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-from . import data as D
+from ..data.transforms import AUGMENTATIONS
 
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -72,7 +72,7 @@ class TrainConfig:
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(self.amp in AMP_MODES, f"--amp must be one of {AMP_MODES}, got {self.amp!r}")
-        need(self.augment in D.AUGMENTATIONS, f"--augment must be one of {D.AUGMENTATIONS}, got {self.augment!r}")
+        need(self.augment in AUGMENTATIONS, f"--augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
         need(0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         need(0.0 < self.layer_decay <= 1.0, f"--layer-decay must be in (0, 1], got {self.layer_decay}")
         need(self.warmup_epochs >= 0 and self.patience >= 0 and self.save_every >= 0, "--warmup-epochs, --patience and --save-every must be >= 0")

@@ -8,8 +8,10 @@ from typing import Any, Dict, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from . import data as D
 from .._utils import DataError
+from ..data.dataset import ImageDataset
+from ..data.splits import check_images, folder_samples
+from ..data.transforms import eval_transform, resolve_preprocessing
 from ..models import load_model
 from . import run_files as io
 from .parts import Dist, evaluate_loader
@@ -39,13 +41,13 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, batch_size: int = 64, wor
     names = meta.get("class_names")
     if not names:
         raise ValueError(f"{ckpt} has no class names in its metadata; evaluate needs a checkpoint written by finetune")
-    pre = D.resolve_preprocessing(meta.get("preprocessing"), None, getattr(model, "in_chans", 3))
-    samples, bad = D.check_images(D.folder_samples(data, names), strict=strict_data)
+    pre = resolve_preprocessing(meta.get("preprocessing"), None, getattr(model, "in_chans", 3))
+    samples, bad = check_images(folder_samples(data, names), strict=strict_data)
     if not samples:
         raise ValueError(f"{data}: no readable images to evaluate")
     d = Dist.setup(device) if device != "auto" or torch.cuda.is_available() else Dist()
     model = model.to(d.device)
-    loader = DataLoader(D.ImageDataset(samples, D.eval_transform(pre), in_chans=getattr(model, "in_chans", 3)),
+    loader = DataLoader(ImageDataset(samples, eval_transform(pre), in_chans=getattr(model, "in_chans", 3)),
                         batch_size=batch_size, num_workers=workers)
     result = evaluate_loader(model, loader, len(names), d, confusion=True)
     matrix = result.pop("confusion")

@@ -11,8 +11,7 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
-from .._utils import PathLike, RunError, atomic_write
-from .data import printable
+from .._utils import PathLike, RunError, atomic_write, printable
 
 try:  # POSIX advisory locks; Windows locks a byte range of the file instead
     import fcntl

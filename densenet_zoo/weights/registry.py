@@ -134,29 +134,8 @@ class WeightsEntry:
         return cls(**d)
 
 
-def eval_pipeline(resize_size: int, crop_size: int, interpolation: str = "bilinear",
-                  mean: Tuple[float, ...] = IMAGENET_MEAN, std: Tuple[float, ...] = IMAGENET_STD) -> Callable[[Any], Any]:
-    """The evaluation preprocessing of every published DenseNet, and the only one in this package.
-
-    Resize the short side to ``resize_size``, centre-crop ``crop_size``, scale to [0, 1], normalise:
-    torchvision's ImageClassification preset. A PIL image is resized by PIL, as torchvision's and
-    timm's presets do, so pretrained weights see the pixels they were evaluated with.
-    """
-    import torch
-    from torchvision.transforms import InterpolationMode, v2
-
-    return v2.Compose([
-        v2.Resize(int(resize_size), interpolation=InterpolationMode(interpolation), antialias=True),
-        v2.CenterCrop(int(crop_size)),
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(mean), list(std)),
-        v2.ToPureTensor(),
-    ])
-
-
 class ImageTransform:
-    """Resize the short side, centre-crop, scale to [0, 1], normalise (:func:`eval_pipeline` with named fields)."""
+    """Resize the short side, centre-crop, scale to [0, 1], normalise (:func:`~densenet_zoo.data.transforms.eval_pipeline` with named fields)."""
 
     FIELDS = ("resize_size", "crop_size", "interpolation", "mean", "std")
 
@@ -166,6 +145,8 @@ class ImageTransform:
             raise WeightsError(f"interpolation must be one of {_INTERP}, got {interpolation!r}")
         self.resize_size, self.crop_size, self.interpolation = int(resize_size), int(crop_size), interpolation
         self.mean, self.std = list(mean), list(std)
+
+        from ..data.transforms import eval_pipeline  # torchvision loads when a transform is built, not with the registry
 
         self._pipeline = eval_pipeline(self.resize_size, self.crop_size, interpolation, self.mean, self.std)
 

@@ -9,7 +9,7 @@ import torch
 
 import densenet_zoo as dz
 from densenet_zoo.weights import registry as hub
-from densenet_zoo.train.data import write_sample_data
+from densenet_zoo.data.sample_data import write_sample_data
 from densenet_zoo.train.evaluate import evaluate_checkpoint
 
 from _train_helpers import one_thread  # noqa: F401 (autouse fixture)
