@@ -5,7 +5,10 @@ The public face: everything here is re-exported from the subpackages, which impo
 ``_utils -> norms -> memory -> weights -> models -> train / profiling -> infer -> cli``.
 """
 
-from ._utils import CheckpointError, DataError, RunError, WeightsError, ZooError
+from ._utils import (
+    CheckpointFileError, DataError, ExportError, MissingFileError, RunError, UnsupportedError, UsageError, UsageTypeError,
+    WeightsError, ZooError, deprecated_name,
+)
 from .norms import (
     BatchNorm2d, CaffeBatchNorm2d, FrozenBatchNorm2d, SyncBatchNorm, caffe_blobs_to_state_dict, convert_norm,
     group_norm, is_norm_layer, list_norms, register_norm, resolve_norm,
@@ -25,7 +28,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     # errors
-    "ZooError", "CheckpointError", "DataError", "RunError", "WeightsError",
+    "ZooError", "CheckpointFileError", "DataError", "ExportError", "MissingFileError", "RunError", "UnsupportedError",
+    "UsageError", "UsageTypeError", "WeightsError",
     # normalisation
     "BatchNorm2d", "CaffeBatchNorm2d", "FrozenBatchNorm2d", "SyncBatchNorm", "caffe_blobs_to_state_dict",
     "convert_norm", "group_norm", "is_norm_layer", "list_norms", "register_norm", "resolve_norm",
@@ -40,3 +44,7 @@ __all__ = [
     "TrainConfig", "Trainer", "finetune", "depth_sweep", "max_batch", "profile",
     "FastDenseNet", "export", "fold_bn", "optimize_for_inference",
 ]
+
+
+def __getattr__(name: str):
+    return deprecated_name(__name__, name)  # dz.CheckpointError: the old name of CheckpointFileError

@@ -10,7 +10,7 @@ from ..infer import export, optimize_for_inference
 from ..infer.info import format_info, model_info
 from ..infer.predict import Predictor, collect_images, predict_summary, write_csv
 from ..models import create_model, load_model
-from .._utils import printable
+from .._utils import UsageError, printable
 from .common import refuse_folder, refuse_overwriting_inputs
 
 
@@ -20,13 +20,13 @@ def _load_model(args: argparse.Namespace):
         model, _ = load_model(args.checkpoint)
         return model.eval()
     if not args.model:
-        raise ValueError("give --model NAME (with --pretrained for published weights) or --checkpoint FILE.safetensors")
+        raise UsageError("give --model NAME (with --pretrained for published weights) or --checkpoint FILE.safetensors")
     return create_model(args.model, pretrained=args.pretrained).eval()
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1 or args.batch_size < 1:
-        raise ValueError(f"--top-k and --batch-size must be >= 1, got {args.top_k} and {args.batch_size}")
+        raise UsageError(f"--top-k and --batch-size must be >= 1, got {args.top_k} and {args.batch_size}")
     paths = collect_images(args.inputs)
     refuse_folder("--csv", args.csv)  # checked before the work, not after it
     refuse_overwriting_inputs("--csv", args.csv, [("--checkpoint", args.checkpoint), *(("input", p) for p in paths)])
@@ -36,7 +36,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     elif args.model and args.pretrained:
         predictor = Predictor.from_pretrained(args.model, **kwargs)
     else:
-        raise ValueError("predict needs trained weights: --model NAME --pretrained, or --checkpoint FILE.safetensors")
+        raise UsageError("predict needs trained weights: --model NAME --pretrained, or --checkpoint FILE.safetensors")
     results = predictor.predict(paths, batch_size=args.batch_size, top_k=args.top_k,
                                 progress=False if args.quiet else None)
     for r in results:

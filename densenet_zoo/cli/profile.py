@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from .._utils import UsageError
 from ..allocator import ALLOCATORS, describe
 from ..profiling import depth_sweep, max_batch, profile
 
@@ -27,7 +28,7 @@ def _ints(text: str) -> list:
 
 def _cmd_profile(args: argparse.Namespace) -> int:
     if args.image_size is not None and args.image_size < 1:
-        raise ValueError(f"--image-size must be >= 1 pixel, got {args.image_size}")
+        raise UsageError(f"--image-size must be >= 1 pixel, got {args.image_size}")
     if not args.depth_sweep and not args.device.startswith("cuda"):
         print(f"# measured processes run with allocator {describe(args.allocator)}", flush=True)
     if args.depth_sweep:
@@ -39,7 +40,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     image_size = args.image_size or 224
     if args.max_batch:
         if not args.budget:
-            raise ValueError("--max-batch needs --budget, e.g. --budget 8GiB")
+            raise UsageError("--max-batch needs --budget, e.g. --budget 8GiB")
         report = max_batch(args.model, budget=args.budget, image_size=image_size, modes=args.modes,
                            device=args.device, threads=args.threads, allocator=args.allocator, autocast=args.autocast)
         print(report.table())

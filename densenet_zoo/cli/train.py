@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict
 
+from .._utils import UsageError
 from ..train import evaluate_checkpoint, finetune
 from ..data.sample_data import write_sample_data
 from ..train.run_files import STATE_FILE
@@ -30,7 +31,7 @@ _FLAGS = {
 def _cmd_finetune(args: argparse.Namespace) -> int:
     if args.threads is not None:
         if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -39,9 +40,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         try:
             options["model_args"] = json.loads(args.model_args)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"--model-args must be a JSON object such as '{{\"growth_rate\": 12}}' ({exc})") from None
+            raise UsageError(f"--model-args must be a JSON object such as '{{\"growth_rate\": 12}}' ({exc})") from None
         if not isinstance(options["model_args"], dict):
-            raise ValueError("--model-args must be a JSON object such as '{\"growth_rate\": 12}'")
+            raise UsageError("--model-args must be a JSON object such as '{\"growth_rate\": 12}'")
     for flag in ("pretrained", "strict_data", "deterministic"):
         if getattr(args, flag):
             options[flag] = True

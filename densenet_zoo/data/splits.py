@@ -16,7 +16,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from .._utils import DataError, PathLike
+from .._utils import DataError, MissingFileError, PathLike
 from .images import UnreadableImageError, probe_image
 
 Sample = Tuple[str, int]
@@ -85,7 +85,7 @@ def _read_csv(path: Path) -> Dict[str, List[str]]:
         img = img if img.is_absolute() else path.parent / img
         _check_image_file(img)
         if not img.is_file():
-            raise FileNotFoundError(f"{path}: row {i} names {img}, which does not exist; fix the path (relative to the CSV)")
+            raise MissingFileError(f"{path}: row {i} names {img}, which does not exist; fix the path (relative to the CSV)")
         out.setdefault(row[1].strip(), []).append(str(img))
     if len(out) < 2:
         raise DataError(f"{path}: found {len(out)} label(s); a classifier needs at least 2 distinct labels")
@@ -115,7 +115,7 @@ def load_splits(data: PathLike, *, val_split: float = 0.2, seed: int = 0) -> Spl
     """
     root = Path(data)
     if not root.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"data {str(root)!r} does not exist; give a folder with train/ and val/ class folders, "
             "a folder of class folders, or a CSV of path,label"
         )
@@ -149,7 +149,7 @@ def folder_samples(data: PathLike, class_names: Sequence[str]) -> List[Sample]:
     """
     root = Path(data)
     if not root.is_dir():
-        raise FileNotFoundError(f"data folder {str(root)!r} does not exist; give a folder of class folders")
+        raise MissingFileError(f"data folder {str(root)!r} does not exist; give a folder of class folders")
     if (root / "val").is_dir():
         root = root / "val"
     found = _class_folders(root)

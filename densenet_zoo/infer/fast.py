@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._utils import UsageError, UsageTypeError
 from ..models.densenet import DenseNet, DenseBlock, DenseLayer, Transition
 from .folding import _fold_into_conv, norm_as_affine
 from .inputs import prepare_input, refuse_training, require_eval as _require_eval
@@ -87,7 +88,7 @@ class _NormReluConv(nn.Module):
             lo = hi = torch.zeros(1)
         else:
             if conv.padding != (0, 0):
-                raise ValueError("folding a norm before a padded convolution is not exact at the borders")
+                raise UsageError("folding a norm before a padded convolution is not exact at the borders")
             s, b = (t.to(w.device) for t in affine)
             inf = torch.full_like(s, float("inf"))
             t = -b / torch.where(s == 0, torch.ones_like(s), s)
@@ -265,13 +266,13 @@ def optimize_for_inference(
     it may be in training mode (a copy is put in eval mode).
     """
     if not isinstance(model, DenseNet):
-        raise TypeError(f"optimize_for_inference expects a densenet_zoo DenseNet, got {type(model).__name__}")
+        raise UsageTypeError(f"optimize_for_inference expects a densenet_zoo DenseNet, got {type(model).__name__}")
     allowed = (None, torch.float32, torch.bfloat16, torch.float16)
     if dtype not in allowed:
-        raise ValueError(f"dtype must be one of None, torch.float32, torch.bfloat16, torch.float16; got {dtype!r}")
+        raise UsageError(f"dtype must be one of None, torch.float32, torch.bfloat16, torch.float16; got {dtype!r}")
     device = next(model.parameters()).device
     if dtype == torch.float16 and device.type != "cuda":
-        raise ValueError("dtype=torch.float16 is for CUDA models; on CPU use dtype=torch.bfloat16")
+        raise UsageError("dtype=torch.float16 is for CUDA models; on CPU use dtype=torch.bfloat16")
     source = copy.deepcopy(model).eval()
     if dtype is not None and dtype != torch.float32:
         # Fold in fp32 (float64 inside), then cast: rounding happens once, on the folded weights.

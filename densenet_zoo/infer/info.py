@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .._utils import IMAGENET_MEAN, IMAGENET_STD
+from .._utils import IMAGENET_MEAN, IMAGENET_STD, UsageError
 from ..models import create_model
 from ..weights import get_weights, list_weights
 from ..models.densenet import DenseNet, DenseLayer, Transition
@@ -40,7 +40,7 @@ def count_flops(model: nn.Module, image_size: int = 224, in_chans: Optional[int]
 def model_info(name: str, image_size: Optional[int] = None) -> Dict[str, Any]:
     """Facts about a named architecture (no download): ``model_info("densenet121")["gflops"]``."""
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
-        raise ValueError(f"--image-size must be a positive integer (e.g. 224), got {image_size!r}")
+        raise UsageError(f"--image-size must be a positive integer (e.g. 224), got {image_size!r}")
     model: DenseNet = create_model(name)
     small = bool(model.model_args.get("small_inputs"))
     image_size = image_size or (32 if small else 224)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .._utils import DataError, PathLike, atomic_write, printable
+from .._utils import DataError, MissingFileError, PathLike, UsageError, atomic_write, printable
 from ..data.images import UnreadableImageError, open_image
 from ..data.splits import IMAGE_EXTENSIONS
 from ..data.transforms import eval_transform, resolve_preprocessing
@@ -53,16 +53,16 @@ def collect_images(inputs: Iterable[PathLike]) -> List[Path]:
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not files:
-                raise ValueError(f"folder {str(path)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+                raise DataError(f"folder {str(path)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
             found.extend(files)
         elif path.is_file():
             found.append(path)  # named explicitly: tried whatever its suffix, reported if unreadable
         elif path.exists():  # reading a pipe or a device could block or never end
             raise DataError(f"input {printable(path)!r} is not a regular file or folder (a pipe or device?); give image files or folders")
         else:
-            raise FileNotFoundError(f"input {str(path)!r} does not exist; give image files or folders of images")
+            raise MissingFileError(f"input {str(path)!r} does not exist; give image files or folders of images")
     if not found:
-        raise ValueError("no inputs given; name image files and/or folders")
+        raise UsageError("no inputs given; name image files and/or folders")
     return found
 
 
@@ -97,7 +97,7 @@ class Predictor:
         """From a file written by :func:`densenet_zoo.save_model` (``finetune``'s best.safetensors)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; give a .safetensors file written by finetune or save_model")
+            raise MissingFileError(f"checkpoint {str(path)!r} does not exist; give a .safetensors file written by finetune or save_model")
         model, meta = load_model(path)
         pre = resolve_preprocessing(meta.get("preprocessing"), None, model.in_chans)
         names = meta.get("class_names") or _imagenet_categories(model.num_classes)
@@ -131,7 +131,7 @@ class Predictor:
         """
         for flag, value in (("batch_size", batch_size), ("top_k", top_k)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
+                raise UsageError(f"{flag} must be an integer >= 1, got {value!r}")
         paths = [Path(p) for p in paths]
         results: List[Prediction] = []
         bar = tqdm(total=len(paths), unit="img", disable=(None if progress is None else not progress), desc="predict")

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._utils import UsageError, UsageTypeError
 from ..memory import MemoryStrategy, get_memory_strategy
 from ..norms import NormSpec, resolve_norm
 from .configs import POOLS, check_config
@@ -309,7 +310,7 @@ class DenseNet(InteropMixin, nn.Module):
         """``x`` if the network can take it, else a one-line error (kept as a node in torch.fx graphs)."""
         if not torch.jit.is_scripting():
             if not isinstance(x, Tensor) and not symbolic(x):
-                raise TypeError(f"DenseNet expects a torch.Tensor of shape (N, {self.in_chans}, H, W), got {type(x).__name__}")
+                raise UsageTypeError(f"DenseNet expects a torch.Tensor of shape (N, {self.in_chans}, H, W), got {type(x).__name__}")
         return checked_input(x, self.in_chans, self.min_input_size)
 
     # -- forward -------------------------------------------------------------------------------
@@ -367,10 +368,10 @@ class DenseNet(InteropMixin, nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace the classifier by a freshly initialised one (``num_classes=0``: no classifier)."""
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+            raise UsageError(f"num_classes must be an integer >= 0, got {num_classes!r}")
         if global_pool is not None:
             if global_pool not in POOLS:
-                raise ValueError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
+                raise UsageError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
             self.global_pool = global_pool
             self.model_args["global_pool"] = global_pool
         device = next(self.parameters()).device

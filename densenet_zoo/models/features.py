@@ -18,6 +18,8 @@ import torch.nn as nn
 from torch import Tensor
 from torch.fx import Proxy
 
+from .._utils import UnsupportedError, UsageError, UsageTypeError
+
 Indices = Union[None, int, Sequence[int]]
 OUTPUT_FORMATS = ("NCHW", "NHWC")
 
@@ -48,13 +50,13 @@ def checked_input(x: Tensor, in_chans: int, min_size: int) -> Tensor:
     """``x`` after checking that it is an (N, in_chans, H, W) batch of at least min_size x min_size pixels."""
     if x.dim() != 4:
         hint = "; add a batch dimension with x.unsqueeze(0)" if x.dim() == 3 else ""
-        raise ValueError(f"DenseNet expects a 4-D input (N, {in_chans}, H, W), got shape {list(x.shape)}{hint}")
+        raise UsageError(f"DenseNet expects a 4-D input (N, {in_chans}, H, W), got shape {list(x.shape)}{hint}")
     if x.shape[1] != in_chans:
-        raise ValueError(f"input has {x.shape[1]} channels but the model was built with in_chans={in_chans}; "
+        raise UsageError(f"input has {x.shape[1]} channels but the model was built with in_chans={in_chans}; "
                          f"convert the images or build the model with in_chans={x.shape[1]}")
     h, w = x.shape[-2], x.shape[-1]
     if h < min_size or w < min_size:
-        raise ValueError(f"input of {h}x{w} pixels is too small for this DenseNet: it needs at least "
+        raise UsageError(f"input of {h}x{w} pixels is too small for this DenseNet: it needs at least "
                          f"{min_size}x{min_size}; resize the images")
     return x
 
@@ -75,20 +77,20 @@ def take_indices(num_taps: int, indices: Indices) -> List[int]:
     if indices is None:
         return list(range(num_taps))
     if isinstance(indices, bool):
-        raise TypeError(f"feature indices must be None, an int or a sequence of ints, got {indices!r}")
+        raise UsageTypeError(f"feature indices must be None, an int or a sequence of ints, got {indices!r}")
     if isinstance(indices, int):
         if not 1 <= indices <= num_taps:
-            raise ValueError(f"asked for the last {indices} feature maps; this model has {num_taps} (indices 0..{num_taps - 1})")
+            raise UsageError(f"asked for the last {indices} feature maps; this model has {num_taps} (indices 0..{num_taps - 1})")
         return list(range(num_taps - indices, num_taps))
     picked = []
     for i in indices:
         if isinstance(i, bool) or not isinstance(i, int) or not -num_taps <= i < num_taps:
-            raise ValueError(f"feature index {i!r} is out of range; this model has {num_taps} feature maps (indices 0..{num_taps - 1})")
+            raise UsageError(f"feature index {i!r} is out of range; this model has {num_taps} feature maps (indices 0..{num_taps - 1})")
         picked.append(i % num_taps)
     if not picked:
-        raise ValueError("out_indices is empty; give at least one feature index, e.g. (1, 2, 3, 4)")
+        raise UsageError("out_indices is empty; give at least one feature index, e.g. (1, 2, 3, 4)")
     if len(set(picked)) != len(picked):
-        raise ValueError(f"feature indices {tuple(indices)} repeat an index")
+        raise UsageError(f"feature indices {tuple(indices)} repeat an index")
     return sorted(picked)
 
 
@@ -114,7 +116,7 @@ def forward_intermediates(
     tap, and the other taps have other widths, so there is nothing to apply.
     """
     if output_fmt not in OUTPUT_FORMATS:
-        raise ValueError(f"output_fmt must be one of {OUTPUT_FORMATS}, got {output_fmt!r}")
+        raise UsageError(f"output_fmt must be one of {OUTPUT_FORMATS}, got {output_fmt!r}")
     x = model.check_input(x)
     info = model.feature_info
     take = take_indices(len(info), indices)
@@ -219,7 +221,7 @@ class InteropMixin:
         """``torch.jit.script`` calls this first: one clear error for what TorchScript cannot compile."""
         problem = unscriptable_reason(self)
         if problem:
-            raise RuntimeError(f"torch.jit.script cannot compile this DenseNet: {problem}")
+            raise UnsupportedError(f"torch.jit.script cannot compile this DenseNet: {problem}")
         return self
 
 

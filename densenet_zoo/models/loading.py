@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save as safetensors_bytes
 
-from .._utils import CheckpointError, PathLike, WeightsError, atomic_write
+from .._utils import CheckpointFileError, MissingFileError, PathLike, WeightsError, atomic_write
 from ..weights.checkpoint import METADATA_KEY, extract_state_dict, read_checkpoint, read_safetensors
 from ..weights.cache import download
 from ..weights.registry import WeightsEntry, fetch, get_weights
@@ -49,7 +49,7 @@ def save_model(model: DenseNet, path: PathLike, **metadata: Any) -> Path:
     """
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"cannot save to {path}: it is a folder; give a file name such as {path / 'model.safetensors'}")
+        raise CheckpointFileError(f"cannot save to {path}: it is a folder; give a file name such as {path / 'model.safetensors'}")
     rebuildable = _rebuildable(model)
     meta: Dict[str, Any] = {"arch": getattr(model, "arch", None), "model_args": dict(getattr(model, "model_args", {}))}
     entry = getattr(model, "weights_entry", None)
@@ -66,11 +66,11 @@ def save_model(model: DenseNet, path: PathLike, **metadata: Any) -> Path:
     try:
         blob = safetensors_bytes(state, metadata={METADATA_KEY: json.dumps(meta)})
     except TypeError as exc:
-        raise CheckpointError(f"cannot save to {path}: metadata must be JSON-serialisable ({exc})") from None
+        raise CheckpointFileError(f"cannot save to {path}: metadata must be JSON-serialisable ({exc})") from None
     try:
         return atomic_write(path, lambda f: f.write(blob))
     except OSError as exc:
-        raise CheckpointError(f"cannot write {path} ({type(exc).__name__}: {exc.strerror or exc}); choose a writable path") from None
+        raise CheckpointFileError(f"cannot write {path} ({type(exc).__name__}: {exc.strerror or exc}); choose a writable path") from None
 
 
 def _rebuildable(model: Any) -> bool:
@@ -82,7 +82,7 @@ def _rebuildable(model: Any) -> bool:
         fix = ("save the DenseNet it was made from and call optimize_for_inference() after load_model()"
                if type(model).__name__ == "FastDenseNet" else
                "copy its weights into a densenet_zoo model first (dz.convert_checkpoint(model.state_dict(), path) does both)")
-        raise CheckpointError(f"save_model writes densenet_zoo DenseNet models, got {type(model).__module__}.{type(model).__name__}; {fix}")
+        raise CheckpointFileError(f"save_model writes densenet_zoo DenseNet models, got {type(model).__module__}.{type(model).__name__}; {fix}")
     try:
         with torch.device("meta"):
             twin = DenseNet(**model.model_args)
@@ -100,13 +100,13 @@ def load_model(path: PathLike, **overrides: Any) -> Tuple[DenseNet, Dict[str, An
 
     ``overrides`` go to the constructor (``memory_efficient=True``, ``norm_layer="frozen_bn"``...).
     The metadata is checked against the tensors before the model is built: a damaged or forged
-    file raises :class:`CheckpointError`, whatever architecture it claims.
+    file raises :class:`CheckpointFileError`, whatever architecture it claims.
     """
     state, meta = read_safetensors(path)
     if "model_args" not in meta:
-        raise CheckpointError(f"{path}: no densenet_zoo metadata in this safetensors file; build the model yourself and use load_weights()")
+        raise CheckpointFileError(f"{path}: no densenet_zoo metadata in this safetensors file; build the model yourself and use load_weights()")
     if meta.get("rebuildable") is False and not overrides:
-        raise CheckpointError(f"{path}: holds a DenseNet whose layers its model_args do not rebuild (a norm given as a "
+        raise CheckpointFileError(f"{path}: holds a DenseNet whose layers its model_args do not rebuild (a norm given as a "
                               "function, or layers replaced after construction); build that model yourself and use "
                               "dz.load_weights(model, path)")
     args = meta["model_args"]
@@ -135,9 +135,9 @@ def resolve_weights(weights: Any, arch: Optional[str] = None, *, progress: bool 
             os.path.exists(weights) or weights.lower().endswith(_SUFFIXES))):
         path = Path(weights)
         if path.is_dir():
-            raise CheckpointError(f"weights file {str(path)!r} is a folder; give the path of a .safetensors/.pth file in it")
+            raise CheckpointFileError(f"weights file {str(path)!r} is a folder; give the path of a .safetensors/.pth file in it")
         if not path.is_file():
-            raise FileNotFoundError(f"weights file {str(path)!r} does not exist; check the path")
+            raise MissingFileError(f"weights file {str(path)!r} does not exist; check the path")
         return path, None, str(path)
     if isinstance(weights, str) and _is_url(weights):
         return download(weights, progress=progress), None, weights
@@ -175,13 +175,13 @@ def _read_state(source: Any, *, use_ema: bool = False) -> Tuple[Dict[str, torch.
 
 @contextlib.contextmanager
 def _about(desc: str) -> Iterator[None]:
-    """Prefix a :class:`CheckpointError` raised inside with the file it is about, when it does not name it yet."""
+    """Prefix a :class:`CheckpointFileError` raised inside with the file it is about, when it does not name it yet."""
     try:
         yield
-    except CheckpointError as exc:
+    except CheckpointFileError as exc:
         if str(exc).startswith(desc):
             raise
-        raise CheckpointError(f"{desc}: {exc}") from None
+        raise CheckpointFileError(f"{desc}: {exc}") from None
 
 
 def _load_resolved(model: nn.Module, source: Any, entry: Optional[WeightsEntry], desc: str, *, strict: bool = False,

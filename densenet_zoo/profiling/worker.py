@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 import torch.nn as nn
 
+from .._utils import UsageError
 from ..allocator import active_allocator, describe
 from ..memory import SavedTensorBytes
 from ..models import create_model
@@ -49,7 +50,7 @@ def build(ref: str, mode: str, kwargs: Dict[str, Any]) -> nn.Module:
 
         arch = ref.rsplit(":", 1)[-1]
         if arch not in TORCHVISION_ARCHS:
-            raise ValueError(f"torchvision has no reference for {arch!r}; use one of {', '.join(TORCHVISION_ARCHS)}")
+            raise UsageError(f"torchvision has no reference for {arch!r}; use one of {', '.join(TORCHVISION_ARCHS)}")
         tv_kwargs = {k: v for k, v in kwargs.items() if k in ("num_classes", "drop_rate")}
         return getattr(torchvision.models, arch)(memory_efficient=mode.endswith("memory_efficient"), **tv_kwargs)
     if ":" in ref:
@@ -62,7 +63,7 @@ def build(ref: str, mode: str, kwargs: Dict[str, Any]) -> nn.Module:
         model = create_model(ref, **kwargs)
     set_mode = getattr(model, "set_memory_efficient", None)
     if set_mode is None:
-        raise ValueError(f"model {ref!r} has no set_memory_efficient(); memory modes apply to densenet_zoo models")
+        raise UsageError(f"model {ref!r} has no set_memory_efficient(); memory modes apply to densenet_zoo models")
     return set_mode(mode)
 
 

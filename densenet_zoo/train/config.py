@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
+from .._utils import UsageError, UsageTypeError
 from ..data.transforms import AUGMENTATIONS
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -63,7 +64,7 @@ class TrainConfig:
         """One-line errors for settings that cannot work, before anything is read or written."""
         def need(ok: bool, msg: str) -> None:
             if not ok:
-                raise ValueError(msg)
+                raise UsageError(msg)
 
         for name in ("epochs", "batch_size", "accum_steps"):
             v = getattr(self, name)
@@ -89,7 +90,7 @@ def config_from(options: Dict[str, Any]) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(options) - names)
     if unknown:
-        raise TypeError(f"unknown fine-tuning option(s) {unknown}; known: {sorted(names)}")
+        raise UsageTypeError(f"unknown fine-tuning option(s) {unknown}; known: {sorted(names)}")
     return TrainConfig(**options)
 
 
@@ -106,9 +107,9 @@ def resumed_config(saved: Dict[str, Any], options: Dict[str, Any], out: str) -> 
         if key in RESUMABLE or value is None or _same(key, saved.get(key), value):
             continue
         if key in _ARCHITECTURE:
-            raise ValueError(f"{out} holds a run of model {saved['model']!r} {saved.get('model_args') or ''}; "
+            raise UsageError(f"{out} holds a run of model {saved['model']!r} {saved.get('model_args') or ''}; "
                              f"cannot resume it as {key}={value!r}; start a new run with another --out")
-        raise ValueError(f"cannot change {key} from {saved.get(key)!r} to {value!r} when resuming {out}; "
+        raise UsageError(f"cannot change {key} from {saved.get(key)!r} to {value!r} when resuming {out}; "
                          f"only {', '.join(RESUMABLE)} may change")
     saved.update({k: v for k, v in options.items() if v is not None and k != "data"})
     saved["out"] = str(out)

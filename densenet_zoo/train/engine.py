@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from .._utils import DataError, RunError, printable
+from .._utils import DataError, RunError, UsageError, printable
 from ..data.dataset import ImageDataset
 from ..data.splits import Sample, check_images, load_splits
 from ..data.transforms import eval_transform, resolve_preprocessing, train_transform
@@ -143,7 +143,7 @@ class Trainer:
         c, d = self.config, self.dist
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[c.amp]
         if c.amp == "fp16" and d.device.type != "cuda":
-            raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
+            raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
         self.scaler = torch.amp.GradScaler("cuda") if c.amp == "fp16" else None
         self.ddp = None
         if d.world_size > 1:

@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from .._utils import DataError
+from .._utils import DataError, MissingFileError, UsageError
 from ..data.dataset import ImageDataset
 from ..data.splits import check_images, folder_samples
 from ..data.transforms import eval_transform, resolve_preprocessing
@@ -29,10 +29,10 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, batch_size: int = 64, wor
     ``data`` is a folder of class folders (or one with ``val/``), named like the checkpoint's classes.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+        raise UsageError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
     ckpt = Path(checkpoint)
     if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint {str(ckpt)!r} does not exist; give the best.safetensors or last.safetensors of a run")
+        raise MissingFileError(f"checkpoint {str(ckpt)!r} does not exist; give the best.safetensors or last.safetensors of a run")
     out_dir = Path(out) if out else ckpt.parent
     if Path(data).is_dir() and Path(data).resolve() in (out_dir.resolve(), *out_dir.resolve().parents):
         raise DataError(f"--out {out_dir} is inside --data {data}; confusion.png and evaluation.json would become "
@@ -40,11 +40,11 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, batch_size: int = 64, wor
     model, meta = load_model(ckpt)
     names = meta.get("class_names")
     if not names:
-        raise ValueError(f"{ckpt} has no class names in its metadata; evaluate needs a checkpoint written by finetune")
+        raise UsageError(f"{ckpt} has no class names in its metadata; evaluate needs a checkpoint written by finetune")
     pre = resolve_preprocessing(meta.get("preprocessing"), None, getattr(model, "in_chans", 3))
     samples, bad = check_images(folder_samples(data, names), strict=strict_data)
     if not samples:
-        raise ValueError(f"{data}: no readable images to evaluate")
+        raise DataError(f"{data}: no readable images to evaluate")
     d = Dist.setup(device) if device != "auto" or torch.cuda.is_available() else Dist()
     model = model.to(d.device)
     loader = DataLoader(ImageDataset(samples, eval_transform(pre), in_chans=getattr(model, "in_chans", 3)),

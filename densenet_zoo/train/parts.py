@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Sampler
 
+from .._utils import UsageError
 from ..weights import get_weights, read_safetensors
 
 
@@ -35,10 +36,10 @@ class Dist:
             d = Dist.setup("auto")   # gloo on CPU, nccl on CUDA
         """
         if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+            raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
         cuda = torch.cuda.is_available() and device != "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: no CUDA device is available; use --device cpu")
+            raise UsageError(f"--device {device}: no CUDA device is available; use --device cpu")
         owns = False
         if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             dist.init_process_group("nccl" if cuda else "gloo")
@@ -133,7 +134,7 @@ def apply_freeze(model: nn.Module, freeze: str) -> List[nn.Module]:
         return []
     features = getattr(model, "features", None)
     if features is None:
-        raise ValueError(f"--freeze {freeze} needs a model with a 'features' part")
+        raise UsageError(f"--freeze {freeze} needs a model with a 'features' part")
     names = list(features._modules)
     if freeze == "features":
         chosen = names
@@ -141,7 +142,7 @@ def apply_freeze(model: nn.Module, freeze: str) -> List[nn.Module]:
         n = int(freeze[5:])
         blocks = [x for x in names if x.startswith("denseblock")]
         if not 1 <= n <= len(blocks):
-            raise ValueError(f"--freeze {freeze}: this model has {len(blocks)} dense blocks; use none, features or block1..block{len(blocks)}")
+            raise UsageError(f"--freeze {freeze}: this model has {len(blocks)} dense blocks; use none, features or block1..block{len(blocks)}")
         end = names.index(f"denseblock{n}") + 1
         if end < len(names) and names[end].startswith("transition"):
             end += 1
@@ -186,7 +187,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: 
         g = groups.setdefault((m, wd), {"params": [], "lr": lr * m, "weight_decay": wd})
         g["params"].append(p)
     if not groups:
-        raise ValueError("no trainable parameters left; use a smaller --freeze")
+        raise UsageError("no trainable parameters left; use a smaller --freeze")
     return [groups[k] for k in sorted(groups)]
 
 

@@ -306,5 +306,6 @@ def fetch(entry: WeightsEntry, *, progress: bool = True) -> Path:
     if entry.hf_hub_id and not entry.url:
         return hf_download(entry.hf_hub_id, entry.hf_filename, progress=progress)
     url = entry.resolved_url()
-    assert url is not None
+    if url is None:  # from_dict refuses such entries; a WeightsEntry built by hand may still lack both
+        raise WeightsError(f"weights {entry.name!r} have neither a url nor an hf_hub_id; give one of them")
     return download(url, entry.filename, sha256=entry.sha256, file_size=entry.file_size, progress=progress)
