@@ -35,10 +35,12 @@ from ..models import create_model, save_model
 from . import run_files as io
 from . import step
 from .config import TrainConfig, config_from, resumed_config
-from .parts import (
-    Dist, EpochBatchSampler, apply_freeze, evaluate_loader, lr_factor, make_optimizer, param_groups, reduce_sum,
-    set_train_mode, weights_preprocessing,
-)
+from ..weights.registry import weights_preprocessing
+from .distributed import Dist, reduce_sum
+from .evaluate import evaluate_loader
+from .freezing import apply_freeze, set_train_mode
+from .optim import lr_factor, make_optimizer, param_groups
+from .sampler import EpochBatchSampler
 
 
 class Trainer:

@@ -1,4 +1,5 @@
-"""Evaluate a fine-tuned checkpoint on a folder of class folders: metrics and a confusion matrix."""
+"""Evaluation: loss and accuracy of a model over a loader (every rank's share summed), and of a fine-tuned
+checkpoint on a folder of class folders, with its confusion matrix."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .._utils import DataError, MissingFileError, UsageError
@@ -14,7 +17,7 @@ from ..data.splits import check_images, folder_samples
 from ..data.transforms import eval_transform, resolve_preprocessing
 from ..models import load_model
 from . import run_files as io
-from .parts import Dist, evaluate_loader
+from .distributed import Dist, reduce_sum
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, *, batch_size: int = 64, workers: int = 0,
@@ -58,3 +61,37 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, batch_size: int = 64, wor
     io.write_json(out_dir / "evaluation.json", report)
     report["confusion_png"] = str(confusion_path)
     return report
+
+
+@torch.no_grad()
+def evaluate_loader(model: nn.Module, loader: Any, num_classes: int, d: Optional[Dist] = None, *,
+                    amp_dtype: Optional[torch.dtype] = None, confusion: bool = False) -> Dict[str, Any]:
+    """Loss, top-1 and top-5 accuracy (%) over ``loader``, summed over ranks; optionally the confusion matrix.
+
+    Example::
+
+        evaluate_loader(model, val_loader, 10)["acc1"]
+    """
+    d = d or Dist()
+    was_training = model.training
+    model.eval()
+    k = min(5, num_classes)
+    sums = torch.zeros(4, dtype=torch.float64)
+    matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for x, y in loader:
+        x, y = x.to(d.device), y.to(d.device)
+        with torch.autocast(d.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x)
+        logits = logits.float()
+        top = logits.topk(k, 1).indices
+        hit = top.eq(y[:, None])
+        sums += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(), hit[:, 0].sum().item(), hit.any(1).sum().item(), len(y)], dtype=torch.float64)
+        if confusion:
+            matrix += torch.bincount(y.cpu() * num_classes + top[:, 0].cpu(), minlength=num_classes**2).view(num_classes, num_classes)
+    model.train(was_training)
+    tot = reduce_sum(sums, d).tolist()
+    n = max(tot[3], 1)
+    out: Dict[str, Any] = {"loss": tot[0] / n, "acc1": 100 * tot[1] / n, "acc5": 100 * tot[2] / n, "count": int(tot[3])}
+    if confusion:
+        out["confusion"] = reduce_sum(matrix, d).long()
+    return out

@@ -21,8 +21,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from .._utils import IMAGENET_MEAN, IMAGENET_STD, WeightsError
 from .cache import download, hf_download
+from .checkpoint import read_safetensors
 
-__all__ = ["WeightsEntry", "fetch", "get_weights", "list_weights", "read_manifest", "register_weights"]
+__all__ = ["WeightsEntry", "fetch", "get_weights", "list_weights", "read_manifest", "register_weights", "weights_preprocessing"]
 
 
 # Installed: the package data folder densenet_zoo/_data; in a source checkout: the top-level weights/ folder.
@@ -309,3 +310,22 @@ def fetch(entry: WeightsEntry, *, progress: bool = True) -> Path:
     if url is None:  # from_dict refuses such entries; a WeightsEntry built by hand may still lack both
         raise WeightsError(f"weights {entry.name!r} have neither a url nor an hf_hub_id; give one of them")
     return download(url, entry.filename, sha256=entry.sha256, file_size=entry.file_size, progress=progress)
+
+
+def weights_preprocessing(model: str, source: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """Preprocessing of the weights a run starts from: the registry entry's, or the metadata of a
+    safetensors file written by :func:`~densenet_zoo.save_model`; ``None`` when unknown.
+
+    Example::
+
+        weights_preprocessing("densenet121")["crop_size"]  # -> 224
+    """
+    if source and Path(source).is_file() and source.endswith(".safetensors"):
+        pre = read_safetensors(source)[1].get("preprocessing")
+        return dict(pre) if pre else None
+    try:
+        info = get_weights(source if source and "." in source else model)
+    except (LookupError, ValueError, RuntimeError):  # e.g. a URL: no registry entry to read
+        return None
+    pre = getattr(info, "preprocessing", None)
+    return dict(pre) if pre else None
