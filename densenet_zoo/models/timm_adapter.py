@@ -35,7 +35,7 @@ from ..weights.registry import WeightsEntry
 from .configs import model_config
 from .densenet import DenseNet
 from .factory import create_model, list_models
-from .features import final_map_size, min_input_size
+from .inputs import final_map_size, min_input_size
 
 PREFIX = "dz_"
 

@@ -76,7 +76,7 @@ def test_default_cfg_and_head(name):
     with torch.no_grad():
         feats = model.forward_features(x)
         pre = model.forward_head(feats, pre_logits=True)
-    expected = cfg["pool_size"] if side == cfg["input_size"][-1] else (dz.models.features.final_map_size(side, len(arch["block_config"]), bool(arch.get("small_inputs"))),) * 2
+    expected = cfg["pool_size"] if side == cfg["input_size"][-1] else (dz.models.inputs.final_map_size(side, len(arch["block_config"]), bool(arch.get("small_inputs"))),) * 2
     assert feats.shape[1] == model.num_features and tuple(feats.shape[-2:]) == tuple(expected)
     assert pre.shape == (1, model.head_hidden_size)
     model.reset_classifier(0)
@@ -264,7 +264,7 @@ def test_layer_decay_optimizer_groups():
     assert scale[named["features.conv0.weight"]] == pytest.approx(0.7 ** (layers - 1))
     assert scale[named["features.transition1.conv.weight"]] == scale[named["features.denseblock1.denselayer2.conv1.weight"]]
     assert scale[named["features.denseblock2.denselayer1.conv1.weight"]] == pytest.approx(0.7 ** (layers - 4))
-    assert dz.models.features.JOIN_PREVIOUS_GROUP == timm.models._manipulate.MATCH_PREV_GROUP
+    assert dz.models.timm_methods.JOIN_PREVIOUS_GROUP == timm.models._manipulate.MATCH_PREV_GROUP
     coarse = timm.models.group_parameters(model, model.group_matcher(coarse=True))
     assert len(coarse) == 1 + 3 + 1
 
