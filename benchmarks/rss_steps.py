@@ -18,7 +18,7 @@ import torch.nn as nn
 
 import densenet_zoo as dz
 from densenet_zoo.hardware import describe_hardware
-from densenet_zoo.profiling.rss import _PeakRss, _rss_kib
+from densenet_zoo.profiling.rss import PeakRss, rss_kib
 
 
 def main() -> int:
@@ -41,19 +41,19 @@ def main() -> int:
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     y = torch.randint(0, 1000, (args.batch_size,))
     gc.collect()
-    base = _rss_kib("VmRSS")
+    base = rss_kib("VmRSS")
     print(f"# hardware: {describe_hardware()}")
     print(f"# {args.model} {args.mode} batch {args.batch_size} {args.image_size}px bf16={args.bf16}: baseline {base / 1024:.0f} MB")
     for i in range(args.steps):
         start = time.perf_counter()
-        with _PeakRss() as peak:
+        with PeakRss() as peak:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
                 out = model(x)
             nn.functional.cross_entropy(out.float(), y).backward()
             del out
             opt.step()
             opt.zero_grad(set_to_none=True)
-        after = _rss_kib("VmRSS")
+        after = rss_kib("VmRSS")
         print(f"step {i}: peak {(peak.peak - base) / 1024:7.0f} MB  after {(after - base) / 1024:7.0f} MB  "
               f"{time.perf_counter() - start:6.2f} s", flush=True)
     return 0

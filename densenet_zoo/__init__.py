@@ -3,12 +3,15 @@ normalisation, exact memory-efficient training, pretrained weights, fine-tuning 
 
 The public face: every name here comes from a subpackage, and is imported on first use, so that
 ``import densenet_zoo`` (and ``densenet-zoo --help``) costs little. The subpackages import one way,
-``_utils -> norms -> memory -> weights -> models -> train / profiling -> infer -> cli``.
+``_utils, hardware, allocator -> norms -> memory -> data -> weights -> models -> train / profiling -> infer -> cli``.
 Our models enter timm's registry as ``dz_<model>`` as soon as timm is imported, before or after
 this package.
 """
 
-from ._utils import CheckpointError, DataError, RunError, WeightsError, ZooError, __version__, lazy_exports
+from ._utils import (
+    CheckpointFileError, DataError, ExportError, MissingFileError, RunError, UnsupportedError, UsageError, UsageTypeError,
+    WeightsError, ZooError, __version__, deprecated_name, lazy_exports,
+)
 from .models.timm_registration import register_when_timm_is_imported
 
 #: Each public name -> the subpackage that exports it.
@@ -32,14 +35,21 @@ _EXPORTS = {
     **dict.fromkeys(["FastDenseNet", "export", "fold_bn", "optimize_for_inference"], ".infer"),
 }
 
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+_lazy_getattr, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+
+def __getattr__(name: str):  # noqa: ANN201 - PEP 562
+    """A public name, imported on first use; a deprecated one (``CheckpointError``) with a warning."""
+    return _lazy_getattr(name) if name in _EXPORTS else deprecated_name(__name__, name)
+
 
 register_when_timm_is_imported()
 del lazy_exports, register_when_timm_is_imported  # tools of this file, not names of the package
 
 __all__ = [
     # errors
-    "ZooError", "CheckpointError", "DataError", "RunError", "WeightsError", "HardwareError",
+    "ZooError", "CheckpointFileError", "DataError", "ExportError", "HardwareError", "MissingFileError", "RunError",
+    "UnsupportedError", "UsageError", "UsageTypeError", "WeightsError",
     # the machine
     "CpuCapabilities", "cpu_capabilities", "describe_hardware",
     # normalisation
@@ -56,3 +66,7 @@ __all__ = [
     "TrainConfig", "Trainer", "finetune", "depth_sweep", "max_batch", "profile",
     "FastDenseNet", "export", "fold_bn", "optimize_for_inference",
 ]
+
+
+def __getattr__(name: str):
+    return deprecated_name(__name__, name)  # dz.CheckpointError: the old name of CheckpointFileError

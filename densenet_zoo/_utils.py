@@ -1,5 +1,5 @@
-"""Small pieces every layer shares: the version, the error family, path types, ImageNet constants, atomic
-writes, and the lazy attributes of the package ``__init__`` files."""
+"""Small pieces every layer shares: the version, the error family, path types, ImageNet constants, printable
+paths, the one writer of output files, and the lazy attributes of the package ``__init__`` files."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import os
 import stat
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 #: The package's version (pyproject.toml says the same); here so that ``densenet-zoo --version`` reads it cheaply.
 __version__ = "0.1.0"
+
 
 PathLike = Union[str, os.PathLike]
 
@@ -30,8 +32,30 @@ class ZooError(Exception):
     """
 
 
-class CheckpointError(ZooError, RuntimeError):
-    """A checkpoint could not be read or does not fit the model."""
+class UsageError(ZooError, ValueError):
+    """An argument, option or input has a value, shape or combination that cannot work."""
+
+
+class UsageTypeError(ZooError, TypeError):
+    """An argument or input is of the wrong type."""
+
+
+class MissingFileError(ZooError, FileNotFoundError):
+    """A file or folder named by the caller does not exist."""
+
+
+class UnsupportedError(ZooError, RuntimeError):
+    """What was asked needs something this installation or object lacks (an optional package, gradients of an
+    inference-only network, a model TorchScript cannot compile)."""
+
+
+class ExportError(ZooError, RuntimeError):
+    """An exported program does not reproduce the model it was exported from."""
+
+
+class CheckpointFileError(ZooError, RuntimeError):
+    """A checkpoint file could not be read or does not fit the model (not ``torch.utils.checkpoint.CheckpointError``,
+    which is about activation checkpointing)."""
 
 
 class WeightsError(ZooError, RuntimeError):
@@ -44,6 +68,44 @@ class DataError(ZooError, ValueError):
 
 class RunError(ZooError, RuntimeError):
     """A run folder cannot be written, resumed or shared as asked."""
+
+
+#: Old names that still import, with a ``DeprecationWarning`` naming the new one.
+DEPRECATED_NAMES = {"CheckpointError": "CheckpointFileError"}
+
+
+def deprecated_name(module: str, name: str) -> Any:
+    """The object a deprecated ``name`` of ``module`` stands for, after a ``DeprecationWarning``; for a module's
+    ``__getattr__``.
+
+    Example::
+
+        def __getattr__(name):  # in a package's __init__.py
+            return deprecated_name(__name__, name)
+    """
+    if name not in DEPRECATED_NAMES:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    new = DEPRECATED_NAMES[name]
+    warnings.warn(f"{module}.{name} is deprecated; use {module}.{new}", DeprecationWarning, stacklevel=3)
+    return globals()[new]
+
+
+def __getattr__(name: str) -> Any:
+    return deprecated_name(__name__, name)
+
+
+def printable(text: PathLike) -> str:
+    """``text`` (a path, a class name) as valid UTF-8: bytes of a file name that are not UTF-8 become ``\\xNN``.
+
+    Example::
+
+        printable(os.fsdecode(b"caf\\xe9"))  # -> 'caf\\\\xe9'
+    """
+    try:
+        raw = os.fsencode(text)
+    except UnicodeEncodeError:  # a lone surrogate that no file name decoded to
+        raw = str(text).encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 class OutputKind(NamedTuple):

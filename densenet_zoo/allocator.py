@@ -28,6 +28,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
+from ._utils import UsageError
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -44,7 +46,7 @@ _LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/us
 
 def _check_name(name: str) -> str:
     if name not in ALLOCATORS:
-        raise ValueError(f"unknown allocator {name!r}; expected one of {', '.join(ALLOCATORS)}")
+        raise UsageError(f"unknown allocator {name!r}; expected one of {', '.join(ALLOCATORS)}")
     return name
 
 
@@ -69,7 +71,7 @@ def allocator_env(name: str) -> Dict[str, str]:
         return dict(_MMAP_ENV)
     path = find_library(name)
     if path is None:
-        raise ValueError(f"allocator {name!r} is not installed (no {' or '.join(_LIBRARIES[name])}); "
+        raise UsageError(f"allocator {name!r} is not installed (no {' or '.join(_LIBRARIES[name])}); "
                          f"install it with 'apt-get install {_PACKAGES[name]}' or use --allocator default")
     preload = os.environ.get("LD_PRELOAD", "")
     return {"LD_PRELOAD": " ".join(filter(None, [path, preload])), _REEXEC_MARK: name}
@@ -118,7 +120,7 @@ def preferred_allocator() -> str:
     if wanted == "auto":
         return "tcmalloc" if find_library("tcmalloc") else "default"
     if wanted not in ("default", "tcmalloc", "jemalloc"):
-        raise ValueError(f"{ENV_VAR}={wanted!r} is not understood; expected auto, default, tcmalloc or jemalloc")
+        raise UsageError(f"{ENV_VAR}={wanted!r} is not understood; expected auto, default, tcmalloc or jemalloc")
     return wanted
 
 

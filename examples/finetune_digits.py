@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 import densenet_zoo as dz
-from densenet_zoo.train.data import write_sample_data
+from densenet_zoo.data.sample_data import write_sample_data
 from densenet_zoo.train.evaluate import evaluate_checkpoint
 
 p = argparse.ArgumentParser()

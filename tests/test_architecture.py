@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "densenet_zoo"
 
 #: Bottom to top. A module may import from its own layer or a lower one, never from a higher one.
-LAYERS = ["_utils", "hardware", "allocator", "norms", "memory", "weights", "models", "train", "profiling", "infer", "cli"]
+LAYERS = ["_utils", "hardware", "allocator", "norms", "memory", "data", "weights", "models", "train", "profiling", "infer", "cli"]
 LAYER_OF = {name: i for i, name in enumerate(LAYERS)}
 #: train and profiling are siblings: neither imports the other.
 SIBLINGS = {frozenset({"train", "profiling"})}
@@ -320,3 +320,106 @@ model = torch.hub.load({str(ROOT)!r}, "densenet_bc_100", source="local", num_cla
 print(json.dumps(dict(kind=type(model).__module__, classes=model.num_classes)))
 """
     assert _fresh(code) == {"kind": "densenet_zoo.models.densenet", "classes": 3}
+
+
+# ---------------------------------------------------------------------------------------------
+# No shims: names are imported from where they are defined, and no private name crosses a package
+# ---------------------------------------------------------------------------------------------
+
+
+def _package_imports(module: str, path: Path, mods: Dict[str, Path], *, type_only: bool = True):
+    """``(node, target module, imported name)`` for every ``from <package module> import name`` in ``module``
+    (with ``type_only=False``, not those inside ``if TYPE_CHECKING:``)."""
+    tree = ast.parse(path.read_text())
+    skip = set() if type_only else _type_checking_nodes(tree)
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom) or id(node) in skip:
+            continue
+        if node.level:
+            base = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+            target = ".".join(base[: len(base) - (node.level - 1)] + ([node.module] if node.module else []))
+        else:
+            target = node.module or ""
+        if target in mods:
+            for alias in node.names:
+                if f"{target}.{alias.name}" not in mods:  # a name, not a submodule
+                    yield node, target, alias
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def private_imports_across_packages() -> List[str]:
+    """``module: name from target`` where a private name crosses from one subpackage into another."""
+    mods = _modules()
+    found = []
+    for module, path in mods.items():
+        for _, target, alias in _package_imports(module, path, mods):
+            if _is_private(alias.name) and _layer(target) != _layer(module):
+                found.append(f"{module}: {alias.name} from {target}")
+    return found
+
+
+def _used_names(tree: ast.AST) -> Set[str]:
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    return used | {n.value.id for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
+
+
+def _declared_all(tree: ast.Module) -> Set[str]:
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in stmt.targets):
+            return {elt.value for elt in getattr(stmt.value, "elts", []) if isinstance(elt, ast.Constant)}
+    return set()
+
+
+def reexports() -> List[str]:
+    """Modules (package ``__init__`` files aside) that hold names defined elsewhere only to hand them on.
+
+    A re-export is a name imported from a package module that the module never uses, or that it lists
+    in ``__all__``; a module whose body is only imports (and ``__all__``) is a shim as a whole.
+    """
+    mods = _modules()
+    found = []
+    for module, path in mods.items():
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        tree = ast.parse(path.read_text())
+        body = [s for s in tree.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+        if body and all(isinstance(s, (ast.Import, ast.ImportFrom)) or s in _all_assigns(tree) for s in body):
+            found.append(f"{module}: only imports")
+            continue
+        used, exported = _used_names(tree), _declared_all(tree)
+        for _, target, alias in _package_imports(module, path, mods, type_only=False):  # those serve annotations
+            bound = alias.asname or alias.name
+            if bound not in used or bound in exported:
+                found.append(f"{module}: {bound} from {target}")
+    return found
+
+
+def _all_assigns(tree: ast.Module) -> List[ast.stmt]:
+    return [s for s in tree.body if isinstance(s, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in s.targets)]
+
+
+def test_no_private_name_crosses_a_subpackage():
+    assert private_imports_across_packages() == []
+
+
+def test_no_module_re_exports():
+    assert reexports() == []
+
+
+def test_the_shim_checks_would_find_a_shim(tmp_path, monkeypatch):
+    # The two checks above pass vacuously if they read nothing: plant a shim and a private import and see them found.
+    pkg = tmp_path / "densenet_zoo"
+    for sub in ("models", "infer"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "models" / "net.py").write_text("class _Layer:\n    pass\n\n\ndef build():\n    return _Layer()\n")
+    (pkg / "infer" / "shim.py").write_text('"""A shim."""\nfrom ..models.net import build\n\n__all__ = ["build"]\n')
+    (pkg / "infer" / "user.py").write_text("from ..models.net import _Layer, build\n\n\ndef f():\n    return _Layer, build\n")
+    (pkg / "infer" / "passer.py").write_text("from ..models.net import build\n\n\ndef g():\n    return 1\n")
+    monkeypatch.setitem(globals(), "PACKAGE", pkg)
+    assert private_imports_across_packages() == ["densenet_zoo.infer.user: _Layer from densenet_zoo.models.net"]
+    assert sorted(reexports()) == ["densenet_zoo.infer.passer: build from densenet_zoo.models.net",
+                                   "densenet_zoo.infer.shim: only imports"]

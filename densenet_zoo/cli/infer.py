@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .._utils import check_output
+from .._utils import UsageError, check_output, printable
 from .common import add_overwrite, refuse_overwriting_inputs
 
 
@@ -18,16 +18,15 @@ def _load_model(args: argparse.Namespace):
         model, _ = load_model(args.checkpoint)
         return model.eval()
     if not args.model:
-        raise ValueError("give --model NAME (with --pretrained for published weights) or --checkpoint FILE.safetensors")
+        raise UsageError("give --model NAME (with --pretrained for published weights) or --checkpoint FILE.safetensors")
     return create_model(args.model, pretrained=args.pretrained).eval()
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from ..infer.predict import PREDICTIONS_CSV, Predictor, collect_images, predict_summary, write_csv
-    from ..train.data import printable
 
     if args.top_k < 1 or args.batch_size < 1:
-        raise ValueError(f"--top-k and --batch-size must be >= 1, got {args.top_k} and {args.batch_size}")
+        raise UsageError(f"--top-k and --batch-size must be >= 1, got {args.top_k} and {args.batch_size}")
     paths = collect_images(args.inputs)
     refuse_overwriting_inputs("--csv", args.csv, [("--checkpoint", args.checkpoint), *(("input", p) for p in paths)])
     if args.csv:  # checked before the work, not after it
@@ -38,7 +37,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     elif args.model and args.pretrained:
         predictor = Predictor.from_pretrained(args.model, **kwargs)
     else:
-        raise ValueError("predict needs trained weights: --model NAME --pretrained, or --checkpoint FILE.safetensors")
+        raise UsageError("predict needs trained weights: --model NAME --pretrained, or --checkpoint FILE.safetensors")
     results = predictor.predict(paths, batch_size=args.batch_size, top_k=args.top_k,
                                 progress=False if args.quiet else None)
     for r in results:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Dict
 
-from .._utils import FIGURE, DataError, check_output
+from .._utils import FIGURE, DataError, UsageError, check_output
 from ..allocator import ALLOCATORS, describe
 from ..hardware import bf16_cost_note
 from .common import add_overwrite
@@ -45,7 +45,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from ..profiling import depth_sweep, max_batch, profile
 
     if args.image_size is not None and args.image_size < 1:
-        raise ValueError(f"--image-size must be >= 1 pixel, got {args.image_size}")
+        raise UsageError(f"--image-size must be >= 1 pixel, got {args.image_size}")
     note = bf16_cost_note(args.device) if args.autocast == "bfloat16" and not args.depth_sweep else None
     if note:  # said before the minutes of measuring, not only in the report
         print(f"# note: {note}", flush=True)
@@ -62,7 +62,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     image_size = args.image_size or 224
     if args.max_batch:
         if not args.budget:
-            raise ValueError("--max-batch needs --budget, e.g. --budget 8GiB")
+            raise UsageError("--max-batch needs --budget, e.g. --budget 8GiB")
         report = max_batch(args.model, budget=args.budget, image_size=image_size, modes=args.modes,
                            device=args.device, threads=args.threads, allocator=args.allocator, autocast=args.autocast)
         print(report.table())

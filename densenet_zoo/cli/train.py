@@ -8,11 +8,12 @@ import os
 from pathlib import Path
 from typing import Any, Dict
 
+from .._utils import UsageError
 from .common import add_overwrite
 
 
 def _cmd_sample_data(args: argparse.Namespace) -> int:
-    from ..train.data import write_sample_data
+    from ..data.sample_data import write_sample_data
 
     counts = write_sample_data(args.name, args.dir, seed=args.seed)
     print(f"{args.name}: {counts['train']} train / {counts['val']} val images in {args.dir}/train and {args.dir}/val")
@@ -34,7 +35,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -43,9 +44,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         try:
             options["model_args"] = json.loads(args.model_args)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"--model-args must be a JSON object such as '{{\"growth_rate\": 12}}' ({exc})") from None
+            raise UsageError(f"--model-args must be a JSON object such as '{{\"growth_rate\": 12}}' ({exc})") from None
         if not isinstance(options["model_args"], dict):
-            raise ValueError("--model-args must be a JSON object such as '{\"growth_rate\": 12}'")
+            raise UsageError("--model-args must be a JSON object such as '{\"growth_rate\": 12}'")
     for flag in ("pretrained", "strict_data", "deterministic"):
         if getattr(args, flag):
             options[flag] = True

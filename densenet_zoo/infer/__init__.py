@@ -6,7 +6,7 @@ from .._utils import lazy_exports
 
 __getattr__, __dir__ = lazy_exports(__name__, {
     "EXPORT_FORMATS": ".exporter", "export": ".exporter", "load_exported": ".exporter",
-    "FastDenseNet": ".fast", "fold_bn": ".fast", "optimize_for_inference": ".fast",
+    "FastDenseNet": ".fast", "fold_bn": ".folding", "optimize_for_inference": ".fast",
     "count_flops": ".info", "format_info": ".info", "model_info": ".info",
     "Predictor": ".predict",
 })

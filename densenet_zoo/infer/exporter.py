@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .._utils import OutputKind, PathLike, atomic_path
+from .._utils import ExportError, OutputKind, PathLike, UnsupportedError, UsageError, UsageTypeError, atomic_path
 from ..hardware import require_native_bf16
 
 __all__ = ["EXPORT_FORMATS", "export", "load_exported"]
@@ -28,7 +28,7 @@ def _input_shape(model: nn.Module, image_size: Optional[int]) -> tuple:
     if image_size is None:
         image_size = 32 if getattr(model, "model_args", {}).get("small_inputs") else 224
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+        raise UsageError(f"image_size must be a positive integer, got {image_size!r}")
     return (in_chans, image_size, image_size)
 
 
@@ -41,17 +41,17 @@ def _flat_output(out: object) -> torch.Tensor:
 def _exportable(model: nn.Module, format: str) -> Tuple[nn.Module, torch.Tensor]:
     """The module to export and its first parameter, or an error naming what to change."""
     if format not in EXPORT_FORMATS:
-        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+        raise UsageError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     if not isinstance(model, nn.Module):
-        raise TypeError(f"export expects an nn.Module, got {type(model).__name__}")
+        raise UsageTypeError(f"export expects an nn.Module, got {type(model).__name__}")
     inner = getattr(model, "_orig_mod", model)  # a torch.compile wrapper exports its module
     if inner.training:
-        raise ValueError("export: the model is in training mode (BatchNorm would use batch statistics, dropout "
+        raise UsageError("export: the model is in training mode (BatchNorm would use batch statistics, dropout "
                          "would be random); call model.eval() before exporting")
     param = next(inner.parameters())
     if format == "onnx" and param.dtype == torch.bfloat16:
         # onnxruntime has no bfloat16 convolution: such a graph is written but cannot be run.
-        raise ValueError("export: ONNX of a bfloat16 model cannot run in onnxruntime; export the float32 model "
+        raise UsageError("export: ONNX of a bfloat16 model cannot run in onnxruntime; export the float32 model "
                          "(optimize_for_inference(model) without dtype) and let the runtime choose its precision")
     if param.dtype == torch.bfloat16:  # export runs the model to trace and check it
         require_native_bf16(param.device, f"export of a bfloat16 model to {format}")
@@ -104,7 +104,7 @@ def export(
     inner, param = _exportable(model, format)
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"export: {str(path)!r} is a folder; give a file name such as {str(path / ('model' + _suffix(format)))!r}")
+        raise UsageError(f"export: {str(path)!r} is a folder; give a file name such as {str(path / ('model' + _suffix(format)))!r}")
     shape = _input_shape(inner, image_size)
     example = torch.randn(2, *shape, device=param.device, dtype=param.dtype)
     # keep the suffix: torch.export insists on ".pt2"
@@ -165,12 +165,12 @@ def load_exported(path: PathLike, format: str):
         run = load_exported("densenet121.onnx", "onnx"); logits = run(x)
     """
     if format not in EXPORT_FORMATS:
-        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+        raise UsageError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     if format == "onnx":
         try:
             import onnxruntime as ort
         except ImportError:
-            raise RuntimeError("running an ONNX file needs onnxruntime: pip install 'densenet_zoo[export]'") from None
+            raise UnsupportedError("running an ONNX file needs onnxruntime: pip install 'densenet_zoo[export]'") from None
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
         def run(x: torch.Tensor):
@@ -199,5 +199,5 @@ def _check(model: nn.Module, tmp: Path, format: str, shape: tuple, param: torch.
     scale = float(expected.abs().max().clamp_min(1e-12))
     err = float((got - expected).abs().max()) / scale if got.shape == expected.shape else float("inf")
     if not err <= atol:
-        raise RuntimeError(f"export check failed: the {format} program differs from the model by {err:.2e} "
+        raise ExportError(f"export check failed: the {format} program differs from the model by {err:.2e} "
                            f"(relative, tolerance {atol:.0e}) on a batch of 3; the file was not written")

@@ -31,12 +31,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._utils import UsageError, UsageTypeError
 from ..hardware import require_native_bf16
-from ..models.densenet import DenseNet, _DenseBlock, _DenseLayer, _Transition
-from .folding import _fold_into_conv, fold_bn, norm_as_affine
+from ..models.densenet import DenseNet, DenseBlock, DenseLayer, Transition
+from .folding import _fold_into_conv, norm_as_affine
 from .inputs import prepare_input, refuse_training, require_eval as _require_eval
 
-__all__ = ["FastDenseNet", "fold_bn", "norm_as_affine", "optimize_for_inference"]
+__all__ = ["FastDenseNet", "optimize_for_inference"]
 
 _CONV_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
 
@@ -88,7 +89,7 @@ class _NormReluConv(nn.Module):
             lo = hi = torch.zeros(1)
         else:
             if conv.padding != (0, 0):
-                raise ValueError("folding a norm before a padded convolution is not exact at the borders")
+                raise UsageError("folding a norm before a padded convolution is not exact at the borders")
             s, b = (t.to(w.device) for t in affine)
             inf = torch.full_like(s, float("inf"))
             t = -b / torch.where(s == 0, torch.ones_like(s), s)
@@ -133,7 +134,7 @@ class _NormReluConv(nn.Module):
 
 
 class _FastLayer(nn.Module):
-    def __init__(self, layer: _DenseLayer, dtype: Optional[torch.dtype] = None) -> None:
+    def __init__(self, layer: DenseLayer, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         self.first = _NormReluConv(layer.norm1, layer.conv1, out_norm=layer.norm2, relu=True, out_dtype=dtype)
         self.conv2 = layer.conv2
@@ -146,7 +147,7 @@ class _FastLayer(nn.Module):
 class _FastBlock(nn.Module):
     """A dense block writing every layer's output into one preallocated buffer."""
 
-    def __init__(self, block: _DenseBlock, dtype: Optional[torch.dtype] = None) -> None:
+    def __init__(self, block: DenseBlock, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         layers = list(block.values())
         self.in_channels = layers[0].conv1.in_channels
@@ -198,9 +199,9 @@ class FastDenseNet(nn.Module):
         self.conv0 = conv0
         stages: List[nn.Module] = []
         for name, module in feats.named_children():
-            if isinstance(module, _DenseBlock):
+            if isinstance(module, DenseBlock):
                 stages.append(_FastBlock(module, dtype))
-            elif isinstance(module, _Transition):
+            elif isinstance(module, Transition):
                 stages.append(_NormReluConv(module.norm, module.conv, pool=True, out_dtype=dtype))
         self.stages = nn.ModuleList(stages)
         self.norm5 = feats.norm5
@@ -279,13 +280,13 @@ def optimize_for_inference(
         fast16 = optimize_for_inference(model, dtype=torch.bfloat16)   # bf16 weights and activations
     """
     if not isinstance(model, DenseNet):
-        raise TypeError(f"optimize_for_inference expects a densenet_zoo DenseNet, got {type(model).__name__}")
+        raise UsageTypeError(f"optimize_for_inference expects a densenet_zoo DenseNet, got {type(model).__name__}")
     allowed = (None, torch.float32, torch.bfloat16, torch.float16)
     if dtype not in allowed:
-        raise ValueError(f"dtype must be one of None, torch.float32, torch.bfloat16, torch.float16; got {dtype!r}")
+        raise UsageError(f"dtype must be one of None, torch.float32, torch.bfloat16, torch.float16; got {dtype!r}")
     device = next(model.parameters()).device
     if dtype == torch.float16 and device.type != "cuda":
-        raise ValueError("dtype=torch.float16 is for CUDA models; on CPU use dtype=torch.bfloat16")
+        raise UsageError("dtype=torch.float16 is for CUDA models; on CPU use dtype=torch.bfloat16")
     if torch.bfloat16 in (dtype, next(model.parameters()).dtype):
         require_native_bf16(device, "optimize_for_inference(dtype=torch.bfloat16)")
     source = copy.deepcopy(model).eval()

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..models.densenet import DenseNet, _DenseLayer
+from ..models.densenet import DenseNet, DenseLayer
 from ..norms.bn_math import inv_std, scale_shift
 from .inputs import require_eval as _require_eval
 
@@ -121,7 +121,7 @@ def fold_bn(model: DenseNet, inplace: bool = False) -> DenseNet:
         if fused is not None:
             feats.conv0, feats.norm0 = fused, nn.Identity()
     for layer in model.modules():
-        if isinstance(layer, _DenseLayer) and not isinstance(layer.norm2, nn.Identity):
+        if isinstance(layer, DenseLayer) and not isinstance(layer.norm2, nn.Identity):
             fused = _fold_into_conv(layer.conv1, layer.norm2)
             if fused is not None:
                 layer.conv1, layer.norm2 = fused, nn.Identity()

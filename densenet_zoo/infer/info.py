@@ -8,11 +8,11 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .._utils import IMAGENET_MEAN, IMAGENET_STD
+from .._utils import IMAGENET_MEAN, IMAGENET_STD, UsageError
 from ..hardware import describe_hardware
 from ..models import create_model
 from ..weights import get_weights, list_weights
-from ..models.densenet import DenseNet, _DenseLayer, _Transition
+from ..models.densenet import DenseNet, DenseLayer, Transition
 
 __all__ = ["count_flops", "model_info", "format_info"]
 
@@ -41,7 +41,7 @@ def count_flops(model: nn.Module, image_size: int = 224, in_chans: Optional[int]
 def model_info(name: str, image_size: Optional[int] = None) -> Dict[str, Any]:
     """Facts about a named architecture (no download): ``model_info("densenet121")["gflops"]``."""
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
-        raise ValueError(f"--image-size must be a positive integer (e.g. 224), got {image_size!r}")
+        raise UsageError(f"--image-size must be a positive integer (e.g. 224), got {image_size!r}")
     model: DenseNet = create_model(name)
     small = bool(model.model_args.get("small_inputs"))
     image_size = image_size or (32 if small else 224)
@@ -70,8 +70,8 @@ def model_info(name: str, image_size: Optional[int] = None) -> Dict[str, Any]:
         "num_features": model.num_features,
         "num_classes": model.num_classes,
         "layers": {
-            "dense_layers": sum(isinstance(m, _DenseLayer) for m in mods),
-            "transitions": sum(isinstance(m, _Transition) for m in mods),
+            "dense_layers": sum(isinstance(m, DenseLayer) for m in mods),
+            "transitions": sum(isinstance(m, Transition) for m in mods),
             "conv": sum(isinstance(m, nn.Conv2d) for m in mods),
             "norm": sum(isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) for m in mods),
             "linear": sum(isinstance(m, nn.Linear) for m in mods),

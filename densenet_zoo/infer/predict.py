@@ -17,12 +17,13 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .._utils import DataError, OutputKind, PathLike, atomic_write
+from .._utils import DataError, MissingFileError, OutputKind, PathLike, UsageError, atomic_write, printable
+from ..data.images import UnreadableImageError, open_image
+from ..data.splits import IMAGE_EXTENSIONS
+from ..data.transforms import eval_transform, resolve_preprocessing
 from ..hardware import require_native_bf16
 from ..models import DenseNet, create_model, load_model
 from ..weights.registry import class_names
-from ..train import data as D
-from ..train.images import UnreadableImageError
 from .fast import optimize_for_inference
 
 __all__ = ["Prediction", "Predictor", "collect_images", "write_csv"]
@@ -50,19 +51,19 @@ def collect_images(inputs: Iterable[PathLike]) -> List[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in D.IMAGE_EXTENSIONS
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not files:
-                raise ValueError(f"folder {str(path)!r} holds no images (looked for {', '.join(D.IMAGE_EXTENSIONS)})")
+                raise DataError(f"folder {str(path)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
             found.extend(files)
         elif path.is_file():
             found.append(path)  # named explicitly: tried whatever its suffix, reported if unreadable
         elif path.exists():  # reading a pipe or a device could block or never end
-            raise DataError(f"input {D.printable(path)!r} is not a regular file or folder (a pipe or device?); give image files or folders")
+            raise DataError(f"input {printable(path)!r} is not a regular file or folder (a pipe or device?); give image files or folders")
         else:
-            raise FileNotFoundError(f"input {str(path)!r} does not exist; give image files or folders of images")
+            raise MissingFileError(f"input {str(path)!r} does not exist; give image files or folders of images")
     if not found:
-        raise ValueError("no inputs given; name image files and/or folders")
+        raise UsageError("no inputs given; name image files and/or folders")
     return found
 
 
@@ -99,11 +100,11 @@ class Predictor:
         """From a file written by :func:`densenet_zoo.save_model` (``finetune``'s best.safetensors)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; give a .safetensors file written by finetune or save_model")
+            raise MissingFileError(f"checkpoint {str(path)!r} does not exist; give a .safetensors file written by finetune or save_model")
         model, meta = load_model(path)
-        pre = D.resolve_preprocessing(meta.get("preprocessing"), None, model.in_chans)
+        pre = resolve_preprocessing(meta.get("preprocessing"), None, model.in_chans)
         names = meta.get("class_names") or _imagenet_categories(model.num_classes)
-        return cls(model, D.eval_transform(pre), names, in_chans=model.in_chans, **kwargs)
+        return cls(model, eval_transform(pre), names, in_chans=model.in_chans, **kwargs)
 
     @classmethod
     def from_pretrained(cls, name: str, **kwargs: Any) -> "Predictor":
@@ -111,7 +112,7 @@ class Predictor:
         model = create_model(name, pretrained=True)
         entry = getattr(model, "weights_entry", None)
         names = (entry.categories if entry is not None else None) or _imagenet_categories(model.num_classes)
-        transform = entry.transforms() if entry is not None else D.eval_transform(D.resolve_preprocessing(None, None, model.in_chans))
+        transform = entry.transforms() if entry is not None else eval_transform(resolve_preprocessing(None, None, model.in_chans))
         return cls(model, transform, names, in_chans=model.in_chans, **kwargs)
 
     def label(self, index: int) -> str:
@@ -121,7 +122,7 @@ class Predictor:
 
     def _load(self, path: Path) -> Tuple[Optional[torch.Tensor], Optional[str]]:
         try:
-            return self.transform(D.open_image(path, self.in_chans)), None
+            return self.transform(open_image(path, self.in_chans)), None
         except UnreadableImageError as exc:
             return None, exc.reason
 
@@ -133,7 +134,7 @@ class Predictor:
         """
         for flag, value in (("batch_size", batch_size), ("top_k", top_k)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
+                raise UsageError(f"{flag} must be an integer >= 1, got {value!r}")
         paths = [Path(p) for p in paths]
         results: List[Prediction] = []
         bar = tqdm(total=len(paths), unit="img", disable=(None if progress is None else not progress), desc="predict")
@@ -172,7 +173,7 @@ def write_csv(results: Sequence[Prediction], path: PathLike, top_k: int, *, over
     """``path,top1,top1_prob,...,topK,topK_prob,error`` (one row per input, unreadable ones included).
 
     Written as UTF-8 whatever the locale; file and class names that are not valid UTF-8 are
-    written with ``\\xNN`` escapes (:func:`~densenet_zoo.train.data.printable`) rather than failing the file.
+    written with ``\\xNN`` escapes (:func:`~densenet_zoo._utils.printable`) rather than failing the file.
     An existing file is replaced only when it is a predictions CSV, or with ``overwrite=True``.
     """
     header = ["path"] + [c for k in range(1, top_k + 1) for c in (f"top{k}", f"top{k}_prob")] + ["error"]
@@ -180,10 +181,10 @@ def write_csv(results: Sequence[Prediction], path: PathLike, top_k: int, *, over
     w = csv.writer(text)
     w.writerow(header)
     for r in results:
-        cells: List[Any] = [D.printable(r.path)]
+        cells: List[Any] = [printable(r.path)]
         for k in range(top_k):
-            cells += [D.printable(r.labels[k]), f"{r.probs[k]:.6f}"] if k < len(r.labels) else ["", ""]
-        w.writerow(cells + [D.printable(r.error) if r.error else ""])
+            cells += [printable(r.labels[k]), f"{r.probs[k]:.6f}"] if k < len(r.labels) else ["", ""]
+        w.writerow(cells + [printable(r.error) if r.error else ""])
     data = text.getvalue().encode("utf-8")
     return atomic_write(path, lambda f: f.write(data), kind=PREDICTIONS_CSV, overwrite=overwrite)
 

@@ -15,7 +15,7 @@ from typing import Any, Collection, Dict, Mapping
 
 import torch
 
-from .._utils import CheckpointError
+from .._utils import CheckpointFileError
 from .densenet import DenseNet
 
 _ARGS = frozenset(inspect.signature(DenseNet.__init__).parameters) - {"self"}
@@ -33,7 +33,7 @@ def _int_arg(args: Mapping[str, Any], name: str, source: str) -> int:
     value = args.get(name, inspect.signature(DenseNet.__init__).parameters[name].default)
     low = 0 if name == "num_classes" else 1
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= _MAX_INT:
-        raise CheckpointError(f"{source}: model argument {name}={value!r} is not an integer in [{low}, {_MAX_INT}]; "
+        raise CheckpointFileError(f"{source}: model argument {name}={value!r} is not an integer in [{low}, {_MAX_INT}]; "
                               "the file's metadata is damaged: re-export it with dz.save_model, or load its tensors "
                               "into a model you build with dz.load_weights")
     return value
@@ -43,7 +43,7 @@ def _block_config(args: Mapping[str, Any], source: str) -> tuple:
     blocks = args.get("block_config", (6, 12, 24, 16))
     if (not isinstance(blocks, (list, tuple)) or not 1 <= len(blocks) <= _MAX_BLOCKS
             or not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= _MAX_INT for n in blocks)):
-        raise CheckpointError(f"{source}: block_config={str(blocks)[:80]} is not a list of 1 to {_MAX_BLOCKS} positive "
+        raise CheckpointFileError(f"{source}: block_config={str(blocks)[:80]} is not a list of 1 to {_MAX_BLOCKS} positive "
                               "layer counts; the file's metadata is damaged: re-export it with dz.save_model")
     return tuple(blocks)
 
@@ -63,10 +63,10 @@ def min_weights(args: Mapping[str, Any], parts: Collection[str] = ALL_PARTS, *, 
     blocks = _block_config(args, source)
     compression = args.get("compression", 0.5)
     if isinstance(compression, bool) or not isinstance(compression, (int, float)) or not 0.0 < compression <= 1.0:
-        raise CheckpointError(f"{source}: compression={compression!r} is not a number in (0, 1]; the file's metadata is damaged")
+        raise CheckpointFileError(f"{source}: compression={compression!r} is not a number in (0, 1]; the file's metadata is damaged")
     small = args.get("small_inputs", False)
     if not isinstance(small, bool):
-        raise CheckpointError(f"{source}: small_inputs={small!r} is not true or false; the file's metadata is damaged")
+        raise CheckpointFileError(f"{source}: small_inputs={small!r} is not true or false; the file's metadata is damaged")
     total = in_chans * c * (9 if small else 49) if "stem" in parts else 0
     for i, n in enumerate(blocks):
         # Layer j sees c + j*g channels: conv1 (c + j*g) * bn*g, conv2 bn*g * g * 3*3.
@@ -88,26 +88,26 @@ def check_model_args(args: Mapping[str, Any], state: Mapping[str, torch.Tensor],
 
         args = check_model_args(meta["model_args"], state, source="best.safetensors")
 
-    Raises :class:`CheckpointError` (one line, naming ``source``) for unknown or ill-typed
+    Raises :class:`CheckpointFileError` (one line, naming ``source``) for unknown or ill-typed
     arguments, and when the model would need more weights (in ``parts``) than ``state`` holds.
     """
     if not isinstance(args, Mapping):
-        raise CheckpointError(f"{source}: model_args must be a JSON object of DenseNet arguments, got {type(args).__name__}; "
+        raise CheckpointFileError(f"{source}: model_args must be a JSON object of DenseNet arguments, got {type(args).__name__}; "
                               "re-export the file with dz.save_model")
     unknown = sorted(str(k) for k in args if k not in _ARGS)
     if unknown:
-        raise CheckpointError(f"{source}: unknown model argument(s) {unknown[:5]}; expected some of {sorted(_ARGS)}; "
+        raise CheckpointFileError(f"{source}: unknown model argument(s) {unknown[:5]}; expected some of {sorted(_ARGS)}; "
                               "the file was written by another program or is damaged")
     blocks = _block_config(args, source)
     layers = sum(blocks)
     # Every dense layer stores at least conv1.weight and conv2.weight.
     if "body" in parts and 2 * layers > len(state):
-        raise CheckpointError(f"{source}: the architecture claims {layers:,} dense layers (block_config "
+        raise CheckpointFileError(f"{source}: the architecture claims {layers:,} dense layers (block_config "
                               f"{str(list(blocks))[:60]}) but the file holds only {len(state)} tensors{hint}")
     need = min_weights(args, parts, source=source)
     have = sum(t.numel() for t in state.values())
     if need > have:
-        raise CheckpointError(f"{source}: the architecture it describes needs at least {need:,} weights but the file "
+        raise CheckpointFileError(f"{source}: the architecture it describes needs at least {need:,} weights but the file "
                               f"holds only {have:,}{hint}")
     out = dict(args)
     out["block_config"] = blocks
@@ -116,7 +116,7 @@ def check_model_args(args: Mapping[str, Any], state: Mapping[str, torch.Tensor],
 
 def build_checked(args: Mapping[str, Any], state: Mapping[str, torch.Tensor], *, source: str,
                   parts: Collection[str] = ALL_PARTS, hint: str = _HINT) -> DenseNet:
-    """``DenseNet(**args)`` once :func:`check_model_args` passed; a constructor refusal becomes :class:`CheckpointError`.
+    """``DenseNet(**args)`` once :func:`check_model_args` passed; a constructor refusal becomes :class:`CheckpointFileError`.
 
     Example::
 
@@ -127,4 +127,4 @@ def build_checked(args: Mapping[str, Any], state: Mapping[str, torch.Tensor], *,
         return DenseNet(**args)
     except (ValueError, TypeError, KeyError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{source}: its model arguments do not build a DenseNet ({first}){hint}") from None
+        raise CheckpointFileError(f"{source}: its model arguments do not build a DenseNet ({first}){hint}") from None

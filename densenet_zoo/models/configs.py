@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 from typing import Any, Dict, List, Tuple
 
+from .._utils import UsageError, UsageTypeError
+
 __all__ = ["POOLS", "canonical_name", "check_config", "list_architectures", "model_config"]
 
 #: name -> (growth_rate, block_config, num_init_features, extra kwargs)
@@ -44,13 +46,13 @@ def model_config(name: str) -> Dict[str, Any]:
 
 def canonical_name(name: str) -> str:
     if not isinstance(name, str):
-        raise TypeError(f"model name must be a string, got {type(name).__name__}")
+        raise UsageTypeError(f"model name must be a string, got {type(name).__name__}")
     key = name.split(".", 1)[0]  # "densenet121.tv_in1k" names a weight tag, the model is before the dot
     if key in _CONFIGS:
         return key
     close = difflib.get_close_matches(key, list(_CONFIGS), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-    raise ValueError(f"unknown model {name!r}{hint} (see densenet_zoo.list_models())")
+    raise UsageError(f"unknown model {name!r}{hint} (see densenet_zoo.list_models())")
 
 
 
@@ -74,7 +76,7 @@ def check_config(growth_rate, block_config, num_init_features, bn_size, drop_rat
 
     def positive_int(name: str, value: Any, minimum: int = 1) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+            raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
     positive_int("growth_rate", growth_rate)
     positive_int("num_init_features", num_init_features)
@@ -82,13 +84,13 @@ def check_config(growth_rate, block_config, num_init_features, bn_size, drop_rat
     positive_int("in_chans", in_chans)
     positive_int("num_classes", num_classes, minimum=0)
     if not isinstance(block_config, (tuple, list)) or not block_config:
-        raise ValueError(f"block_config must be a non-empty sequence of layer counts, e.g. (6, 12, 24, 16), got {block_config!r}")
+        raise UsageError(f"block_config must be a non-empty sequence of layer counts, e.g. (6, 12, 24, 16), got {block_config!r}")
     for n in block_config:
         positive_int("every entry of block_config", n)
     for name, rate in (("drop_rate", drop_rate), ("head_drop_rate", head_drop_rate)):
         if not (isinstance(rate, (int, float)) and 0.0 <= rate < 1.0):
-            raise ValueError(f"{name} must be a probability in [0, 1), got {rate!r}")
+            raise UsageError(f"{name} must be a probability in [0, 1), got {rate!r}")
     if not (isinstance(compression, (int, float)) and 0.0 < compression <= 1.0):
-        raise ValueError(f"compression must be in (0, 1], got {compression!r}")
+        raise UsageError(f"compression must be in (0, 1], got {compression!r}")
     if global_pool not in POOLS:
-        raise ValueError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
+        raise UsageError(f"global_pool must be one of {POOLS}, got {global_pool!r}")

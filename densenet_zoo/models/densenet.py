@@ -13,13 +13,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._utils import UsageError, UsageTypeError
 from ..memory import MemoryStrategy, get_memory_strategy
 from ..norms import NormSpec, resolve_norm
 from .configs import POOLS, check_config
-from .features import (Indices, InteropMixin, call_norm, checked_input, min_input_size, run_children, symbolic,
-                       take_indices)
+from .features import Indices, feature_indices
+from .inputs import checked_input, min_input_size
+from .timm_methods import TimmMethodsMixin
+from .torchscript import ScriptCheckMixin
+from .tracing import call_norm, is_traced, run_children
 
-__all__ = ["DenseNet"]
+__all__ = ["DenseBlock", "DenseLayer", "DenseNet", "Transition"]
 
 MemorySpec = Union[bool, str, MemoryStrategy, None]
 NormMaker = Callable[[str, int], nn.Module]
@@ -78,7 +82,7 @@ class _DenseLayer(nn.Module):
             inputs = features
         if not torch.jit.is_scripting():
             # Strategies run custom autograd code: not under torch.fx, whose graph is the plain forward.
-            if self.training and torch.is_grad_enabled() and not symbolic(inputs[0]):
+            if self.training and torch.is_grad_enabled() and not is_traced(inputs[0]):
                 return self.strategy.layer_forward(self, inputs)
         return self.composite(self.bottleneck(inputs))
 
@@ -117,7 +121,7 @@ class _DenseBlock(nn.ModuleDict):
 
     def forward(self, init_features: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
-            if self.training and torch.is_grad_enabled() and not symbolic(init_features):
+            if self.training and torch.is_grad_enabled() and not is_traced(init_features):
                 return self.strategy.block_forward(self, init_features)
         features = [init_features]
         for layer in self.values():
@@ -148,10 +152,15 @@ class _Transition(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
-            if self.training and torch.is_grad_enabled() and not symbolic(x):
+            if self.training and torch.is_grad_enabled() and not is_traced(x):
                 return self.strategy.transition_forward(list(self), x)
         x = self.norm(x) if torch.jit.is_scripting() else call_norm(self.norm, x)
         return self.pool(self.conv(self.relu(x)))
+
+
+#: The building blocks under public names, for packages that inspect a model; the classes keep torchvision's
+#: private names because published checkpoints and pickles refer to them (one class, two names).
+DenseLayer, DenseBlock, Transition = _DenseLayer, _DenseBlock, _Transition
 
 
 def _stem(in_chans: int, num_init_features: int, small_inputs: bool, make_norm: NormMaker) -> nn.Sequential:
@@ -194,7 +203,7 @@ def _add_blocks(features: nn.Sequential, block_config: Tuple[int, ...], num_init
 torch.fx.wrap("checked_input")
 
 
-class DenseNet(InteropMixin, nn.Module):
+class DenseNet(TimmMethodsMixin, ScriptCheckMixin, nn.Module):
     """DenseNet-BC (Huang et al., "Densely Connected Convolutional Networks", 2017).
 
     The first six arguments and ``memory_efficient`` follow torchvision's ``DenseNet`` (same module
@@ -281,7 +290,7 @@ class DenseNet(InteropMixin, nn.Module):
         self.final_act: nn.Module = nn.ReLU(inplace=True)
         #: With ``features_only=True`` forward returns the list of feature maps ``out_indices``.
         self.features_only = bool(features_only)
-        self.out_indices = take_indices(len(self.feature_info), out_indices)
+        self.out_indices = feature_indices(len(self.feature_info), out_indices)
         if features_only:
             self.model_args.update(features_only=True, out_indices=list(self.out_indices))
 
@@ -325,8 +334,8 @@ class DenseNet(InteropMixin, nn.Module):
     def check_input(self, x: Tensor) -> Tensor:
         """``x`` if the network can take it, else a one-line error (kept as a node in torch.fx graphs)."""
         if not torch.jit.is_scripting():
-            if not isinstance(x, Tensor) and not symbolic(x):
-                raise TypeError(f"DenseNet expects a torch.Tensor of shape (N, {self.in_chans}, H, W), got {type(x).__name__}")
+            if not isinstance(x, Tensor) and not is_traced(x):
+                raise UsageTypeError(f"DenseNet expects a torch.Tensor of shape (N, {self.in_chans}, H, W), got {type(x).__name__}")
         return checked_input(x, self.in_chans, self.min_input_size)
 
     # -- forward -------------------------------------------------------------------------------
@@ -335,7 +344,7 @@ class DenseNet(InteropMixin, nn.Module):
         x = self.check_input(x)
         if torch.jit.is_scripting():
             x = self.features(x)
-        elif self.training and torch.is_grad_enabled() and not symbolic(x):
+        elif self.training and torch.is_grad_enabled() and not is_traced(x):
             x = self._features_with_strategy(x)
         else:
             x = run_children(self.features, x)
@@ -384,10 +393,10 @@ class DenseNet(InteropMixin, nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace the classifier by a freshly initialised one (``num_classes=0``: no classifier)."""
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+            raise UsageError(f"num_classes must be an integer >= 0, got {num_classes!r}")
         if global_pool is not None:
             if global_pool not in POOLS:
-                raise ValueError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
+                raise UsageError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
             self.global_pool = global_pool
             self.model_args["global_pool"] = global_pool
         device = next(self.parameters()).device

@@ -12,7 +12,6 @@ from .loading import build_pretrained
 __all__ = [
     "create_model",
     "list_models",
-    "model_config",
     "densenet121",
     "densenet161",
     "densenet169",

@@ -1,7 +1,8 @@
-"""Weights: safetensors I/O with metadata, robust checkpoint loading and pretrained-model construction.
+"""Weights joined to models: save and rebuild a model, load weights into one, build a pretrained one.
 
-The registry and download cache live in :mod:`densenet_zoo.weights.registry`, checkpoint formats and key
-normalisation in :mod:`densenet_zoo.weights.checkpoint`; this module joins them to models.
+Reading checkpoint files is :mod:`densenet_zoo.weights.checkpoint`'s job, key normalisation
+:mod:`densenet_zoo.weights.state_dict`'s, the registry :mod:`densenet_zoo.weights.registry`'s and the download
+cache :mod:`densenet_zoo.weights.cache`'s; this module only hands their results to a :class:`DenseNet`.
 """
 
 from __future__ import annotations
@@ -17,19 +18,16 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save as safetensors_bytes
 
-from .._utils import CheckpointError, OutputKind, PathLike, WeightsError, atomic_write, check_output
+from .._utils import CheckpointFileError, MissingFileError, OutputKind, PathLike, WeightsError, atomic_write, check_output
 from ..weights.checkpoint import METADATA_KEY, extract_state_dict, read_checkpoint, read_safetensors
-from ..weights.registry import WeightsEntry, download, fetch, get_weights, list_weights, register_weights
+from ..weights.cache import download
+from ..weights.registry import WeightsEntry, fetch, get_weights
 from ..weights.state_dict import FIRST_CONV, LoadReport, infer_config, load_state, normalize_keys
 from .arch_check import build_checked
 from .densenet import DenseNet
 from .configs import list_architectures, model_config
 
-__all__ = [
-    "METADATA_KEY", "CheckpointError", "LoadReport", "WeightsEntry", "WeightsError", "build_pretrained",
-    "convert_checkpoint", "get_weights", "list_weights", "load_model", "load_weights", "read_safetensors",
-    "register_weights", "save_model",
-]
+__all__ = ["build_pretrained", "convert_checkpoint", "load_model", "load_weights", "resolve_weights", "save_model"]
 
 WeightsSource = Union[str, os.PathLike, WeightsEntry, Mapping[str, torch.Tensor], nn.Module, Any]
 _SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
@@ -65,7 +63,7 @@ def save_model(model: DenseNet, path: PathLike, *, overwrite: bool = True, **met
         The path written.
 
     Raises:
-        CheckpointError: a model of another class (torchvision's, a ``FastDenseNet``), refused
+        CheckpointFileError: a model of another class (torchvision's, a ``FastDenseNet``), refused
             before anything is written, or a folder as ``path``.
 
     Example:
@@ -73,7 +71,7 @@ def save_model(model: DenseNet, path: PathLike, *, overwrite: bool = True, **met
     """
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"cannot save to {path}: it is a folder; give a file name such as {path / 'model.safetensors'}")
+        raise CheckpointFileError(f"cannot save to {path}: it is a folder; give a file name such as {path / 'model.safetensors'}")
     rebuildable = _rebuildable(model)
     meta: Dict[str, Any] = {"arch": getattr(model, "arch", None), "model_args": dict(getattr(model, "model_args", {}))}
     entry = getattr(model, "weights_entry", None)
@@ -90,11 +88,11 @@ def save_model(model: DenseNet, path: PathLike, *, overwrite: bool = True, **met
     try:
         blob = safetensors_bytes(state, metadata={METADATA_KEY: json.dumps(meta)})
     except TypeError as exc:
-        raise CheckpointError(f"cannot save to {path}: metadata must be JSON-serialisable ({exc})") from None
+        raise CheckpointFileError(f"cannot save to {path}: metadata must be JSON-serialisable ({exc})") from None
     try:
         return atomic_write(path, lambda f: f.write(blob), kind=SAVED_MODEL, overwrite=overwrite)
     except OSError as exc:
-        raise CheckpointError(f"cannot write {path} ({type(exc).__name__}: {exc.strerror or exc}); choose a writable path") from None
+        raise CheckpointFileError(f"cannot write {path} ({type(exc).__name__}: {exc.strerror or exc}); choose a writable path") from None
 
 
 def _rebuildable(model: Any) -> bool:
@@ -106,7 +104,7 @@ def _rebuildable(model: Any) -> bool:
         fix = ("save the DenseNet it was made from and call optimize_for_inference() after load_model()"
                if type(model).__name__ == "FastDenseNet" else
                "copy its weights into a densenet_zoo model first (dz.convert_checkpoint(model.state_dict(), path) does both)")
-        raise CheckpointError(f"save_model writes densenet_zoo DenseNet models, got {type(model).__module__}.{type(model).__name__}; {fix}")
+        raise CheckpointFileError(f"save_model writes densenet_zoo DenseNet models, got {type(model).__module__}.{type(model).__name__}; {fix}")
     try:
         with torch.device("meta"):
             twin = DenseNet(**model.model_args)
@@ -119,7 +117,7 @@ def load_model(path: PathLike, *, allow_nonfinite: bool = False, **overrides: An
     """Rebuild a model saved by :func:`save_model` (or written by :func:`convert_checkpoint`).
 
     The metadata is checked against the tensors before the model is built: a damaged or forged
-    file raises :class:`CheckpointError`, whatever architecture it claims.
+    file raises :class:`CheckpointFileError`, whatever architecture it claims.
 
     Args:
         path: the ``.safetensors`` file.
@@ -132,7 +130,7 @@ def load_model(path: PathLike, *, allow_nonfinite: bool = False, **overrides: An
         (``arch``, ``model_args``, ``class_names``, ``preprocessing``, ``metrics``...).
 
     Raises:
-        CheckpointError: a missing, damaged or forged file, a file without densenet_zoo metadata, or
+        CheckpointFileError: a missing, damaged or forged file, a file without densenet_zoo metadata, or
             one saved with ``rebuildable: false`` (build that model and use :func:`load_weights`).
 
     Example:
@@ -140,9 +138,9 @@ def load_model(path: PathLike, *, allow_nonfinite: bool = False, **overrides: An
     """
     state, meta = read_safetensors(path)
     if "model_args" not in meta:
-        raise CheckpointError(f"{path}: no densenet_zoo metadata in this safetensors file; build the model yourself and use load_weights()")
+        raise CheckpointFileError(f"{path}: no densenet_zoo metadata in this safetensors file; build the model yourself and use load_weights()")
     if meta.get("rebuildable") is False and not overrides:
-        raise CheckpointError(f"{path}: holds a DenseNet whose layers its model_args do not rebuild (a norm given as a "
+        raise CheckpointFileError(f"{path}: holds a DenseNet whose layers its model_args do not rebuild (a norm given as a "
                               "function, or layers replaced after construction); build that model yourself and use "
                               "dz.load_weights(model, path)")
     args = meta["model_args"]
@@ -171,9 +169,9 @@ def resolve_weights(weights: Any, arch: Optional[str] = None, *, progress: bool 
             os.path.exists(weights) or weights.lower().endswith(_SUFFIXES))):
         path = Path(weights)
         if path.is_dir():
-            raise CheckpointError(f"weights file {str(path)!r} is a folder; give the path of a .safetensors/.pth file in it")
+            raise CheckpointFileError(f"weights file {str(path)!r} is a folder; give the path of a .safetensors/.pth file in it")
         if not path.is_file():
-            raise FileNotFoundError(f"weights file {str(path)!r} does not exist; check the path")
+            raise MissingFileError(f"weights file {str(path)!r} does not exist; check the path")
         return path, None, str(path)
     if isinstance(weights, str) and _is_url(weights):
         return download(weights, progress=progress), None, weights
@@ -203,7 +201,7 @@ def load_weights(model: nn.Module, weights: WeightsSource, *, strict: bool = Fal
         A :class:`LoadReport`.
 
     Raises:
-        CheckpointError: an unreadable file, not one tensor that fits, or (``strict``) any misfit.
+        CheckpointFileError: an unreadable file, not one tensor that fits, or (``strict``) any misfit.
         WeightsError: a download or cache failure.
 
     Example:
@@ -224,13 +222,13 @@ def _read_state(source: Any, *, use_ema: bool = False) -> Tuple[Dict[str, torch.
 
 @contextlib.contextmanager
 def _about(desc: str) -> Iterator[None]:
-    """Prefix a :class:`CheckpointError` raised inside with the file it is about, when it does not name it yet."""
+    """Prefix a :class:`CheckpointFileError` raised inside with the file it is about, when it does not name it yet."""
     try:
         yield
-    except CheckpointError as exc:
+    except CheckpointFileError as exc:
         if str(exc).startswith(desc):
             raise
-        raise CheckpointError(f"{desc}: {exc}") from None
+        raise CheckpointFileError(f"{desc}: {exc}") from None
 
 
 def _load_resolved(model: nn.Module, source: Any, entry: Optional[WeightsEntry], desc: str, *, strict: bool = False,
@@ -308,7 +306,7 @@ def convert_checkpoint(src: WeightsSource, dest: PathLike, *, use_ema: bool = Fa
         The path written.
 
     Raises:
-        CheckpointError: an unreadable or damaged file, one that is not a DenseNet, or a bad ``dest``.
+        CheckpointFileError: an unreadable or damaged file, one that is not a DenseNet, or a bad ``dest``.
 
     Example:
         convert_checkpoint("densenet121-a639ec97.pth", "densenet121.safetensors")

@@ -29,13 +29,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_arch_pretrained_cfgs, register_model
 
-from .._utils import IMAGENET_MEAN, IMAGENET_STD, WeightsError
+from .._utils import IMAGENET_MEAN, IMAGENET_STD, UsageError, WeightsError
 from ..weights import registry as hub
 from ..weights.registry import WeightsEntry
 from .configs import model_config
 from .densenet import DenseNet
 from .factory import create_model, list_models
-from .features import final_map_size, min_input_size
+from .inputs import final_map_size, min_input_size
 
 PREFIX = "dz_"
 
@@ -123,7 +123,7 @@ def _timm_kwargs_to_ours(kwargs: Dict[str, Any]) -> None:
     if "proj_drop_rate" in kwargs:
         kwargs["drop_rate"] = kwargs.pop("proj_drop_rate")
     if kwargs.pop("drop_path_rate", None):
-        raise ValueError("drop_path_rate: DenseNets have no stochastic depth; leave it unset or 0 "
+        raise UsageError("drop_path_rate: DenseNets have no stochastic depth; leave it unset or 0 "
                          "(drop_rate and proj_drop_rate are the dropouts)")
 
 
@@ -142,7 +142,7 @@ def _create(arch: str, pretrained: bool = False, pretrained_cfg: Any = None, pre
             cache_dir: Any = None, **kwargs: Any) -> nn.Module:
     """timm's entrypoint protocol: resolve the weights and the cfg, then let timm build (and wrap) our model."""
     if cache_dir is not None:
-        raise ValueError(f"cache_dir={cache_dir!r}: densenet_zoo keeps its own weights cache; set DENSENET_ZOO_CACHE instead")
+        raise UsageError(f"cache_dir={cache_dir!r}: densenet_zoo keeps its own weights cache; set DENSENET_ZOO_CACHE instead")
     overlay = dict(pretrained_cfg_overlay or {})
     tag = pretrained_cfg if isinstance(pretrained_cfg, str) else None
     weights = _weights_to_load(arch, tag, overlay) if pretrained else None

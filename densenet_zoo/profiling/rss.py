@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 
 
-def _rss_kib(field: str) -> int:
+def rss_kib(field: str) -> int:
+    """A ``/proc/self/status`` memory field in KiB: ``rss_kib("VmRSS")``, ``rss_kib("VmHWM")``."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -13,7 +14,7 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
-class _PeakRss:
+class PeakRss:
     """Peak resident memory during a step: VmHWM after a reset, or a 1 ms sampling thread."""
 
     def __init__(self) -> None:
@@ -24,8 +25,8 @@ class _PeakRss:
         except OSError:
             self.method = "VmRSS sampled every 1 ms by a thread"
 
-    def __enter__(self) -> "_PeakRss":
-        self.peak = _rss_kib("VmRSS")
+    def __enter__(self) -> "PeakRss":
+        self.peak = rss_kib("VmRSS")
         if self.method.startswith("VmHWM"):
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -37,12 +38,12 @@ class _PeakRss:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.001):
-            self.peak = max(self.peak, _rss_kib("VmRSS"))
+            self.peak = max(self.peak, rss_kib("VmRSS"))
 
     def __exit__(self, *exc: object) -> None:
         if self.method.startswith("VmHWM"):
-            self.peak = max(self.peak, _rss_kib("VmHWM"))
+            self.peak = max(self.peak, rss_kib("VmHWM"))
         else:
             self._stop.set()
             self._thread.join()
-            self.peak = max(self.peak, _rss_kib("VmRSS"))
+            self.peak = max(self.peak, rss_kib("VmRSS"))

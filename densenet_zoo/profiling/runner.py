@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from .._utils import UsageError
 from ..allocator import allocator_env, describe
 from ..memory import SavedTensorBytes, list_memory_strategies, parse_bytes
 from ..memory.estimate import check_fits
@@ -37,7 +38,7 @@ from ..models.configs import canonical_name
 from .report import DepthSweepReport, MaxBatchReport, ProfileReport, environment
 from .worker import AUTOCAST_DTYPES, CHANNELS_LAST, WORKER_COMMAND, build, measure
 
-__all__ = ["profile", "max_batch", "depth_sweep", "resolve_modes", "ProfileReport", "MaxBatchReport", "DepthSweepReport"]
+__all__ = ["profile", "max_batch", "depth_sweep", "resolve_modes"]
 
 REFERENCE_MODES = {"torchvision": ["torchvision", "torchvision_memory_efficient"]}
 ModelSpec = Union[str, Callable[..., nn.Module]]
@@ -53,12 +54,12 @@ def resolve_modes(modes: Union[str, Sequence[str], None], reference: Optional[st
         base = name[: -len(CHANNELS_LAST)] if name.endswith(CHANNELS_LAST) else name
         if base not in list_memory_strategies() + REFERENCE_MODES["torchvision"]:
             known = ", ".join(list_memory_strategies() + REFERENCE_MODES["torchvision"])
-            raise ValueError(f"unknown mode {name!r}; expected 'all' or comma-separated names from: {known} "
+            raise UsageError(f"unknown mode {name!r}; expected 'all' or comma-separated names from: {known} "
                              f"(each may end in {CHANNELS_LAST!r})")
         out.append(name)
     if reference is not None:
         if reference not in REFERENCE_MODES:
-            raise ValueError(f"unknown reference {reference!r}; expected one of {', '.join(REFERENCE_MODES)}")
+            raise UsageError(f"unknown reference {reference!r}; expected one of {', '.join(REFERENCE_MODES)}")
         out += REFERENCE_MODES[reference]
     return list(dict.fromkeys(out))
 
@@ -68,7 +69,7 @@ def _model_ref(model: ModelSpec) -> str:
         return canonical_name(model)
     module, qualname = getattr(model, "__module__", None), getattr(model, "__qualname__", "")
     if not module or "<" in qualname:
-        raise ValueError(
+        raise UsageError(
             f"model {model!r} cannot be rebuilt in a worker process; pass a model name such as 'densenet121' "
             "or a module-level builder function"
         )
@@ -82,24 +83,24 @@ def _check_counts(**counts: Any) -> None:
         if value is None and name == "threads":
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < lowest[name]:
-            raise ValueError(f"{name} must be an integer >= {lowest[name]}, got {value!r}; pass --{name} {max(lowest[name], 1)} or more")
+            raise UsageError(f"{name} must be an integer >= {lowest[name]}, got {value!r}; pass --{name} {max(lowest[name], 1)} or more")
 
 
 def _check_autocast(autocast: Optional[str]) -> Optional[str]:
     aliases = {"bf16": "bfloat16", "fp16": "float16", "none": None, "": None}
     name = aliases.get(str(autocast).lower(), autocast) if autocast is not None else None
     if name is not None and name not in AUTOCAST_DTYPES:
-        raise ValueError(f"autocast {autocast!r} is not understood; expected bfloat16 (bf16), float16 (fp16) or none")
+        raise UsageError(f"autocast {autocast!r} is not understood; expected bfloat16 (bf16), float16 (fp16) or none")
     return name
 
 
 def _check_sizes(ref: str, kwargs: Dict[str, Any], batch_size: int, image_size: int) -> nn.Module:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     model = build(ref, "none", kwargs)
     low = getattr(model, "min_input_size", 1)
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < low:
-        raise ValueError(f"image_size {image_size!r} is too small for this model: it needs at least {low} pixels; raise --image-size")
+        raise UsageError(f"image_size {image_size!r} is too small for this model: it needs at least {low} pixels; raise --image-size")
     return model
 
 
@@ -215,7 +216,7 @@ def profile(
     kwargs = dict(model_kwargs or {})
     _check_counts(steps=steps, warmup=warmup, threads=threads)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-        raise ValueError(f"rounds must be an integer >= 0 (0: all modes in one process, taking turns), got {rounds!r}")
+        raise UsageError(f"rounds must be an integer >= 0 (0: all modes in one process, taking turns), got {rounds!r}")
     model = _check_sizes(ref, kwargs, batch_size, image_size)
     names = resolve_modes(modes, reference)
     # Refused when even the leanest mode asked for cannot keep its activations (the others fail in their rows).
@@ -255,7 +256,7 @@ def largest_fitting(fits: Callable[[int], bool], start: int = 1, limit: int = 40
     ``result + resolution``.
     """
     if resolution < 1:
-        raise ValueError(f"resolution must be a positive number of images, got {resolution}")
+        raise UsageError(f"resolution must be a positive number of images, got {resolution}")
     best, n = 0, start
     while n <= limit and fits(n):
         best, n = n, n * 2
@@ -323,7 +324,7 @@ def max_batch(
     budget_bytes = parse_bytes(budget)
     own = sum(p.numel() * p.element_size() for p in probe_model.parameters())
     if budget_bytes <= own:
-        raise ValueError(
+        raise UsageError(
             f"budget {budget!r} ({budget_bytes / 2**20:.1f} MiB) is below the model's own size "
             f"({own / 2**20:.1f} MiB of parameters); give a larger --budget"
         )
@@ -399,11 +400,11 @@ def depth_sweep(
     # "auto" decides by measuring on its first forward, which is all a sweep point runs.
     names = [m for m in resolve_modes(modes) if not m.startswith("torchvision") and m != "auto"]
     if image_size < 1 or batch_size < 1:
-        raise ValueError(f"image_size and batch_size must be >= 1, got {image_size} and {batch_size}")
+        raise UsageError(f"image_size and batch_size must be >= 1, got {image_size} and {batch_size}")
     rows = []
     for depth in depths:
         if depth < 10 or (depth - 4) % 6:
-            raise ValueError(f"DenseNet-BC depth must be 6n + 4 with n >= 1 (e.g. 40, 100, 250), got {depth}")
+            raise UsageError(f"DenseNet-BC depth must be 6n + 4 with n >= 1 (e.g. 40, 100, 250), got {depth}")
         n = (depth - 4) // 6
         x = torch.randn(batch_size, 3, image_size, image_size)
         for mode in names:

@@ -26,10 +26,11 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 import torch.nn as nn
 
+from .._utils import UsageError
 from ..allocator import active_allocator, describe
 from ..memory import SavedTensorBytes
 from ..models import create_model
-from .rss import _PeakRss, _rss_kib
+from .rss import PeakRss, rss_kib
 
 #: ``"none:channels_last"``: a mode run with the model and the input in channels-last memory format.
 CHANNELS_LAST = ":channels_last"
@@ -49,7 +50,7 @@ def build(ref: str, mode: str, kwargs: Dict[str, Any]) -> nn.Module:
 
         arch = ref.rsplit(":", 1)[-1]
         if arch not in TORCHVISION_ARCHS:
-            raise ValueError(f"torchvision has no reference for {arch!r}; use one of {', '.join(TORCHVISION_ARCHS)}")
+            raise UsageError(f"torchvision has no reference for {arch!r}; use one of {', '.join(TORCHVISION_ARCHS)}")
         tv_kwargs = {k: v for k, v in kwargs.items() if k in ("num_classes", "drop_rate")}
         return getattr(torchvision.models, arch)(memory_efficient=mode.endswith("memory_efficient"), **tv_kwargs)
     if ":" in ref:
@@ -62,7 +63,7 @@ def build(ref: str, mode: str, kwargs: Dict[str, Any]) -> nn.Module:
         model = create_model(ref, **kwargs)
     set_mode = getattr(model, "set_memory_efficient", None)
     if set_mode is None:
-        raise ValueError(f"model {ref!r} has no set_memory_efficient(); memory modes apply to densenet_zoo models")
+        raise UsageError(f"model {ref!r} has no set_memory_efficient(); memory modes apply to densenet_zoo models")
     return set_mode(mode)
 
 
@@ -122,7 +123,7 @@ def _sync(device: torch.device) -> None:
 def _baseline(device: torch.device) -> int:
     gc.collect()
     _sync(device)
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss_kib("VmRSS") * 1024
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_kib("VmRSS") * 1024
 
 
 def _measured_step(device: torch.device, step: Callable[[], None], baseline: int) -> Tuple[float, int, int]:
@@ -134,11 +135,11 @@ def _measured_step(device: torch.device, step: Callable[[], None], baseline: int
         _sync(device)
         seconds = time.perf_counter() - start
         return seconds, torch.cuda.max_memory_allocated(device) - baseline, torch.cuda.memory_allocated(device) - baseline
-    with _PeakRss() as peak:
+    with PeakRss() as peak:
         start = time.perf_counter()
         step()
         seconds = time.perf_counter() - start
-    return seconds, peak.peak * 1024 - baseline, _rss_kib("VmRSS") * 1024 - baseline
+    return seconds, peak.peak * 1024 - baseline, rss_kib("VmRSS") * 1024 - baseline
 
 
 def measure(config: Dict[str, Any]) -> Dict[str, Any]:
@@ -159,7 +160,7 @@ def measure(config: Dict[str, Any]) -> Dict[str, Any]:
         return {"step_s": statistics.median(times), "step_times_s": times}
     cuda = device.type == "cuda"
     method = ("torch.cuda.max_memory_allocated after reset_peak_memory_stats" if cuda
-              else f"VmHWM per step ({_PeakRss().method})")
+              else f"VmHWM per step ({PeakRss().method})")
     dtype = AUTOCAST_DTYPES.get(config.get("autocast") or "")
     with SavedTensorBytes(exclude=model.parameters()) as saved, \
             torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-from . import data as D
+from .._utils import UsageError, UsageTypeError
+from ..data.transforms import AUGMENTATIONS
 
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -114,7 +115,7 @@ class TrainConfig:
         """One-line errors for settings that cannot work, before anything is read or written."""
         def need(ok: bool, msg: str) -> None:
             if not ok:
-                raise ValueError(msg)
+                raise UsageError(msg)
 
         for name in ("epochs", "batch_size", "accum_steps"):
             v = getattr(self, name)
@@ -128,7 +129,7 @@ class TrainConfig:
              f"--clip-grad-norm must be a finite number >= 0 (0: no clipping), got {self.clip_grad_norm!r}")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(self.amp in AMP_MODES, f"--amp must be one of {AMP_MODES}, got {self.amp!r}")
-        need(self.augment in D.AUGMENTATIONS, f"--augment must be one of {D.AUGMENTATIONS}, got {self.augment!r}")
+        need(self.augment in AUGMENTATIONS, f"--augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
         need(0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         need(0.0 < self.layer_decay <= 1.0, f"--layer-decay must be in (0, 1], got {self.layer_decay}")
         need(self.warmup_epochs >= 0 and self.patience >= 0 and self.save_every >= 0, "--warmup-epochs, --patience and --save-every must be >= 0")
@@ -145,7 +146,7 @@ def config_from(options: Dict[str, Any]) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(options) - names)
     if unknown:
-        raise TypeError(f"unknown fine-tuning option(s) {unknown}; known: {sorted(names)}")
+        raise UsageTypeError(f"unknown fine-tuning option(s) {unknown}; known: {sorted(names)}")
     return TrainConfig(**options)
 
 
@@ -162,9 +163,9 @@ def resumed_config(saved: Dict[str, Any], options: Dict[str, Any], out: str) -> 
         if key in RESUMABLE or value is None or _same(key, saved.get(key), value):
             continue
         if key in _ARCHITECTURE:
-            raise ValueError(f"{out} holds a run of model {saved['model']!r} {saved.get('model_args') or ''}; "
+            raise UsageError(f"{out} holds a run of model {saved['model']!r} {saved.get('model_args') or ''}; "
                              f"cannot resume it as {key}={value!r}; start a new run with another --out")
-        raise ValueError(f"cannot change {key} from {saved.get(key)!r} to {value!r} when resuming {out}; "
+        raise UsageError(f"cannot change {key} from {saved.get(key)!r} to {value!r} when resuming {out}; "
                          f"only {', '.join(RESUMABLE)} may change")
     saved.update({k: v for k, v in options.items() if v is not None and k != "data"})
     saved["out"] = str(out)

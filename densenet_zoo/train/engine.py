@@ -7,7 +7,7 @@ Example::
                          epochs=3, augment="light")
 
 Exact resume: the data order of epoch ``e`` is a permutation seeded by ``(seed, e)``, every
-sample's augmentation is seeded by ``(seed, e, index)`` (see :class:`~densenet_zoo.train.data.ImageDataset`),
+sample's augmentation is seeded by ``(seed, e, index)`` (see :class:`~densenet_zoo.data.dataset.ImageDataset`),
 and the state file holds model, optimizer, scheduler, scaler, RNG states and the position inside
 the epoch, so a resumed run takes the same steps as one never interrupted.
 """
@@ -27,18 +27,22 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from . import data as D
-from .._utils import DataError, RunError
+from .._utils import DataError, RunError, UsageError, printable
+from ..data.dataset import ImageDataset
+from ..data.splits import Sample, check_images, load_splits
+from ..data.transforms import eval_transform, resolve_preprocessing, train_transform
 from ..hardware import bf16_cost_note
 from ..memory.estimate import check_fits
 from ..models import create_model, save_model
 from . import run_files as io
 from . import step
-from .config import RESUMABLE, TrainConfig, config_from, resumed_config  # noqa: F401 (RESUMABLE: public)
-from .parts import (
-    Dist, EpochBatchSampler, apply_freeze, evaluate_loader, lr_factor, make_optimizer, param_groups, reduce_sum,
-    set_train_mode, weights_preprocessing,
-)
+from .config import TrainConfig, config_from, resumed_config
+from ..weights.registry import weights_preprocessing
+from .distributed import Dist, reduce_sum
+from .evaluate import evaluate_loader
+from .freezing import apply_freeze, set_train_mode
+from .optim import lr_factor, make_optimizer, param_groups
+from .sampler import EpochBatchSampler
 
 
 class Trainer:
@@ -71,7 +75,7 @@ class Trainer:
 
     def log(self, msg: str) -> None:
         if self.is_main:
-            print(D.printable(msg), flush=True)  # a data path may hold bytes that are not UTF-8
+            print(printable(msg), flush=True)  # a data path may hold bytes that are not UTF-8
 
     # -- setup ---------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -87,15 +91,15 @@ class Trainer:
         model = self._make_model()
         in_chans = getattr(model, "in_chans", 3)
         pre = weights_preprocessing(c.model, c.weights) if (c.pretrained or c.weights) else None
-        self.preprocessing = D.resolve_preprocessing(pre, c.image_size, in_chans)
+        self.preprocessing = resolve_preprocessing(pre, c.image_size, in_chans)
         self.frozen = apply_freeze(model, c.freeze)
         self.model = model.to(self.dist.device)
         size = int(self.preprocessing["size"])
         check_fits(self.model, size, c.batch_size // self.dist.world_size, self.dist.device,
                    f"--image-size {size} with --batch-size {c.batch_size}")  # before the allocator finds out
         self.optimizer = make_optimizer(c.optimizer, param_groups(model, c.lr, c.weight_decay, c.layer_decay), c.lr, c.momentum)
-        self.train_set = D.ImageDataset(train_samples, D.train_transform(self.preprocessing, c.augment), in_chans=in_chans, seed=c.seed)
-        self.val_set = D.ImageDataset(val_samples, D.eval_transform(self.preprocessing), in_chans=in_chans)
+        self.train_set = ImageDataset(train_samples, train_transform(self.preprocessing, c.augment), in_chans=in_chans, seed=c.seed)
+        self.val_set = ImageDataset(val_samples, eval_transform(self.preprocessing), in_chans=in_chans)
         self._make_schedule()
         self._make_runtime()
         # Running position, replaced by the saved one on resume.
@@ -107,12 +111,12 @@ class Trainer:
         if self.resume_state is not None:
             self._load_state(self.resume_state)
 
-    def _read_data(self) -> Tuple[List[D.Sample], List[D.Sample]]:
+    def _read_data(self) -> Tuple[List[Sample], List[Sample]]:
         """The readable train and val samples; unreadable images are skipped with a warning (or raise with strict_data)."""
         c = self.config
-        splits = D.load_splits(c.data, val_split=c.val_split, seed=c.seed)
-        train_samples, bad = D.check_images(splits.train, strict=c.strict_data)
-        val_samples, bad_val = D.check_images(splits.val, strict=c.strict_data)
+        splits = load_splits(c.data, val_split=c.val_split, seed=c.seed)
+        train_samples, bad = check_images(splits.train, strict=c.strict_data)
+        val_samples, bad_val = check_images(splits.val, strict=c.strict_data)
         self.skipped = bad + bad_val
         if self.skipped and self.is_main:
             path, reason = self.skipped[0]
@@ -152,7 +156,7 @@ class Trainer:
         c, d = self.config, self.dist
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[c.amp]
         if c.amp == "fp16" and d.device.type != "cuda":
-            raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
+            raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
         self.scaler = torch.amp.GradScaler("cuda") if c.amp == "fp16" else None
         self.ddp = None
         if d.world_size > 1:

@@ -11,8 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .._utils import OutputKind, PathLike, RunError, atomic_write, save_figure
-from .data import printable
+from .._utils import OutputKind, PathLike, RunError, atomic_write, printable, save_figure
 from .run_state import check_run_state
 
 try:  # POSIX advisory locks; Windows locks a byte range of the file instead

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from .._utils import CheckpointError, PathLike
+from .._utils import CheckpointFileError, MissingFileError, PathLike
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -44,9 +44,9 @@ def read_safetensors(path: PathLike, *, metadata: bool = True) -> Tuple[StateDic
             for key in f.keys():
                 state[key] = f.get_tensor(key)
     except FileNotFoundError:
-        raise
+        raise MissingFileError(f"checkpoint {str(path)!r} does not exist; check the path") from None
     except Exception as exc:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"{path}: not a valid safetensors file ({_first_line(exc)}); re-download or re-export it") from None
+        raise CheckpointFileError(f"{path}: not a valid safetensors file ({_first_line(exc)}); re-download or re-export it") from None
     return state, (parse_metadata(raw.get(METADATA_KEY), path) if metadata else {})
 
 
@@ -57,7 +57,7 @@ def check_safetensors(path: PathLike) -> None:
 
 
 def parse_metadata(text: Optional[str], path: PathLike = "checkpoint") -> Dict[str, Any]:
-    """Our JSON metadata entry as a dict (``{}`` for none); damaged metadata raises :class:`CheckpointError`.
+    """Our JSON metadata entry as a dict (``{}`` for none); damaged metadata raises :class:`CheckpointFileError`.
 
     Example::
 
@@ -68,10 +68,10 @@ def parse_metadata(text: Optional[str], path: PathLike = "checkpoint") -> Dict[s
     try:
         meta = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{path}: its {METADATA_KEY!r} metadata is not valid JSON ({_first_line(exc)}); the file is "
+        raise CheckpointFileError(f"{path}: its {METADATA_KEY!r} metadata is not valid JSON ({_first_line(exc)}); the file is "
                               "damaged: re-export it, or build the model yourself and use dz.load_weights (which ignores metadata)") from None
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: its {METADATA_KEY!r} metadata is a JSON {type(meta).__name__}, expected an object; "
+        raise CheckpointFileError(f"{path}: its {METADATA_KEY!r} metadata is a JSON {type(meta).__name__}, expected an object; "
                               "re-export it, or build the model yourself and use dz.load_weights (which ignores metadata)")
     return meta
 
@@ -99,20 +99,20 @@ def read_checkpoint(path: PathLike, *, metadata: bool = True) -> Tuple[Any, Dict
         obj, meta = read_checkpoint("densenet121-a639ec97.pth")
 
     ``.pth`` files are read with ``torch.load(weights_only=True)``: a pickle that would build
-    arbitrary Python objects (and so could run code) is refused with :class:`CheckpointError`;
+    arbitrary Python objects (and so could run code) is refused with :class:`CheckpointFileError`;
     so is any file torch cannot read (empty, truncated, damaged). ``metadata=False``: see :func:`read_safetensors`.
     """
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"checkpoint {str(path)!r} is a folder; give the path of a .safetensors/.pth file in it")
+        raise CheckpointFileError(f"checkpoint {str(path)!r} is a folder; give the path of a .safetensors/.pth file in it")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; check the path")
+        raise MissingFileError(f"checkpoint {str(path)!r} does not exist; check the path")
     if is_safetensors(path):
         return read_safetensors(path, metadata=metadata)
     with open(path, "rb") as f:
         head = f.read(64).lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
-        raise CheckpointError(f"{path}: is an HTML/XML page, not weights; it was probably saved from an error or login page, download it again")
+        raise CheckpointFileError(f"{path}: is an HTML/XML page, not weights; it was probably saved from an error or login page, download it again")
     try:
         with warnings.catch_warnings():
             # A plain pickle.dump of tensors (protocol > 2) makes torch warn on two lines; the weights-only
@@ -123,15 +123,15 @@ def read_checkpoint(path: PathLike, *, metadata: bool = True) -> Tuple[Any, Dict
         detail = str(exc).split("WeightsUnpickler error:", 1)[-1].strip()
         first = detail.splitlines()[0][:200] if detail else type(exc).__name__
         if "global" not in str(exc).lower():  # not a refused class: the pickle stream itself is damaged
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (damaged pickle: {first}); "
+            raise CheckpointFileError(f"{path}: not a readable PyTorch checkpoint (damaged pickle: {first}); "
                                   "it may be truncated, re-download or re-save it") from None
-        raise CheckpointError(
+        raise CheckpointFileError(
             f"{path}: refused to unpickle: the file holds Python objects other than tensors and plain containers, "
             f"and unpickling them could run code ({first}). Load only files you trust; ask for a .safetensors "
             "file, or convert a trusted one with `densenet-zoo convert` after re-saving its state_dict()"
         ) from None
     except Exception as exc:  # torch.load fails with many types (IndexError on an empty file, KeyError, ...)
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {_first_line(exc)}); "
+        raise CheckpointFileError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {_first_line(exc)}); "
                               "it may be empty or truncated, re-download or re-save it") from None
     return obj, {}
 
@@ -161,12 +161,12 @@ def extract_state_dict(obj: Any, *, use_ema: bool = False) -> Tuple[StateDict, s
             if key in obj and isinstance(obj[key], (Mapping, nn.Module)):
                 try:
                     state, where = extract_state_dict(obj[key], use_ema=use_ema)
-                except CheckpointError:
+                except CheckpointFileError:
                     continue
                 return state, f"{key}.{where}".rstrip(".")
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if len(tensors) >= max(1, len(obj) // 2):  # mostly tensors, plus a few scalars such as an epoch
             return tensors, ""
         keys = ", ".join(map(repr, list(obj)[:8]))
-        raise CheckpointError(f"no state dict found in this checkpoint: top-level keys are {keys}; expected tensors or one of {_WRAPPERS + _EMA_WRAPPERS}")
-    raise CheckpointError(f"a checkpoint must hold a dict of tensors, got {type(obj).__name__}")
+        raise CheckpointFileError(f"no state dict found in this checkpoint: top-level keys are {keys}; expected tensors or one of {_WRAPPERS + _EMA_WRAPPERS}")
+    raise CheckpointFileError(f"a checkpoint must hold a dict of tensors, got {type(obj).__name__}")

@@ -1,6 +1,6 @@
 """Published weights as data: the registry (``weights/manifest.json`` + user manifests).
 
-Environment (see also :mod:`densenet_zoo.weights.download`):
+Environment (the cache reads its own: :mod:`densenet_zoo.weights.cache`):
 ``DENSENET_ZOO_MIRROR``    base URL that replaces ``https://download.pytorch.org/models`` for every URL entry;
 ``DENSENET_ZOO_MANIFEST``  extra manifest file(s), ``os.pathsep``-separated, whose entries add to or override ours.
 """
@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
-from .._utils import IMAGENET_MEAN, IMAGENET_STD
-from .cache import WeightsError, cache_dir, download, hf_download, is_offline, sha256_file
+from .._utils import IMAGENET_MEAN, IMAGENET_STD, WeightsError
+from .cache import download, hf_download
+from .checkpoint import read_safetensors
 
-__all__ = ["WeightsEntry", "WeightsError", "cache_dir", "download", "fetch", "get_weights", "hf_download",
-           "is_offline", "list_weights", "read_manifest", "register_weights", "sha256_file"]
+__all__ = ["WeightsEntry", "fetch", "get_weights", "list_weights", "read_manifest", "register_weights", "weights_preprocessing"]
 
 
 # Installed: the package data folder densenet_zoo/_data; in a source checkout: the top-level weights/ folder.
@@ -105,7 +105,7 @@ class WeightsEntry:
 
     @property
     def filename(self) -> str:
-        """File name of the download (the cache adds a URL digest to a name without a hash: see :func:`download.cache_name`)."""
+        """File name of the download (the cache adds a URL digest to a name without a hash: see :func:`densenet_zoo.weights.cache.cache_name`)."""
         if self.url:
             return Path(urllib.parse.urlparse(self.url).path).name or f"{self.name}.bin"
         return self.hf_filename
@@ -157,29 +157,8 @@ class WeightsEntry:
         return cls(**d)
 
 
-def eval_pipeline(resize_size: int, crop_size: int, interpolation: str = "bilinear",
-                  mean: Tuple[float, ...] = IMAGENET_MEAN, std: Tuple[float, ...] = IMAGENET_STD) -> Callable[[Any], Any]:
-    """The evaluation preprocessing of every published DenseNet, and the only one in this package.
-
-    Resize the short side to ``resize_size``, centre-crop ``crop_size``, scale to [0, 1], normalise:
-    torchvision's ImageClassification preset. A PIL image is resized by PIL, as torchvision's and
-    timm's presets do, so pretrained weights see the pixels they were evaluated with.
-    """
-    import torch
-    from torchvision.transforms import InterpolationMode, v2
-
-    return v2.Compose([
-        v2.Resize(int(resize_size), interpolation=InterpolationMode(interpolation), antialias=True),
-        v2.CenterCrop(int(crop_size)),
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(mean), list(std)),
-        v2.ToPureTensor(),
-    ])
-
-
 class ImageTransform:
-    """Resize the short side, centre-crop, scale to [0, 1], normalise (:func:`eval_pipeline` with named fields)."""
+    """Resize the short side, centre-crop, scale to [0, 1], normalise (:func:`~densenet_zoo.data.transforms.eval_pipeline` with named fields)."""
 
     FIELDS = ("resize_size", "crop_size", "interpolation", "mean", "std")
 
@@ -189,6 +168,8 @@ class ImageTransform:
             raise WeightsError(f"interpolation must be one of {_INTERP}, got {interpolation!r}")
         self.resize_size, self.crop_size, self.interpolation = int(resize_size), int(crop_size), interpolation
         self.mean, self.std = list(mean), list(std)
+
+        from ..data.transforms import eval_pipeline  # torchvision loads when a transform is built, not with the registry
 
         self._pipeline = eval_pipeline(self.resize_size, self.crop_size, interpolation, self.mean, self.std)
 
@@ -377,5 +358,25 @@ def fetch(entry: WeightsEntry, *, progress: bool = True) -> Path:
     if entry.hf_hub_id and not entry.url:
         return hf_download(entry.hf_hub_id, entry.hf_filename, progress=progress)
     url = entry.resolved_url()
-    assert url is not None
+    if url is None:  # from_dict refuses such entries; a WeightsEntry built by hand may still lack both
+        raise WeightsError(f"weights {entry.name!r} have neither a url nor an hf_hub_id; give one of them")
     return download(url, entry.filename, sha256=entry.sha256, file_size=entry.file_size, progress=progress)
+
+
+def weights_preprocessing(model: str, source: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """Preprocessing of the weights a run starts from: the registry entry's, or the metadata of a
+    safetensors file written by :func:`~densenet_zoo.save_model`; ``None`` when unknown.
+
+    Example::
+
+        weights_preprocessing("densenet121")["crop_size"]  # -> 224
+    """
+    if source and Path(source).is_file() and source.endswith(".safetensors"):
+        pre = read_safetensors(source)[1].get("preprocessing")
+        return dict(pre) if pre else None
+    try:
+        info = get_weights(source if source and "." in source else model)
+    except (LookupError, ValueError, RuntimeError):  # e.g. a URL: no registry entry to read
+        return None
+    pre = getattr(info, "preprocessing", None)
+    return dict(pre) if pre else None

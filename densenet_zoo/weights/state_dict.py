@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .._utils import CheckpointError
+from .._utils import CheckpointFileError
 
 StateDict = Dict[str, torch.Tensor]
 FIRST_CONV = "features.conv0.weight"
@@ -51,7 +51,7 @@ def normalize_keys(state: Mapping[str, torch.Tensor], target_keys: Optional[Any]
 
     With ``target_keys`` a prefix is stripped only as far as needed to match a key of the model;
     without, every known prefix is stripped. A key that is not a string, or a value that is not a
-    dense real tensor, raises :class:`CheckpointError`.
+    dense real tensor, raises :class:`CheckpointFileError`.
     """
     targets = set(target_keys) if target_keys is not None else None
     out: StateDict = {}
@@ -61,7 +61,7 @@ def normalize_keys(state: Mapping[str, torch.Tensor], target_keys: Optional[Any]
         cands = _candidates(key)
         new = next((c for c in cands if c in targets), cands[-1]) if targets is not None else cands[-1]
         if new in out:
-            raise CheckpointError(f"checkpoint keys {key!r} and another one both map to {new!r}; it mixes two models, extract one first")
+            raise CheckpointFileError(f"checkpoint keys {key!r} and another one both map to {new!r}; it mixes two models, extract one first")
         renamed += new != key
         out[new] = value
     return out, renamed
@@ -69,13 +69,13 @@ def normalize_keys(state: Mapping[str, torch.Tensor], target_keys: Optional[Any]
 
 def _check_entry(key: Any, value: Any, source: str) -> None:
     if not isinstance(key, str):
-        raise CheckpointError(f"{source}: key {key!r} is of type {type(key).__name__}, expected a string; the file is damaged "
+        raise CheckpointFileError(f"{source}: key {key!r} is of type {type(key).__name__}, expected a string; the file is damaged "
                               "or not a state dict")
     if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
         kind = f"a {value.layout} tensor" if isinstance(value, torch.Tensor) else f"of type {type(value).__name__}"
-        raise CheckpointError(f"{source}: entry {key!r} is {kind}, expected a dense tensor; re-save it with .to_dense()")
+        raise CheckpointFileError(f"{source}: entry {key!r} is {kind}, expected a dense tensor; re-save it with .to_dense()")
     if value.is_complex() or value.is_quantized:
-        raise CheckpointError(f"{source}: entry {key!r} has dtype {value.dtype}, expected real numbers; "
+        raise CheckpointFileError(f"{source}: entry {key!r} has dtype {value.dtype}, expected real numbers; "
                               "dequantize or convert it to float and re-save")
 
 
@@ -95,7 +95,7 @@ def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     dtype = weight.dtype
     w = weight.float()
     if c != 3:
-        raise CheckpointError(f"can only adapt a 3-channel first conv to in_chans={in_chans}, the checkpoint's has {c} channels")
+        raise CheckpointFileError(f"can only adapt a 3-channel first conv to in_chans={in_chans}, the checkpoint's has {c} channels")
     if in_chans == 1:
         w = w.sum(dim=1, keepdim=True)
     else:
@@ -177,7 +177,7 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: b
 
     A classifier of another size is left freshly initialised (``report.reinitialized``); a 3-channel
     first conv is adapted to ``model``'s input channels. ``strict=True`` raises
-    :class:`CheckpointError` listing missing, unexpected and shape-mismatched keys. Tensors holding
+    :class:`CheckpointFileError` listing missing, unexpected and shape-mismatched keys. Tensors holding
     nan or inf (the weights of a diverged run) are refused unless ``allow_nonfinite=True``.
     """
     target = model.state_dict()
@@ -191,7 +191,7 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: b
             continue
         want = target[key]
         if want.is_floating_point() and not value.is_floating_point():
-            raise CheckpointError(f"{source}: {key} holds {value.dtype} values where the model has {want.dtype}; a quantized "
+            raise CheckpointFileError(f"{source}: {key} holds {value.dtype} values where the model has {want.dtype}; a quantized "
                                   "or damaged checkpoint: convert it to float first")
         if value.shape == want.shape:
             new[key] = value
@@ -213,10 +213,10 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: b
     order = {k: i for i, k in enumerate(target)}
     report.reinitialized.sort(key=order.__getitem__)
     if not (report.reinitialized or any(not k.endswith("num_batches_tracked") for k in new)):
-        raise CheckpointError(f"{source}: none of its {len(state)} tensors fits the model (first keys: {_short(list(state), 3)}); "
+        raise CheckpointFileError(f"{source}: none of its {len(state)} tensors fits the model (first keys: {_short(list(state), 3)}); "
                               "it is not a checkpoint of this architecture: check the file, or the model you built")
     if strict and not report.ok:
-        raise CheckpointError(f"{source} does not fit the model (strict): {report.problems()}")
+        raise CheckpointFileError(f"{source} does not fit the model (strict): {report.problems()}")
     if not allow_nonfinite:
         refuse_nonfinite(new, source)
     merged = dict(target)
@@ -226,7 +226,7 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: b
 
 
 def refuse_nonfinite(state: Mapping[str, torch.Tensor], source: str) -> None:
-    """A one-line :class:`CheckpointError` when a floating-point tensor of ``state`` holds nan or inf.
+    """A one-line :class:`CheckpointFileError` when a floating-point tensor of ``state`` holds nan or inf.
 
     Example::
 
@@ -234,7 +234,7 @@ def refuse_nonfinite(state: Mapping[str, torch.Tensor], source: str) -> None:
     """
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise CheckpointError(f"{source}: {len(bad)} tensor(s) hold nan or inf values (e.g. {bad[0]}): the weights of a "
+        raise CheckpointFileError(f"{source}: {len(bad)} tensor(s) hold nan or inf values (e.g. {bad[0]}): the weights of a "
                               "diverged run, which would predict nonsense; use an earlier checkpoint, or pass "
                               "allow_nonfinite=True to load them anyway")
 
@@ -247,7 +247,7 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
         infer_config(torchvision.models.densenet121().state_dict())["block_config"]  # -> (6, 12, 24, 16)
     """
     if FIRST_CONV not in state:
-        raise CheckpointError(f"cannot tell the architecture: no {FIRST_CONV!r} in the checkpoint; is this a DenseNet?")
+        raise CheckpointFileError(f"cannot tell the architecture: no {FIRST_CONV!r} in the checkpoint; is this a DenseNet?")
     conv0 = _conv_weight(state, FIRST_CONV)
     blocks: Dict[int, int] = {}
     growth = bn_size = None
@@ -259,9 +259,9 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
             conv2 = _conv_weight(state, key)
             growth, bn_size = conv2.shape[0], conv2.shape[1] // conv2.shape[0]
     if not blocks:
-        raise CheckpointError("cannot tell the architecture: no dense layers (features.denseblockN.denselayerM.conv2) in the checkpoint")
+        raise CheckpointFileError("cannot tell the architecture: no dense layers (features.denseblockN.denselayerM.conv2) in the checkpoint")
     if sorted(blocks) != list(range(1, len(blocks) + 1)):
-        raise CheckpointError(f"cannot tell the architecture: dense blocks {sorted(blocks)[:8]} are not numbered 1, 2, ...; "
+        raise CheckpointFileError(f"cannot tell the architecture: dense blocks {sorted(blocks)[:8]} are not numbered 1, 2, ...; "
                               "the checkpoint's key names are damaged")
     block_config = tuple(blocks[i] for i in sorted(blocks))
     small = "features.norm0.weight" not in state and "features.norm0.running_mean" not in state
@@ -280,6 +280,6 @@ def _conv_weight(state: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
     t = state[key]
     if not isinstance(t, torch.Tensor) or t.dim() != 4 or 0 in t.shape:
         shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise CheckpointError(f"cannot tell the architecture: {key} has shape {shape}, expected a 4-D conv weight; "
+        raise CheckpointFileError(f"cannot tell the architecture: {key} has shape {shape}, expected a 4-D conv weight; "
                               "the checkpoint is damaged or not a DenseNet")
     return t

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import densenet_zoo as dz
-from densenet_zoo.train import data as D
+from densenet_zoo.data.images import UnreadableImageError, open_image
+from densenet_zoo.data.splits import check_images, load_splits
+from densenet_zoo.data.transforms import resolve_preprocessing
 from densenet_zoo.train import run_files as io
 from densenet_zoo._utils import DataError, RunError
 from densenet_zoo.cli import main
@@ -149,12 +151,12 @@ def test_ctrl_c_during_finetune_says_how_to_resume_and_the_resume_works(data, tm
 def test_a_decompression_bomb_is_one_unreadable_image_everywhere(data, checkpoint, tmp_path, capsys):
     bomb = _bomb_png(data / "train" / "1" / "bomb.png")
     try:
-        with pytest.raises(D.UnreadableImageError, match="bomb.png: unreadable image .*exceeds limit"):
-            D.open_image(bomb)
-        good, bad = D.check_images([(str(bomb), 1)])
+        with pytest.raises(UnreadableImageError, match="bomb.png: unreadable image .*exceeds limit"):
+            open_image(bomb)
+        good, bad = check_images([(str(bomb), 1)])
         assert good == [] and bad[0][0] == str(bomb)
         with pytest.raises(DataError, match="bomb.png: unreadable image"):
-            D.check_images([(str(bomb), 1)], strict=True)
+            check_images([(str(bomb), 1)], strict=True)
         # finetune skips it with a warning, or stops with one line under --strict-data
         result = finetune(**base_options(data, tmp_path / "run", epochs=1))
         assert result["skipped_images"] == 1 and "warning: skipped 1 unreadable" in capsys.readouterr().err
@@ -264,11 +266,11 @@ def test_a_csv_dataset_saved_by_excel_with_a_bom(data, tmp_path):
     lines = ["path,label"] + [f"{p},{p.parent.name}" for p in sorted((data / "train").rglob("*.png"))]
     csv_path = tmp_path / "excel.csv"
     csv_path.write_bytes("\r\n".join(lines).encode("utf-8-sig"))
-    splits = D.load_splits(csv_path, val_split=0.25)
+    splits = load_splits(csv_path, val_split=0.25)
     assert splits.class_names == ["0", "1", "2"] and len(splits.train) + len(splits.val) == len(lines) - 1
     csv_path.write_bytes("path,label\r\ncaf\xe9.png,1\r\n".encode("latin-1"))
     with pytest.raises(DataError, match="not UTF-8 text .*save the CSV as UTF-8"):
-        D.load_splits(csv_path)
+        load_splits(csv_path)
 
 
 # -- 5. unclear or missing errors ----------------------------------------------------------------
@@ -342,7 +344,7 @@ def test_outputs_that_are_an_input_are_refused(checkpoint, data, tmp_path, capsy
 
 def test_a_zero_image_size_is_refused_not_replaced_by_224(data, tmp_path, capsys):
     with pytest.raises(DataError, match="image size must be a positive integer, got 0"):
-        D.resolve_preprocessing({"size": 224}, image_size=0)
+        resolve_preprocessing({"size": 224}, image_size=0)
     assert main(_tiny_flags(data, tmp_path / "run", "--image-size", "0")) == 1
     assert "--image-size must be a positive integer" in _one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "run").exists()

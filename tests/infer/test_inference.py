@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 import densenet_zoo as dz
-from densenet_zoo.infer.fast import FastDenseNet, fold_bn, norm_as_affine, optimize_for_inference
+from densenet_zoo.infer.fast import FastDenseNet, optimize_for_inference
+from densenet_zoo.infer.folding import fold_bn, norm_as_affine
 from _marks import needs_native_bf16
 
 pytestmark = pytest.mark.numerics  # run again with kernels capped at AVX2 (Makefile: make test)

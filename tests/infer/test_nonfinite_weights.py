@@ -37,7 +37,7 @@ def _model(poison=None) -> dz.DenseNet:
 def test_a_checkpoint_holding_nan_or_inf_is_refused_unless_asked_for(tmp_path, poison, data, capsys):
     path = dz.save_model(_model(poison), tmp_path / "diverged.safetensors", class_names=["0", "1", "2"], preprocessing=PRE)
     for load in (lambda **kw: dz.load_model(path, **kw), lambda **kw: dz.load_weights(_model(), path, **kw)):
-        with pytest.raises(dz.CheckpointError) as info:
+        with pytest.raises(dz.CheckpointFileError) as info:
             load()
         text = str(info.value)
         assert "\n" not in text and str(path) in text and poison[0] in text and "allow_nonfinite=True" in text

@@ -11,7 +11,8 @@ from PIL import Image
 
 import densenet_zoo as dz
 from densenet_zoo import cli
-from densenet_zoo.train import data as D
+from densenet_zoo.data.images import open_image
+from densenet_zoo.data.transforms import eval_transform, resolve_preprocessing
 
 CLASSES = ["circle", "square", "triangle"]
 PRE = {"size": 32, "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
@@ -44,7 +45,7 @@ def checkpoint_and_images(tmp_path):
 
 
 def _reference_probs(model, path):
-    x = D.eval_transform(D.resolve_preprocessing(PRE, None, 3))(D.open_image(path)).unsqueeze(0)
+    x = eval_transform(resolve_preprocessing(PRE, None, 3))(open_image(path)).unsqueeze(0)
     with torch.no_grad():
         return model(x).softmax(1)[0]
 

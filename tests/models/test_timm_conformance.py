@@ -18,6 +18,7 @@ from timm.models import FeatureInfo, get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import densenet_zoo as dz
+from densenet_zoo.weights import cache as weights_cache
 from densenet_zoo.weights import registry as hub
 from _weights_helpers import LoopbackServer, isolated_registry
 
@@ -74,7 +75,7 @@ def test_default_cfg_and_head(name):
     with torch.no_grad():
         feats = model.forward_features(x)
         pre = model.forward_head(feats, pre_logits=True)
-    expected = cfg["pool_size"] if side == cfg["input_size"][-1] else (dz.models.features.final_map_size(side, len(arch["block_config"]), bool(arch.get("small_inputs"))),) * 2
+    expected = cfg["pool_size"] if side == cfg["input_size"][-1] else (dz.models.inputs.final_map_size(side, len(arch["block_config"]), bool(arch.get("small_inputs"))),) * 2
     assert feats.shape[1] == model.num_features and tuple(feats.shape[-2:]) == tuple(expected)
     assert pre.shape == (1, model.head_hidden_size)
     model.reset_classifier(0)
@@ -262,7 +263,7 @@ def test_layer_decay_optimizer_groups():
     assert scale[named["features.conv0.weight"]] == pytest.approx(0.7 ** (layers - 1))
     assert scale[named["features.transition1.conv.weight"]] == scale[named["features.denseblock1.denselayer2.conv1.weight"]]
     assert scale[named["features.denseblock2.denselayer1.conv1.weight"]] == pytest.approx(0.7 ** (layers - 4))
-    assert dz.models.features.JOIN_PREVIOUS_GROUP == timm.models._manipulate.MATCH_PREV_GROUP
+    assert dz.models.timm_methods.JOIN_PREVIOUS_GROUP == timm.models._manipulate.MATCH_PREV_GROUP
     coarse = timm.models.group_parameters(model, model.group_matcher(coarse=True))
     assert len(coarse) == 1 + 3 + 1
 
@@ -299,7 +300,7 @@ def _published(tmp_path, seed=5):
                 t.copy_(torch.rand_like(t) + 0.5 if "var" in name or "weight" in name else torch.randn_like(t) * 0.1)
     path = tmp_path / "tmp.pth"
     torch.save(src.state_dict(), path)
-    digest = hub.sha256_file(path)
+    digest = weights_cache.sha256_file(path)
     final = path.rename(tmp_path / f"densenet_bc_100-{digest[:8]}.pth")
     return src, final, digest
 

@@ -9,7 +9,7 @@ import torch
 import densenet_zoo as dz
 from densenet_zoo.cli import main
 from densenet_zoo.memory import SavedTensorBytes
-from densenet_zoo.profiling.rss import _PeakRss
+from densenet_zoo.profiling.rss import PeakRss
 from densenet_zoo.profiling.runner import largest_fitting, resolve_modes
 
 TINY = dict(growth_rate=8, block_config=[2, 2, 2], num_init_features=16)
@@ -72,7 +72,7 @@ def test_saved_tensor_bytes_counts_unique_storages():
 
 
 def test_peak_rss_sees_a_large_temporary():
-    with _PeakRss() as peak:
+    with PeakRss() as peak:
         start = peak.peak
         t = torch.ones(64 * 2**20 // 4)  # 64 MiB, written so the pages are resident
         del t

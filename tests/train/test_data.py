@@ -10,7 +10,12 @@ from PIL import Image
 
 import densenet_zoo as dz
 
-from densenet_zoo.train import data as D
+from densenet_zoo._utils import IMAGENET_MEAN, IMAGENET_STD
+from densenet_zoo.data.dataset import ImageDataset
+from densenet_zoo.data.images import open_image
+from densenet_zoo.data.sample_data import write_sample_data
+from densenet_zoo.data.splits import check_images, load_splits
+from densenet_zoo.data.transforms import eval_transform, resolve_preprocessing, train_transform
 
 
 def _png(path, value=128, size=(12, 10), mode="RGB"):
@@ -30,7 +35,7 @@ def _folder(root, classes=("a", "b", "c"), n=5):
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits") / "digits"
-    return root, D.write_sample_data("digits", root)
+    return root, write_sample_data("digits", root)
 
 
 def test_digits_sample_data_is_sklearn_digits_split_per_class(digits):
@@ -39,7 +44,7 @@ def test_digits_sample_data_is_sklearn_digits_split_per_class(digits):
     root, counts = digits
     ref = load_digits()
     assert counts["train"] + counts["val"] == len(ref.target) == 1797
-    splits = D.load_splits(root)
+    splits = load_splits(root)
     assert splits.class_names == [str(i) for i in range(10)]
     assert len(splits.train) == counts["train"] and len(splits.val) == counts["val"]
     names = {p.split("/")[-1] for p, _ in splits.train} | {p.split("/")[-1] for p, _ in splits.val}
@@ -56,21 +61,21 @@ def test_digits_sample_data_is_sklearn_digits_split_per_class(digits):
 
 def test_sample_data_is_reused_and_refuses_foreign_folders(digits, tmp_path):
     root, counts = digits
-    assert D.write_sample_data("digits", root) == counts  # idempotent: same split, nothing rewritten
+    assert write_sample_data("digits", root) == counts  # idempotent: same split, nothing rewritten
     other = tmp_path / "mine"
     _png(other / "photo.png")
     with pytest.raises(ValueError, match="not empty"):
-        D.write_sample_data("digits", other)
+        write_sample_data("digits", other)
     assert (other / "photo.png").exists()
     with pytest.raises(ValueError, match="unknown sample dataset"):
-        D.write_sample_data("mnist", tmp_path / "m")
+        write_sample_data("mnist", tmp_path / "m")
 
 
 def test_one_folder_split_is_fixed_by_the_seed_and_stratified(tmp_path):
     root = _folder(tmp_path / "d", n=10)
-    a, b = D.load_splits(root, val_split=0.3, seed=1), D.load_splits(root, val_split=0.3, seed=1)
+    a, b = load_splits(root, val_split=0.3, seed=1), load_splits(root, val_split=0.3, seed=1)
     assert a.train == b.train and a.val == b.val
-    assert D.load_splits(root, val_split=0.3, seed=2).val != a.val
+    assert load_splits(root, val_split=0.3, seed=2).val != a.val
     assert len(a.val) == 9 and len(a.train) == 21
     assert set(a.val).isdisjoint(a.train)
     assert [sum(1 for _, y in a.val if y == c) for c in range(3)] == [3, 3, 3]
@@ -79,7 +84,7 @@ def test_one_folder_split_is_fixed_by_the_seed_and_stratified(tmp_path):
 def test_train_val_folders_and_csv(tmp_path):
     root = tmp_path / "tv"
     _folder(root / "train"), _folder(root / "val", n=2)
-    s = D.load_splits(root)
+    s = load_splits(root)
     assert (len(s.train), len(s.val), s.class_names) == (15, 6, ["a", "b", "c"])
     _folder(tmp_path / "imgs", classes=("x", "y"), n=4)
     with open(tmp_path / "labels.csv", "w", newline="") as f:
@@ -88,7 +93,7 @@ def test_train_val_folders_and_csv(tmp_path):
         for c in ("x", "y"):
             for i in range(4):
                 w.writerow([f"imgs/{c}/{i}.png", f"label_{c}"])
-    s = D.load_splits(tmp_path / "labels.csv", val_split=0.25)
+    s = load_splits(tmp_path / "labels.csv", val_split=0.25)
     assert s.class_names == ["label_x", "label_y"] and len(s.train) == 6 and len(s.val) == 2
     assert all(p.startswith(str(tmp_path / "imgs")) for p, _ in s.train)
 
@@ -118,28 +123,28 @@ def test_bad_datasets_give_one_line_errors(tmp_path, case, match):
         root = tmp_path / "l.csv"
         root.write_text("imgs/a/0.png,a\nimgs/b/0.png\n")
     with pytest.raises((ValueError, FileNotFoundError), match=match) as err:
-        D.load_splits(root)
+        load_splits(root)
     assert "\n" not in str(err.value)
 
 
 def test_grayscale_palette_rgba_and_16bit_images_become_rgb(tmp_path):
     gray = _png(tmp_path / "g.png", value=77, mode="L")
-    assert np.asarray(D.open_image(gray)).tolist()[0][0] == [77, 77, 77]
+    assert np.asarray(open_image(gray)).tolist()[0][0] == [77, 77, 77]
     rgba = tmp_path / "t.png"
     im = Image.new("RGBA", (4, 4), (10, 20, 30, 255))
     im.putpixel((0, 0), (0, 0, 0, 0))  # fully transparent: shows the white background
     im.putpixel((1, 0), (0, 0, 0, 128))  # half transparent black over white
     im.save(rgba)
-    arr = np.asarray(D.open_image(rgba))
+    arr = np.asarray(open_image(rgba))
     assert arr[0, 0].tolist() == [255, 255, 255] and arr[0, 2].tolist() == [10, 20, 30]
     assert abs(int(arr[0, 1, 0]) - 127) <= 1
     pal = tmp_path / "p.png"
     Image.new("P", (4, 4), 0).save(pal, transparency=0)
-    assert np.asarray(D.open_image(pal))[0, 0].tolist() == [255, 255, 255]
+    assert np.asarray(open_image(pal))[0, 0].tolist() == [255, 255, 255]
     deep = tmp_path / "d16.png"
     Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16)).save(deep)
-    assert np.asarray(D.open_image(deep)).max() == 255
-    assert D.open_image(rgba, in_chans=1).mode == "L"
+    assert np.asarray(open_image(deep)).max() == 255
+    assert open_image(rgba, in_chans=1).mode == "L"
 
 
 def test_corrupt_images_are_reported_with_their_path(tmp_path):
@@ -150,33 +155,33 @@ def test_corrupt_images_are_reported_with_their_path(tmp_path):
     full = _png(tmp_path / "big.png", size=(64, 64)).read_bytes()
     truncated.write_bytes(full[: len(full) // 2])
     samples = [(str(good), 0), (str(garbage), 0), (str(truncated), 1)]
-    ok, bad = D.check_images(samples)
+    ok, bad = check_images(samples)
     assert ok == [(str(good), 0)]
     assert [p for p, _ in bad] == [str(garbage), str(truncated)]
     with pytest.raises(ValueError, match="garbage.png: unreadable image"):
-        D.check_images(samples, strict=True)
+        check_images(samples, strict=True)
 
 
 def test_preprocessing_defaults_and_weights_dicts():
-    pre = D.resolve_preprocessing(None, 32)
-    assert pre == {"size": 32, "crop_pct": 1.0, "interpolation": "bilinear", "mean": list(D.IMAGENET_MEAN), "std": list(D.IMAGENET_STD)}
+    pre = resolve_preprocessing(None, 32)
+    assert pre == {"size": 32, "crop_pct": 1.0, "interpolation": "bilinear", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     timm_cfg = {"input_size": (3, 288, 288), "crop_pct": 0.95, "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
-    assert D.resolve_preprocessing(timm_cfg)["size"] == 288
-    assert D.resolve_preprocessing(timm_cfg, 64)["size"] == 64
+    assert resolve_preprocessing(timm_cfg)["size"] == 288
+    assert resolve_preprocessing(timm_cfg, 64)["size"] == 64
     tv_cfg = {"resize_size": 256, "crop_size": 224, "interpolation": "bilinear"}  # the weights manifest's form
-    assert D.resolve_preprocessing(tv_cfg)["size"] == 224 and D.resolve_preprocessing(tv_cfg)["crop_pct"] == 0.875
-    gray = D.resolve_preprocessing(None, 16, in_chans=1)
-    assert gray["mean"] == [pytest.approx(sum(D.IMAGENET_MEAN) / 3)]
+    assert resolve_preprocessing(tv_cfg)["size"] == 224 and resolve_preprocessing(tv_cfg)["crop_pct"] == 0.875
+    gray = resolve_preprocessing(None, 16, in_chans=1)
+    assert gray["mean"] == [pytest.approx(sum(IMAGENET_MEAN) / 3)]
     with pytest.raises(ValueError, match="interpolation"):
-        D.resolve_preprocessing({"interpolation": "lanczos9"}, 8)
+        resolve_preprocessing({"interpolation": "lanczos9"}, 8)
 
 
 def test_eval_transform_matches_a_hand_written_reference(tmp_path):
     path = tmp_path / "x.png"
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(path)
-    pre = D.resolve_preprocessing({"crop_pct": 0.875, "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}, 16)
-    out = D.eval_transform(pre)(D.open_image(path))
+    pre = resolve_preprocessing({"crop_pct": 0.875, "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}, 16)
+    out = eval_transform(pre)(open_image(path))
     # torchvision's preset on a PIL image: PIL resizes the short side (30 -> floor(16 / 0.875) = 18,
     # 40 -> 24), then a centred 16x16 crop, scaling to [0, 1] and normalising.
     short = math.floor(16 / 0.875)
@@ -194,9 +199,9 @@ def test_eval_transform_is_the_weights_preprocessing(tmp_path):
     path = tmp_path / "y.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 260, 3), dtype=np.uint8)).save(path)
     entry = dz.get_weights("densenet121")
-    pre = D.resolve_preprocessing(entry.preprocessing, None, 3)
-    img = D.open_image(path)
-    torch.testing.assert_close(D.eval_transform(pre)(img), entry.transforms()(img), atol=0, rtol=0)
+    pre = resolve_preprocessing(entry.preprocessing, None, 3)
+    img = open_image(path)
+    torch.testing.assert_close(eval_transform(pre)(img), entry.transforms()(img), atol=0, rtol=0)
 
 
 def test_augmentation_is_seeded_per_sample_and_leaves_the_global_rng_alone(tmp_path):
@@ -205,9 +210,9 @@ def test_augmentation_is_seeded_per_sample_and_leaves_the_global_rng_alone(tmp_p
         (tmp_path / "d" / c).mkdir(parents=True)
         for i in range(4):  # textured images, so that different crops give different tensors
             Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "d" / c / f"{i}.png")
-    samples = D.load_splits(tmp_path / "d", val_split=0.25).train
-    pre = D.resolve_preprocessing(None, 8)
-    ds = D.ImageDataset(samples, D.train_transform(pre, "standard"), seed=3)
+    samples = load_splits(tmp_path / "d", val_split=0.25).train
+    pre = resolve_preprocessing(None, 8)
+    ds = ImageDataset(samples, train_transform(pre, "standard"), seed=3)
     torch.manual_seed(123)
     before = torch.get_rng_state()
     first = [ds[i][0] for i in range(len(ds))]
@@ -218,4 +223,4 @@ def test_augmentation_is_seeded_per_sample_and_leaves_the_global_rng_alone(tmp_p
     ds.set_epoch(1)
     assert any(not torch.equal(ds[i][0], first[i]) for i in range(len(ds)))
     with pytest.raises(ValueError, match="augment"):
-        D.train_transform(pre, "heavy")
+        train_transform(pre, "heavy")

@@ -12,7 +12,9 @@ import torch.nn as nn
 import densenet_zoo as dz
 from densenet_zoo._utils import RunError
 from densenet_zoo.train import finetune
-from densenet_zoo.train.parts import EpochBatchSampler, apply_freeze, lr_factor, param_groups
+from densenet_zoo.train.freezing import apply_freeze
+from densenet_zoo.train.optim import lr_factor, param_groups
+from densenet_zoo.train.sampler import EpochBatchSampler
 from densenet_zoo.models import load_model
 from densenet_zoo.weights import read_safetensors
 

@@ -12,7 +12,7 @@ import densenet_zoo as dz
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 from densenet_zoo.weights import registry as hub
-from densenet_zoo.train.data import write_sample_data
+from densenet_zoo.data.sample_data import write_sample_data
 from densenet_zoo.train.evaluate import evaluate_checkpoint
 
 

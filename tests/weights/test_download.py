@@ -14,6 +14,7 @@ import torchvision
 from safetensors.torch import save_file
 
 import densenet_zoo as dz
+from densenet_zoo.weights import cache as weights_cache
 from densenet_zoo.weights import registry as hub
 from densenet_zoo.cli import main as cli_main
 from _weights_helpers import TINY, isolated_registry, randomize, save_legacy, tiny_torchvision
@@ -138,7 +139,7 @@ def test_bad_file_in_cache_is_replaced(env, server, tiny_file):
     env.mkdir(parents=True)
     (env / path.name).write_bytes(b"garbage")
     url = server.serve("/w/" + path.name, path.read_bytes())
-    got = hub.download(url, progress=False)
+    got = weights_cache.download(url, progress=False)
     assert got.read_bytes() == path.read_bytes() and len(server.requests) == 1
 
 

@@ -62,7 +62,7 @@ def test_forged_sizes_fail_before_anything_is_built(saved, tmp_path):
     cases.append(f"dz.create_model('densenet_bc_100', weights={str(tmp_path / 'wide.safetensors')!r})")
     results = run_capped(cases)
     for case, res in zip(cases, results):
-        assert not res["ok"] and res["zoo"] and res["type"] == "CheckpointError", (case, res)
+        assert not res["ok"] and res["zoo"] and res["type"] == "CheckpointFileError", (case, res)
         assert "\n" not in res["msg"] and res["s"] < 5, (case, res)
     assert "100,000 dense layers" in results[0]["msg"] or "200,000 dense layers" in results[0]["msg"]
     assert "num_classes=10000000000 is not an integer in" in results[1]["msg"]
@@ -84,7 +84,7 @@ def test_forged_sizes_fail_before_anything_is_built(saved, tmp_path):
 def test_damaged_metadata_is_one_checkpoint_error(saved, tmp_path, meta_text, needle):
     model, good = saved
     bad = forge(good, tmp_path / "bad.safetensors", meta_text=meta_text)
-    with pytest.raises(dz.CheckpointError) as info:
+    with pytest.raises(dz.CheckpointFileError) as info:
         dz.load_model(bad)
     _one_line(info, str(bad), needle)
     # load_weights needs only the tensors: the same file loads, exactly.
@@ -100,7 +100,7 @@ def test_empty_or_garbage_pth_is_one_checkpoint_error(tmp_path, content):
     path = tmp_path / "empty.pth"
     path.write_bytes(content)
     for call in (lambda: dz.load_weights(dz.DenseNet(**SMALL), path), lambda: dz.convert_checkpoint(path, tmp_path / "o.safetensors")):
-        with pytest.raises(dz.CheckpointError) as info:
+        with pytest.raises(dz.CheckpointFileError) as info:
             call()
         _one_line(info, str(path), "re-download")
     assert not (tmp_path / "o.safetensors").exists()
@@ -111,14 +111,14 @@ def test_convert_into_a_folder_is_refused_and_the_folder_kept(saved, tmp_path):
     folder = tmp_path / "out"
     folder.mkdir()
     (folder / "keep.txt").write_text("mine")
-    with pytest.raises(dz.CheckpointError) as info:
+    with pytest.raises(dz.CheckpointFileError) as info:
         dz.convert_checkpoint(good, folder)
     _one_line(info, str(folder), "it is a folder")
     assert [p.name for p in folder.iterdir()] == ["keep.txt"] and (folder / "keep.txt").read_text() == "mine"
     # A folder given as the checkpoint to read: the same kind of answer.
     for call in (lambda: dz.load_weights(dz.DenseNet(**SMALL), folder), lambda: dz.convert_checkpoint(folder, tmp_path / "o.safetensors"),
                  lambda: dz.load_model(folder)):
-        with pytest.raises(dz.CheckpointError) as info:
+        with pytest.raises(dz.CheckpointFileError) as info:
             call()
         _one_line(info, str(folder))
 
@@ -130,7 +130,7 @@ def test_key_names_that_contradict_the_tensors(tmp_path):
     for name, sd in (("flat", flat), ("gap", gap)):
         path = tmp_path / f"{name}.pth"
         torch.save(sd, path)
-        with pytest.raises(dz.CheckpointError, match="cannot tell the architecture") as info:
+        with pytest.raises(dz.CheckpointFileError, match="cannot tell the architecture") as info:
             dz.convert_checkpoint(path, tmp_path / "o.safetensors")
         _one_line(info)
 
@@ -142,7 +142,7 @@ def test_save_model_refuses_what_load_model_cannot_read(tmp_path):
     fast = dz.optimize_for_inference(small_model())
     for model, needle in ((tv, "convert_checkpoint"), (fast, "optimize_for_inference() after load_model")):
         path = tmp_path / "m.safetensors"
-        with pytest.raises(dz.CheckpointError) as info:
+        with pytest.raises(dz.CheckpointFileError) as info:
             dz.save_model(model, path)
         _one_line(info, needle)
         assert not path.exists() and list(tmp_path.iterdir()) == []
@@ -165,7 +165,7 @@ def test_model_args_that_do_not_rebuild_the_model_are_said_so(tmp_path):
 
     model = dz.DenseNet(**SMALL, norm_layer=group).eval()
     path = dz.save_model(model, tmp_path / "g.safetensors")
-    with pytest.raises(dz.CheckpointError) as info:
+    with pytest.raises(dz.CheckpointFileError) as info:
         dz.load_model(path)
     _one_line(info, str(path), "dz.load_weights(model, path)")
     again = dz.DenseNet(**SMALL, norm_layer=group)
@@ -179,12 +179,12 @@ def test_no_densenet_tensor_is_an_error_even_when_not_strict(tmp_path):
     other = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     path = tmp_path / "other.pth"
     torch.save(other.state_dict(), path)
-    with pytest.raises(dz.CheckpointError) as info:
+    with pytest.raises(dz.CheckpointFileError) as info:
         dz.load_weights(dz.DenseNet(**SMALL), path)
     _one_line(info, str(path), "none of its", "tensors fits the model")
     # Same names, other shapes: still nothing loaded.
     big = dz.DenseNet(growth_rate=12, block_config=(2, 2), num_init_features=24, small_inputs=True, num_classes=5)
-    with pytest.raises(dz.CheckpointError, match="none of its"):
+    with pytest.raises(dz.CheckpointFileError, match="none of its"):
         dz.load_weights(dz.DenseNet(**SMALL), {k: v for k, v in big.state_dict().items() if k != "classifier.bias"})
     # A partial fit still loads, and says what did not fit.
     report = dz.load_weights(dz.DenseNet(**SMALL), {k: v for k, v in small_model().state_dict().items() if "block2" not in k})
@@ -228,7 +228,7 @@ def test_odd_state_dicts_are_one_checkpoint_error(tmp_path, kind):
     path = tmp_path / f"{kind}.pth"
     torch.save(_odd(kind), path)
     for call in (lambda: dz.load_weights(dz.DenseNet(**SMALL), path), lambda: dz.convert_checkpoint(path, tmp_path / "o.safetensors")):
-        with pytest.raises(dz.CheckpointError) as info:
+        with pytest.raises(dz.CheckpointFileError) as info:
             call()
         _one_line(info, str(path))
     assert not (tmp_path / "o.safetensors").exists()
@@ -242,7 +242,7 @@ def test_a_plain_pickle_of_tensors_gives_one_line_and_no_warning(tmp_path, proto
     path = tmp_path / "plain.pth"
     with open(path, "wb") as f:
         pickle.dump(small_model(1).state_dict(), f, protocol=protocol)
-    with pytest.raises(dz.CheckpointError) as info:
+    with pytest.raises(dz.CheckpointFileError) as info:
         dz.load_weights(dz.DenseNet(**SMALL), path)
     assert "\n" not in str(info.value) and str(path) in str(info.value)
     assert [str(w.message) for w in recwarn if "pickle" in str(w.message)] == []

@@ -14,6 +14,7 @@ import torchvision
 from PIL import Image
 
 import densenet_zoo as dz
+from densenet_zoo.weights import cache as weights_cache
 from densenet_zoo.weights import registry as hub
 from densenet_zoo.weights.checkpoint import read_checkpoint
 from densenet_zoo.weights.state_dict import adapt_input_conv, infer_config
@@ -71,12 +72,12 @@ def test_weights_names_resolve():
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("DENSENET_ZOO_CACHE", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
-    assert hub.cache_dir() == tmp_path / "th" / "densenet_zoo"
+    assert weights_cache.cache_dir() == tmp_path / "th" / "densenet_zoo"
     monkeypatch.delenv("TORCH_HOME")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert hub.cache_dir() == tmp_path / "xdg" / "torch" / "densenet_zoo"
+    assert weights_cache.cache_dir() == tmp_path / "xdg" / "torch" / "densenet_zoo"
     monkeypatch.setenv("DENSENET_ZOO_CACHE", str(tmp_path / "mine"))
-    assert hub.cache_dir() == tmp_path / "mine"
+    assert weights_cache.cache_dir() == tmp_path / "mine"
 
 
 def test_transforms_equal_the_references():
@@ -156,7 +157,7 @@ def test_report_and_strict_list_the_problems(ref):
     sd["features.norm5.running_mean"] = torch.zeros(7)
     model = dz.DenseNet(**TINY)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(dz.CheckpointError) as info:
+    with pytest.raises(dz.CheckpointFileError) as info:
         dz.load_weights(model, sd, strict=True)
     msg = str(info.value)
     for part in ("features.denseblock1.denselayer1.conv1.weight", "features.extra.weight", "features.norm5.running_mean (7,)"):
@@ -198,7 +199,7 @@ def test_adapt_input_conv_expected_tensors():
     assert torch.allclose(adapt_input_conv(w, 7), torch.cat([w, w, w[:, :1]], 1) * (3 / 7))
     for c in (1, 2, 4, 7):
         assert torch.allclose(adapt_input_conv(w, c), timm.models.adapt_input_conv(c, w.clone()))
-    with pytest.raises(dz.CheckpointError, match="3-channel"):
+    with pytest.raises(dz.CheckpointFileError, match="3-channel"):
         adapt_input_conv(torch.randn(8, 4, 7, 7), 2)
 
 
@@ -217,7 +218,7 @@ def test_pretrained_entry_builds_with_other_head_and_input(tmp_path, monkeypatch
     src = randomize(dz.densenet_bc_100(), seed=2)
     path = dz.save_model(src, tmp_path / "bc.safetensors")
     dz.register_weights({"name": "densenet_bc_100.local", "arch": "densenet_bc_100", "url": path.as_uri(), "num_classes": 10,
-                         "sha256": hub.sha256_file(path), "default": True})
+                         "sha256": weights_cache.sha256_file(path), "default": True})
     m = dz.densenet_bc_100(pretrained=True, num_classes=3, in_chans=1)
     assert m.load_report.reinitialized == ["classifier.weight", "classifier.bias"] and len(m.load_report.adapted) == 1
     assert torch.allclose(m.features.conv0.weight, src.features.conv0.weight.sum(1, keepdim=True))
@@ -278,11 +279,11 @@ def test_malicious_pickle_never_runs(tmp_path, ref):
     torch.save({"state_dict": ref.state_dict(), "payload": _Evil(marker)}, path)
     raw = tmp_path / "evil.pkl"
     raw.write_bytes(pickle.dumps(_Evil(marker), protocol=2))
-    with pytest.raises(dz.CheckpointError, match=r"refused to unpickle.*could run code.*safetensors"):
+    with pytest.raises(dz.CheckpointFileError, match=r"refused to unpickle.*could run code.*safetensors"):
         dz.load_weights(dz.DenseNet(**TINY), path)
-    with pytest.raises(dz.CheckpointError):
+    with pytest.raises(dz.CheckpointFileError):
         read_checkpoint(raw)
-    with pytest.raises(dz.CheckpointError):
+    with pytest.raises(dz.CheckpointFileError):
         dz.convert_checkpoint(path, tmp_path / "out.safetensors")
     assert not marker.exists()
     assert not (tmp_path / "out.safetensors").exists()
@@ -293,13 +294,13 @@ def test_malicious_pickle_never_runs(tmp_path, ref):
 def test_html_and_truncated_local_files(tmp_path, ref):
     html = tmp_path / "w.pth"
     html.write_text("<!DOCTYPE html><html>Sign in</html>")
-    with pytest.raises(dz.CheckpointError, match="HTML"):
+    with pytest.raises(dz.CheckpointFileError, match="HTML"):
         dz.load_weights(dz.DenseNet(**TINY), html)
     good = tmp_path / "g.pth"
     torch.save(ref.state_dict(), good)
     cut = tmp_path / "cut.pth"
     cut.write_bytes(good.read_bytes()[:2000])
-    with pytest.raises(dz.CheckpointError, match="truncated"):
+    with pytest.raises(dz.CheckpointFileError, match="truncated"):
         dz.load_weights(dz.DenseNet(**TINY), cut)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         dz.densenet121(weights=str(tmp_path / "nope.safetensors"))
@@ -356,3 +357,25 @@ def test_shipped_imagenet_class_names_are_torchvisions():
 
     assert list(class_names("imagenet1k")) == torchvision.models.DenseNet121_Weights.IMAGENET1K_V1.meta["categories"]
     assert dz.get_weights("densenet121").categories == list(class_names("imagenet1k"))
+
+
+def test_checkpoint_error_is_a_deprecated_name_of_checkpoint_file_error():
+    # The old name clashed with torch.utils.checkpoint.CheckpointError (activation checkpointing).
+    with pytest.warns(DeprecationWarning, match="use densenet_zoo.CheckpointFileError"):
+        old = dz.CheckpointError
+    assert old is dz.CheckpointFileError
+    assert issubclass(old, dz.ZooError) and issubclass(old, RuntimeError)
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchError'"):
+        dz.NoSuchError  # noqa: B018
+
+
+def test_the_error_family_keeps_the_builtin_bases():
+    # ``except ValueError`` / ``except FileNotFoundError`` around our calls keeps working.
+    assert issubclass(dz.UsageError, ValueError) and issubclass(dz.UsageTypeError, TypeError)
+    assert issubclass(dz.MissingFileError, FileNotFoundError) and issubclass(dz.DataError, ValueError)
+    with pytest.raises(ValueError) as info:
+        dz.create_model("densenet_does_not_exist")
+    assert isinstance(info.value, dz.UsageError)
+    with pytest.raises(FileNotFoundError) as info:
+        dz.load_model("/nonexistent/model.safetensors")
+    assert isinstance(info.value, dz.ZooError)
