@@ -66,7 +66,3 @@ __all__ = [
     "TrainConfig", "Trainer", "finetune", "depth_sweep", "max_batch", "profile",
     "FastDenseNet", "export", "fold_bn", "optimize_for_inference",
 ]
-
-
-def __getattr__(name: str):
-    return deprecated_name(__name__, name)  # dz.CheckpointError: the old name of CheckpointFileError

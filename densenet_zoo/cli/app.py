@@ -96,7 +96,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_convert)
 
 
-class UsageError(Exception):
+class CommandLineError(Exception):
     """A command line argparse cannot parse, reported as one line like every other error."""
 
     def __init__(self, prog: str, message: str) -> None:
@@ -104,11 +104,11 @@ class UsageError(Exception):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors become a :class:`UsageError` (one line, exit code 1) instead of five
+    """An ArgumentParser whose errors become a :class:`CommandLineError` (one line, exit code 1) instead of five
     lines of usage and exit code 2; ``--help`` prints the full usage as before."""
 
     def error(self, message: str) -> "NoReturn":
-        raise UsageError(self.prog, message)
+        raise CommandLineError(self.prog, message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +132,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except UsageError as exc:
+    except CommandLineError as exc:
         print(exc, file=sys.stderr)
         return 1
     if not getattr(args, "func", None):
