@@ -1,0 +1,410 @@
+"""int8 inference: post-training static quantization with ONNX Runtime, per-layer float fallback.
+
+The model is exported to ONNX (:func:`~densenet_zoo.infer.exporter.export`), quantized with
+``onnxruntime.quantization.quantize_static`` in QDQ form (int8 weights per output channel, uint8
+activations with ranges calibrated on images) and judged against the float model on the
+calibration images: top-1 agreement and relative logit error. Where the target is missed, each
+quantized tensor's own rounding error is measured (the tensor before and after its
+quantize/dequantize pair, ``qdq_loss_debug``) and the nodes reading the worst tensors stay in
+float, a few at a time, until the target is met. The result is one ONNX file (protobuf data,
+nothing executed on load) with the float model's input contract and metadata in its properties.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .._utils import CheckpointError, DataError, PathLike, atomic_write
+
+__all__ = ["QuantizedModel", "load_quantized", "quantize"]
+
+_META_KEY = "densenet_zoo.int8"
+_FORMAT = 1
+#: operator domains a saved file may use: the ONNX standard ones only (no custom kernels).
+_DOMAINS = ("", "ai.onnx")
+Calibration = Union[PathLike, torch.Tensor, Iterable[torch.Tensor]]
+
+
+def _ort():
+    try:
+        import onnxruntime
+        import onnxruntime.quantization  # noqa: F401
+    except ImportError:
+        raise RuntimeError("int8 quantization needs onnxruntime: pip install 'densenet_zoo[export]'") from None
+    return onnxruntime
+
+
+class QuantizedModel(nn.Module):
+    """An int8 DenseNet run by ONNX Runtime: float32 images ``(N, C, S, S)`` in, float32 logits out.
+
+    Example::
+
+        q = densenet_zoo.quantize(model, batches); logits = q(images); q.save("model.int8.onnx")
+
+    ``meta`` holds ``in_chans``, ``image_size``, ``num_classes``, ``float_nodes`` (nodes left in
+    float), the agreement and error measured on the calibration images, ``class_names`` and
+    ``preprocessing`` when known.
+    """
+
+    def __init__(self, onnx_bytes: bytes, meta: Dict[str, Any], *, threads: Optional[int] = None) -> None:
+        super().__init__()
+        ort = _ort()
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self._bytes, self.meta = onnx_bytes, dict(meta)
+        self._session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+        self.in_chans, self.image_size = int(meta["in_chans"]), int(meta["image_size"])
+        self.num_classes = int(meta["num_classes"])
+
+    @property
+    def float_nodes(self) -> List[str]:
+        """Names of the ONNX nodes kept in float by the fallback."""
+        return list(self.meta.get("float_nodes", []))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        want = (self.in_chans, self.image_size, self.image_size)
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != want:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise DataError(f"the int8 model takes images of shape (N, {', '.join(map(str, want))}), got {got}; "
+                            f"resize to {self.image_size} px (it was calibrated at that size)")
+        out = self._session.run(None, {"input": x.detach().to("cpu", torch.float32).contiguous().numpy()})[0]
+        return torch.from_numpy(out).to(x.device)
+
+    def save(self, path: PathLike) -> Path:
+        """Write the ONNX file (atomically) and return its path."""
+        return atomic_write(path, lambda f: f.write(self._bytes))
+
+
+# ------------------------------------------------------------------------------------------------
+# Calibration images
+# ------------------------------------------------------------------------------------------------
+
+
+def _model_preprocessing(model: nn.Module, preprocessing: Optional[Dict[str, Any]], in_chans: int) -> Dict[str, Any]:
+    from ..train import data as D
+
+    entry = getattr(model, "weights_entry", None)
+    pre = preprocessing or (dict(entry.preprocessing) if entry is not None and entry.preprocessing else None)
+    size = None if pre else (32 if getattr(model, "model_args", {}).get("small_inputs") else 224)
+    return D.resolve_preprocessing(pre, size, in_chans)
+
+
+def _folder_batches(folder: Path, pre: Dict[str, Any], in_chans: int, limit: int, batch: int) -> List[torch.Tensor]:
+    from ..train import data as D
+    from ..train.images import UnreadableImageError
+    from .predict import collect_images
+
+    files = collect_images([folder])
+    if len(files) > limit:  # spread over the classes of an ImageFolder tree, not the first class only
+        step = len(files) / limit
+        files = [files[int(i * step)] for i in range(limit)]
+    transform, images = D.eval_transform(pre), []
+    for path in files:
+        try:
+            images.append(transform(D.open_image(path, in_chans)))
+        except UnreadableImageError:
+            continue  # one broken file does not spoil calibration; none readable is refused below
+    if not images:
+        raise DataError(f"calibration folder {str(folder)!r} holds no readable image")
+    return [torch.stack(images[i:i + batch]) for i in range(0, len(images), batch)]
+
+
+def calibration_batches(calibration: Calibration, model: nn.Module, *, num_images: int = 256, batch_size: int = 16,
+                        preprocessing: Optional[Dict[str, Any]] = None) -> List[torch.Tensor]:
+    """Float image batches ``(N, C, S, S)`` from a folder, one tensor or an iterable of tensors.
+
+    Example::
+
+        batches = calibration_batches("data/val", model, num_images=128)
+
+    A folder (flat or one sub-folder per class) is read with the model's preprocessing (its
+    weights' or ``preprocessing``); tensors must already be normalised like the model's input.
+    At most ``num_images`` images are kept.
+    """
+    in_chans = int(getattr(model, "in_chans", 3))
+    if isinstance(calibration, (str, Path)):
+        folder = Path(calibration)
+        if not folder.is_dir():
+            raise DataError(f"calibration {str(folder)!r} is not a folder; give a folder of images or a list of image batches")
+        pre = _model_preprocessing(model, preprocessing, in_chans)
+        return _folder_batches(folder, pre, in_chans, num_images, batch_size)
+    items = [calibration] if isinstance(calibration, torch.Tensor) else calibration
+    batches, count = [], 0
+    for i, x in enumerate(items):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != in_chans or x.shape[2] != x.shape[3] or not x.is_floating_point():
+            desc = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise DataError(f"calibration batch {i} is {desc}; expected float tensors (N, {in_chans}, S, S), normalised like the model's input")
+        if batches and x.shape[2:] != batches[0].shape[2:]:
+            raise DataError(f"calibration batch {i} has size {tuple(x.shape[2:])}, batch 0 {tuple(batches[0].shape[2:])}; use one image size")
+        batches.append(x.detach().to("cpu", torch.float32)[: num_images - count])
+        count += batches[-1].shape[0]
+        if count >= num_images:
+            break
+    if not count:
+        raise DataError("calibration holds no images; give image batches or a folder of images")
+    return batches
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantization and fallback
+# ------------------------------------------------------------------------------------------------
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over a list of batches (re-iterable)."""
+
+    def __init__(self, batches: Sequence[np.ndarray]) -> None:
+        self.batches, self.it = batches, iter(batches)
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        x = next(self.it, None)
+        return None if x is None else {"input": x}
+
+    def rewind(self) -> None:
+        self.it = iter(self.batches)
+
+
+def _quantize_once(float_path: Path, out: Path, batches: Sequence[np.ndarray], exclude: Sequence[str], reduce_range: bool) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    quantize_static(str(float_path), str(out), _Reader(batches), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range,
+                    nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax)
+
+
+def _compare(ref: Sequence[np.ndarray], path: Path, batches: Sequence[np.ndarray]) -> Tuple[float, float]:
+    """Top-1 agreement and relative L2 error of the logits of ``path`` against the float ``ref``."""
+    ort = _ort()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    agree = total = 0
+    num = den = 0.0
+    for x, r in zip(batches, ref):
+        q = session.run(None, {"input": x})[0]
+        agree += int((q.argmax(1) == r.argmax(1)).sum())
+        total += len(x)
+        num += float(((q - r) ** 2).sum())
+        den += float((r ** 2).sum())
+    return agree / total, math.sqrt(num / max(den, 1e-30))
+
+
+def layer_errors(float_path: PathLike, qdq_path: PathLike, batches: Sequence[np.ndarray]) -> Dict[str, float]:
+    """Rounding error of each quantized activation: ``||x - qdq(x)|| / ||x||`` on ``batches``.
+
+    Example::
+
+        worst = max(errors := layer_errors("f.onnx", "q.onnx", batches), key=errors.get)
+
+    Measured on the quantized model's own activations, so each tensor's error is its own, not
+    the sum of the errors upstream of it.
+    """
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations, create_activation_matching, modify_model_output_intermediate_tensors,
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        debug = Path(tmp) / "debug.onnx"
+        modify_model_output_intermediate_tensors(str(qdq_path), str(debug))
+        acts = collect_activations(str(debug), _Reader(batches))
+    errors = {}
+    for name, pair in create_activation_matching(acts).items():
+        pre, post = np.concatenate(pair["pre_qdq"]), np.concatenate(pair["post_qdq"])
+        errors[name] = float(np.linalg.norm(pre - post) / max(float(np.linalg.norm(pre)), 1e-30))
+    return errors
+
+
+def _readers_of(model_path: Path, tensors: Sequence[str]) -> List[str]:
+    """Names of the nodes of the float graph that read any of ``tensors``."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    wanted = set(tensors)
+    return [n.name for n in graph.node if wanted.intersection(n.input)]
+
+
+def _fallback(float_path: Path, out: Path, batches: List[np.ndarray], ref: List[np.ndarray], target: float,
+              max_error: float, max_float_nodes: int, step: int, reduce_range: bool) -> Tuple[List[str], float, float]:
+    """Quantize, then keep the nodes reading the worst tensors in float until the target is met."""
+    exclude: List[str] = []
+    _quantize_once(float_path, out, batches, exclude, reduce_range)
+    agree, err = _compare(ref, out, batches)
+    while (agree < target or err > max_error) and len(exclude) < max_float_nodes:
+        errors = layer_errors(float_path, out, batches[:2])
+        ranked = sorted(errors, key=errors.get, reverse=True)
+        added = [n for n in _readers_of(float_path, ranked[:step]) if n not in exclude]
+        for tensor in ranked[step:]:  # the worst tensors' readers are excluded already: go further down
+            if added:
+                break
+            added = [n for n in _readers_of(float_path, [tensor]) if n not in exclude]
+        if not added:
+            break
+        exclude += added[: max(1, max_float_nodes - len(exclude))]
+        _quantize_once(float_path, out, batches, exclude, reduce_range)
+        agree, err = _compare(ref, out, batches)
+    return exclude, agree, err
+
+
+def quantize(model: nn.Module, calibration: Calibration, *, num_images: int = 256, batch_size: int = 16,
+             preprocessing: Optional[Dict[str, Any]] = None, target_agreement: float = 0.99, max_error: float = 0.1,
+             max_float_nodes: int = 16, step: int = 2, reduce_range: bool = False,
+             class_names: Optional[Sequence[str]] = None, threads: Optional[int] = None) -> QuantizedModel:
+    """An int8 copy of ``model`` calibrated on ``calibration``; see :class:`QuantizedModel`.
+
+    Example::
+
+        q = densenet_zoo.quantize(model.eval(), "data/val", num_images=128)   # a folder of images
+        q = densenet_zoo.quantize(model.eval(), [torch.randn(8, 3, 224, 224)])  # normalised batches
+        q.save("model.int8.onnx"); q = densenet_zoo.load_quantized("model.int8.onnx")
+
+    Args:
+        model: a DenseNet (or any single-input classifier) in eval mode.
+        calibration: a folder of images (flat or one sub-folder per class, read with the model's
+            preprocessing), or float tensors ``(N, C, S, S)`` normalised like the model's input.
+        num_images: calibration images used at most.
+        target_agreement: top-1 agreement with the float model on the calibration images, and
+        max_error: relative L2 error of the logits, that the fallback works towards.
+        max_float_nodes: at most this many ONNX nodes are kept in float; ``step`` worst tensors'
+            readers are added per round.
+        reduce_range: 7-bit weights, for CPUs without VNNI whose u8s8 kernels can saturate.
+
+    Returns:
+        A :class:`QuantizedModel` taking ``(N, C, S, S)`` float32 images at the calibration size.
+    """
+    from .exporter import export
+    from onnxruntime.quantization import quant_pre_process
+
+    _ort()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize expects an nn.Module, got {type(model).__name__}")
+    batches = calibration_batches(calibration, model, num_images=num_images, batch_size=batch_size, preprocessing=preprocessing)
+    size = int(batches[0].shape[-1])
+    with torch.no_grad():
+        ref = [model(x).float().numpy() for x in batches]
+    if ref[0].ndim != 2:
+        raise DataError(f"quantize expects a classifier returning (N, classes) logits, got shape {ref[0].shape}")
+    arrays = [x.numpy() for x in batches]
+    with tempfile.TemporaryDirectory() as tmp:
+        raw, float_path, out = Path(tmp) / "raw.onnx", Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
+        export(model, raw, "onnx", image_size=size, check=False)
+        quant_pre_process(str(raw), str(float_path), skip_optimization=False)
+        exclude, agree, err = _fallback(float_path, out, arrays, ref, target_agreement, max_error, max_float_nodes, step, reduce_range)
+        data = out.read_bytes()
+    entry = getattr(model, "weights_entry", None)
+    names = class_names or (entry.categories if entry is not None else None)
+    meta = dict(format=_FORMAT, in_chans=int(batches[0].shape[1]), image_size=size, num_classes=int(ref[0].shape[1]),
+                float_nodes=exclude, calibration_images=int(sum(len(a) for a in arrays)), agreement=agree, error=err,
+                class_names=list(names) if names else None, preprocessing=_stated_preprocessing(model, preprocessing, batches[0]))
+    return QuantizedModel(_with_meta(data, meta), meta, threads=threads)
+
+
+def _stated_preprocessing(model: nn.Module, preprocessing: Optional[Dict[str, Any]], x: torch.Tensor) -> Optional[Dict[str, Any]]:
+    """The preprocessing that makes images of the calibrated size, when the model or caller states one."""
+    if not preprocessing and getattr(getattr(model, "weights_entry", None), "preprocessing", None) is None:
+        return None
+    pre = _model_preprocessing(model, preprocessing, int(x.shape[1]))
+    return pre if pre["size"] == x.shape[-1] else None
+
+
+def _graph_digest(model: Any) -> str:
+    """sha256 of the graph alone (metadata excluded): a damaged file fails it."""
+    return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _with_meta(data: bytes, meta: Dict[str, Any]) -> bytes:
+    import onnx
+
+    proto = onnx.load_from_string(data)
+    meta = dict(meta, graph_sha256=_graph_digest(proto))
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, {_META_KEY: json.dumps(meta)})
+    return proto.SerializeToString()
+
+
+def _refuse(path: PathLike, why: str) -> CheckpointError:
+    return CheckpointError(f"{path}: not a usable int8 model file written by densenet_zoo.quantize ({why}); "
+                           f"quantize the model again")
+
+
+def _read_checked(path: Path) -> Tuple[Any, Dict[str, Any]]:
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        proto = onnx.load_from_string(path.read_bytes())
+    except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as exc:
+        raise _refuse(path, f"not an ONNX protobuf: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    try:
+        meta = json.loads(props[_META_KEY])
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, this version reads {_FORMAT}")
+        for key in ("in_chans", "image_size", "num_classes"):
+            if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool) or meta[key] < 1:
+                raise ValueError(f"{key} is {meta.get(key)!r}")
+    except KeyError:
+        raise _refuse(path, f"no {_META_KEY} metadata") from None
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise _refuse(path, f"bad metadata: {exc}") from None
+    if meta.get("graph_sha256") != _graph_digest(proto):
+        raise _refuse(path, "the graph does not match its checksum: damaged or edited")
+    return proto, meta
+
+
+def _check_graph(path: Path, proto: Any, meta: Dict[str, Any]) -> None:
+    """Standard operators only, no external data, and the input/output shapes the metadata states."""
+    import onnx
+
+    for imp in proto.opset_import:
+        if imp.domain not in _DOMAINS:
+            raise _refuse(path, f"operator domain {imp.domain!r} is not standard ONNX")
+    for node in proto.graph.node:
+        if node.domain not in _DOMAINS or not onnx.defs.has(node.op_type):
+            raise _refuse(path, f"node {node.name!r} uses unknown operator {node.domain or 'ai.onnx'}:{node.op_type}")
+    tensors = list(proto.graph.initializer) + [a.t for n in proto.graph.node for a in n.attribute if a.HasField("t")]
+    if any(t.data_location == onnx.TensorProto.EXTERNAL or t.external_data for t in tensors):
+        raise _refuse(path, "it refers to external data files; a saved int8 model is one self-contained file")
+    inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    if len(inputs) != 1 or inputs[0].name != "input" or len(proto.graph.output) != 1:
+        raise _refuse(path, "expected one input named 'input' and one output")
+    want_in = [None, meta["in_chans"], meta["image_size"], meta["image_size"]]
+    want_out = [None, meta["num_classes"]]
+    for value, want in ((inputs[0], want_in), (proto.graph.output[0], want_out)):
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+        if len(dims) != len(want) or any(w is not None and d != w for d, w in zip(dims, want)):
+            raise _refuse(path, f"{value.name} has shape {dims}, the metadata says {want}")
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        raise _refuse(path, f"invalid ONNX: {str(exc).splitlines()[0]}") from None
+
+
+def load_quantized(path: PathLike, *, threads: Optional[int] = None) -> QuantizedModel:
+    """The :class:`QuantizedModel` saved at ``path`` by :meth:`QuantizedModel.save`.
+
+    Example::
+
+        q = densenet_zoo.load_quantized("densenet121.int8.onnx"); logits = q(images)
+
+    The file is parsed as data (no code runs) and checked before ONNX Runtime sees it: our
+    metadata, a checksum of the graph, standard operators only, no external data, and input and
+    output shapes as stated. Anything else raises :class:`~densenet_zoo.CheckpointError`.
+    """
+    _ort()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"int8 model {str(path)!r} does not exist; write one with densenet-zoo quantize")
+    proto, meta = _read_checked(path)
+    _check_graph(path, proto, meta)
+    try:
+        return QuantizedModel(proto.SerializeToString(), meta, threads=threads)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a graph it cannot run
+        raise _refuse(path, f"onnxruntime cannot run it: {str(exc).splitlines()[0]}") from None
