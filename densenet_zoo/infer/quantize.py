@@ -173,6 +173,9 @@ class _Reader:
     def rewind(self) -> None:
         self.it = iter(self.batches)
 
+    def __iter__(self):  # qdq_loss_debug iterates the reader
+        return iter(self.get_next, None)
+
 
 def _quantize_once(float_path: Path, out: Path, batches: Sequence[np.ndarray], exclude: Sequence[str], reduce_range: bool) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -202,49 +205,77 @@ def layer_errors(float_path: PathLike, qdq_path: PathLike, batches: Sequence[np.
 
     Example::
 
-        worst = max(errors := layer_errors("f.onnx", "q.onnx", batches), key=errors.get)
+        errors = layer_errors("float.onnx", "int8.onnx", batches); worst = max(errors, key=errors.get)
 
-    Measured on the quantized model's own activations, so each tensor's error is its own, not
-    the sum of the errors upstream of it.
+    ``x`` is the float model's own activation and ``qdq`` the quantize/dequantize pair with the
+    calibrated scale and zero point of ``qdq_path``, so each tensor's error is its own, not the
+    sum of the errors upstream of it.
     """
-    from onnxruntime.quantization.qdq_loss_debug import (
-        collect_activations, create_activation_matching, modify_model_output_intermediate_tensors,
-    )
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization.qdq_loss_debug import collect_activations, modify_model_output_intermediate_tensors
 
+    graph = onnx.load(str(qdq_path)).graph
+    float_consts = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(float_path)).graph.initializer}
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    pairs = {n.input[0]: (consts[n.input[1]], consts[n.input[2]]) for n in graph.node
+             if n.op_type == "QuantizeLinear" and n.input[0] not in consts and n.input[1] in consts and n.input[2] in consts}
     with tempfile.TemporaryDirectory() as tmp:
         debug = Path(tmp) / "debug.onnx"
-        modify_model_output_intermediate_tensors(str(qdq_path), str(debug))
+        modify_model_output_intermediate_tensors(str(float_path), str(debug))
         acts = collect_activations(str(debug), _Reader(batches))
-    errors = {}
-    for name, pair in create_activation_matching(acts).items():
-        pre, post = np.concatenate(pair["pre_qdq"]), np.concatenate(pair["post_qdq"])
-        errors[name] = float(np.linalg.norm(pre - post) / max(float(np.linalg.norm(pre)), 1e-30))
+    errors = {name: _qdq_error(np.concatenate(acts[name]), scale, zero, None) for name, (scale, zero) in pairs.items() if name in acts}
+    for n in graph.node:  # weights: dequantized back and compared with the float values
+        if n.op_type == "DequantizeLinear" and n.input[0] in consts and n.input[0].endswith("_quantized"):
+            name, axis = n.input[0][: -len("_quantized")], next((a.i for a in n.attribute if a.name == "axis"), 1)
+            w = float_consts.get(name)
+            if w is not None and w.dtype.kind == "f":
+                errors[name] = _qdq_error(w, consts[n.input[1]], consts[n.input[2]], axis)
     return errors
 
 
-def _readers_of(model_path: Path, tensors: Sequence[str]) -> List[str]:
-    """Names of the nodes of the float graph that read any of ``tensors``."""
+def _qdq_error(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: Optional[int]) -> float:
+    """Mean over channels of ``||x_c - qdq(x_c)|| / ||x_c||``: a channel drowned by another's range counts fully."""
+    x = x.astype(np.float64)
+    if axis is not None and scale.ndim == 1 and x.ndim > 1:  # per-channel weights: broadcast along ``axis``
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    info = np.iinfo(zero.dtype)
+    q = np.clip(np.rint(x / scale) + zero.astype(np.float64), info.min, info.max)
+    diff = x - (q - zero.astype(np.float64)) * scale
+    if x.ndim < 2:
+        return float(np.linalg.norm(diff) / max(float(np.linalg.norm(x)), 1e-30))
+    dims = tuple(i for i in range(x.ndim) if i != 1)
+    num, den = np.sqrt((diff ** 2).sum(dims)), np.sqrt((x ** 2).sum(dims))
+    keep = den > 0
+    return float((num[keep] / den[keep]).mean()) if keep.any() else 0.0
+
+
+def _nodes_touching(model_path: Path, tensors: Sequence[str]) -> List[str]:
+    """Names of the nodes of the float graph that write or read any of ``tensors``: with all of them in
+    float, nothing quantizes those tensors."""
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
     wanted = set(tensors)
-    return [n.name for n in graph.node if wanted.intersection(n.input)]
+    return [n.name for n in graph.node if wanted.intersection(n.input) or wanted.intersection(n.output)]
 
 
 def _fallback(float_path: Path, out: Path, batches: List[np.ndarray], ref: List[np.ndarray], target: float,
               max_error: float, max_float_nodes: int, step: int, reduce_range: bool) -> Tuple[List[str], float, float]:
-    """Quantize, then keep the nodes reading the worst tensors in float until the target is met."""
+    """Quantize, then keep the nodes around the worst tensors in float until the target is met."""
     exclude: List[str] = []
     _quantize_once(float_path, out, batches, exclude, reduce_range)
     agree, err = _compare(ref, out, batches)
     while (agree < target or err > max_error) and len(exclude) < max_float_nodes:
         errors = layer_errors(float_path, out, batches[:2])
         ranked = sorted(errors, key=errors.get, reverse=True)
-        added = [n for n in _readers_of(float_path, ranked[:step]) if n not in exclude]
-        for tensor in ranked[step:]:  # the worst tensors' readers are excluded already: go further down
+        added = [n for n in _nodes_touching(float_path, ranked[:step]) if n not in exclude]
+        for tensor in ranked[step:]:  # the worst tensors' nodes are in float already: go further down
             if added:
                 break
-            added = [n for n in _readers_of(float_path, [tensor]) if n not in exclude]
+            added = [n for n in _nodes_touching(float_path, [tensor]) if n not in exclude]
         if not added:
             break
         exclude += added[: max(1, max_float_nodes - len(exclude))]
