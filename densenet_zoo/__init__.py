@@ -20,6 +20,7 @@ from .models import (
 from .train import TrainConfig, Trainer, finetune
 from .profiling import depth_sweep, max_batch, profile
 from .infer import FastDenseNet, export, fold_bn, optimize_for_inference
+from .infer import QuantizedModel, load_quantized, quantize
 
 __version__ = "0.1.0"
 
@@ -39,4 +40,5 @@ __all__ = [
     # applications
     "TrainConfig", "Trainer", "finetune", "depth_sweep", "max_batch", "profile",
     "FastDenseNet", "export", "fold_bn", "optimize_for_inference",
+    "QuantizedModel", "load_quantized", "quantize",
 ]

@@ -334,7 +334,7 @@ def quantize(model: nn.Module, calibration: Calibration, *, num_images: int = 25
     meta = dict(format=_FORMAT, in_chans=int(batches[0].shape[1]), image_size=size, num_classes=int(ref[0].shape[1]),
                 float_nodes=exclude, calibration_images=int(sum(len(a) for a in arrays)), agreement=agree, error=err,
                 class_names=list(names) if names else None, preprocessing=_stated_preprocessing(model, preprocessing, batches[0]))
-    return QuantizedModel(_with_meta(data, meta), meta, threads=threads)
+    return QuantizedModel(*_with_meta(data, meta), threads=threads)
 
 
 def _stated_preprocessing(model: nn.Module, preprocessing: Optional[Dict[str, Any]], x: torch.Tensor) -> Optional[Dict[str, Any]]:
@@ -350,14 +350,14 @@ def _graph_digest(model: Any) -> str:
     return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
 
 
-def _with_meta(data: bytes, meta: Dict[str, Any]) -> bytes:
+def _with_meta(data: bytes, meta: Dict[str, Any]) -> Tuple[bytes, Dict[str, Any]]:
     import onnx
 
     proto = onnx.load_from_string(data)
     meta = dict(meta, graph_sha256=_graph_digest(proto))
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, {_META_KEY: json.dumps(meta)})
-    return proto.SerializeToString()
+    return proto.SerializeToString(), meta
 
 
 def _refuse(path: PathLike, why: str) -> CheckpointError:
@@ -394,9 +394,8 @@ def _check_graph(path: Path, proto: Any, meta: Dict[str, Any]) -> None:
     """Standard operators only, no external data, and the input/output shapes the metadata states."""
     import onnx
 
-    for imp in proto.opset_import:
-        if imp.domain not in _DOMAINS:
-            raise _refuse(path, f"operator domain {imp.domain!r} is not standard ONNX")
+    if len(proto.functions) or any(len(n.attribute) and any(a.g.node or a.graphs for a in n.attribute) for n in proto.graph.node):
+        raise _refuse(path, "it holds functions or subgraphs; a quantized DenseNet has neither")
     for node in proto.graph.node:
         if node.domain not in _DOMAINS or not onnx.defs.has(node.op_type):
             raise _refuse(path, f"node {node.name!r} uses unknown operator {node.domain or 'ai.onnx'}:{node.op_type}")
