@@ -22,7 +22,7 @@ def _source(spec: str):
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from ..infer.quantize import quantize
+    from ..infer.int8 import quantize
 
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")

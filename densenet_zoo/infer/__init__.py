@@ -4,7 +4,8 @@ from .exporter import EXPORT_FORMATS, export, load_exported
 from .fast import FastDenseNet, fold_bn, optimize_for_inference
 from .info import count_flops, format_info, model_info
 from .predict import Predictor
-from .quantize import QuantizedModel, load_quantized, quantize
+from .int8 import quantize
+from .quantized import QuantizedModel, load_quantized
 
 __all__ = [
     "EXPORT_FORMATS", "FastDenseNet", "Predictor", "count_flops", "export", "fold_bn", "format_info",

@@ -105,7 +105,7 @@ class Predictor:
     @classmethod
     def from_quantized(cls, path: PathLike, **kwargs: Any) -> "Predictor":
         """From an int8 file written by :func:`densenet_zoo.quantize` (``densenet-zoo quantize``)."""
-        from .quantize import load_quantized
+        from .quantized import load_quantized
 
         model = load_quantized(path)
         pre = D.resolve_preprocessing(model.meta.get("preprocessing"), model.image_size, model.in_chans)

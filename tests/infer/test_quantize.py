@@ -12,7 +12,8 @@ onnx = pytest.importorskip("onnx", reason="int8 files are ONNX (the [export] ext
 import densenet_zoo as dz  # noqa: E402
 from densenet_zoo import CheckpointError, DataError  # noqa: E402
 from densenet_zoo.cli.app import main  # noqa: E402
-from densenet_zoo.infer.quantize import _graph_digest, _META_KEY, calibration_batches  # noqa: E402
+from densenet_zoo.infer.int8 import calibration_batches  # noqa: E402
+from densenet_zoo.infer.quantized import _META_KEY, _graph_digest  # noqa: E402
 from densenet_zoo.train import data as D  # noqa: E402
 from densenet_zoo.train.data import write_sample_data  # noqa: E402
 
