@@ -247,12 +247,16 @@ def quantize(model: nn.Module, calibration: Calibration, *, num_images: int = 25
         model: a DenseNet (or any single-input classifier) in eval mode.
         calibration: a folder of images (flat or one sub-folder per class, read with the model's
             preprocessing), or float tensors ``(N, C, S, S)`` normalised like the model's input.
-        num_images: calibration images used at most.
-        target_agreement: top-1 agreement with the float model on the calibration images, and
-        max_error: relative L2 error of the logits, that the fallback works towards.
-        max_float_nodes: at most this many ONNX nodes are kept in float; ``step`` worst tensors'
-            readers are added per round.
+        num_images: calibration images used at most (``batch_size`` per batch when read from a folder).
+        preprocessing: resize/crop/normalisation for a folder (default: the model's weights' own).
+        target_agreement: top-1 agreement with the float model on the calibration images that the
+            fallback works towards.
+        max_error: relative L2 error of the logits that the fallback works towards.
+        max_float_nodes: at most this many ONNX nodes are kept in float (0: no fallback).
+        step: the nodes around this many of the worst tensors go to float per round.
         reduce_range: 7-bit weights, for CPUs without VNNI whose u8s8 kernels can saturate.
+        class_names: stored in the file for ``predict`` (default: the model's weights' categories).
+        threads: ONNX Runtime threads (default: its own choice).
 
     Returns:
         A :class:`QuantizedModel` taking ``(N, C, S, S)`` float32 images at the calibration size.
@@ -263,6 +267,8 @@ def quantize(model: nn.Module, calibration: Calibration, *, num_images: int = 25
     _ort()
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize expects an nn.Module, got {type(model).__name__}")
+    if model.training:  # calibration would update BatchNorm's running statistics
+        raise ValueError("quantize: the model is in training mode; call model.eval() first")
     batches = calibration_batches(calibration, model, num_images=num_images, batch_size=batch_size, preprocessing=preprocessing)
     size = int(batches[0].shape[-1])
     with torch.no_grad():

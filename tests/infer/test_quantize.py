@@ -172,6 +172,10 @@ def test_calibration_batches_are_checked():
     with pytest.raises(DataError, match="no images"):
         calibration_batches([], model)
     assert sum(len(b) for b in calibration_batches([torch.randn(8, 3, 32, 32)] * 3, model, num_images=20)) == 20
+    with pytest.raises(ValueError, match="eval"):
+        dz.quantize(model.train(), [torch.randn(2, 3, 32, 32)])
+    with pytest.raises(DataError, match="not a folder"):
+        dz.quantize(model.eval(), "no/such/folder")
 
 
 def test_cli_quantize_then_predict(digits, tmp_path, capsys):
