@@ -96,6 +96,29 @@ def top1_agreement(fp32: torch.nn.Module, bf16: torch.nn.Module, n: int, image_s
     return agree / n
 
 
+def int8_candidates(model: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace) -> Dict[str, Tuple[Callable, torch.Tensor]]:
+    """onnxruntime fp32 and int8 (:func:`densenet_zoo.quantize`) rows; none without onnxruntime."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        print("int8 rows skipped: onnxruntime is not installed (pip install 'densenet_zoo[export]')")
+        return {}
+    import tempfile
+
+    g = torch.Generator().manual_seed(7)
+    calib = [torch.randn(8, 3, args.image_size, args.image_size, generator=g) for _ in range(max(1, args.int8_calibration // 8))]
+    t = time.perf_counter()
+    q = dz.quantize(model, calib, max_float_nodes=args.int8_float_nodes, threads=torch.get_num_threads())
+    print(f"int8: quantized in {time.perf_counter() - t:.0f} s, {len(q.float_nodes)} nodes kept in float")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = dz.export(model, os.path.join(tmp, "fp32.onnx"), image_size=args.image_size, check=False)
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return {"onnxruntime fp32": (lambda inp: session.run(None, {"input": inp.numpy()}), x),
+            "densenet_zoo int8 (onnxruntime)": (q, x)}
+
+
 def convolution_seconds(model: Callable, x: torch.Tensor) -> float:
     """Self time of the convolution kernels in one forward (all the network's FLOPs but the classifier's)."""
     from torch.profiler import ProfilerActivity, profile
@@ -117,6 +140,10 @@ def main() -> None:
     ap.add_argument("--agree-images", type=int, default=256)
     ap.add_argument("--compile", action="store_true", help="add torch.compile rows")
     ap.add_argument("--pretrained", action="store_true", help="use published weights (must be cached or downloadable)")
+    ap.add_argument("--no-bf16", action="store_true", help="no bf16 rows (for CPUs, or ISA caps, without native bf16)")
+    ap.add_argument("--no-int8", action="store_true", help="no int8 (onnxruntime) rows")
+    ap.add_argument("--int8-calibration", type=int, default=16, help="random calibration images for int8")
+    ap.add_argument("--int8-float-nodes", type=int, default=0, help="most nodes the int8 fallback keeps in float")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -140,7 +167,7 @@ def main() -> None:
     tv_cl = torchvision.models.densenet121().eval().to(memory_format=torch.channels_last)
     tv_cl.load_state_dict(tv.state_dict())
     fast = dz.optimize_for_inference(ours)
-    fast16 = dz.optimize_for_inference(ours, dtype=torch.bfloat16)
+    fast16 = None if args.no_bf16 else dz.optimize_for_inference(ours, dtype=torch.bfloat16)
 
     def tv_autocast(inp: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -151,12 +178,15 @@ def main() -> None:
         "timm fp32 eager": (tm, x),
         "torchvision fp32 channels_last": (tv_cl, xcl),
         "densenet_zoo optimized fp32": (fast, x),
-        "torchvision bf16 autocast channels_last": (tv_autocast, xcl),
-        "densenet_zoo optimized bf16": (fast16, x.bfloat16()),
     }
+    if fast16 is not None:
+        cands["torchvision bf16 autocast channels_last"] = (tv_autocast, xcl)
+        cands["densenet_zoo optimized bf16"] = (fast16, x.bfloat16())
     if args.compile:
         cands["torchvision fp32 channels_last + torch.compile"] = (torch.compile(tv_cl), xcl)
         cands["densenet_zoo optimized fp32 + torch.compile"] = (dz.optimize_for_inference(ours, compile=True), x)
+    if not args.no_int8:
+        cands.update(int8_candidates(ours, x, args))
     times = timed_rounds(cands, args.rounds, args.warmup, gemm)
     peak = gemm.best
     print(f"fp32 GEMM peak: {peak:.1f} GFLOP/s (best {args.gemm_size}x{args.gemm_size} matmul over the rounds)")
@@ -175,7 +205,7 @@ def main() -> None:
     conv_rate = args.batch_size * flops / conv_s
     print(f"\nconvolution kernels alone in densenet_zoo optimized fp32 (torch.profiler, one batch): {1000 * conv_s:.0f} ms, "
           f"{conv_rate:.1f} GFLOP/s = {100 * conv_rate / peak:.0f}% of the GEMM peak; the whole network cannot do better")
-    agree = top1_agreement(fast, fast16, args.agree_images, args.image_size, args.batch_size)
+    agree = top1_agreement(fast, fast16, args.agree_images, args.image_size, args.batch_size) if fast16 is not None else float("nan")
     print(f"\ntop-1 agreement, densenet_zoo bf16 vs fp32, {args.agree_images} fixed random inputs "
           f"({'published' if args.pretrained else 'random'} weights): {100 * agree:.1f}%")
     if args.json:

@@ -32,7 +32,8 @@ _EXPORTS = {
     ], ".models"),
     **dict.fromkeys(["TrainConfig", "Trainer", "finetune"], ".train"),
     **dict.fromkeys(["depth_sweep", "max_batch", "profile"], ".profiling"),
-    **dict.fromkeys(["FastDenseNet", "export", "fold_bn", "optimize_for_inference"], ".infer"),
+    **dict.fromkeys(["FastDenseNet", "QuantizedModel", "export", "fold_bn", "load_quantized", "optimize_for_inference",
+                     "quantize"], ".infer"),
 }
 
 _lazy_getattr, __dir__ = lazy_exports(__name__, _EXPORTS)
@@ -65,4 +66,5 @@ __all__ = [
     # applications
     "TrainConfig", "Trainer", "finetune", "depth_sweep", "max_batch", "profile",
     "FastDenseNet", "export", "fold_bn", "optimize_for_inference",
+    "QuantizedModel", "load_quantized", "quantize",
 ]

@@ -20,6 +20,7 @@ from ..allocator import reexec_with_preferred
 from .common import add_overwrite, one_line, refuse_overwriting_inputs
 from .infer import add_inference
 from .profile import add_profile
+from .quantize import add_quantize
 from .train import add_train
 
 
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(sub)      # sample-data, finetune, evaluate (cli/train.py)
     add_inference(sub)  # predict, info, export (cli/infer.py)
     add_profile(sub)    # profile (cli/profile.py)
+    add_quantize(sub)   # quantize (cli/quantize.py)
     for command in sub.choices.values():  # --debug also after the command name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser

@@ -32,7 +32,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.csv:  # checked before the work, not after it
         check_output(args.csv, PREDICTIONS_CSV, overwrite=args.overwrite, flag="--csv")
     kwargs = dict(optimize=not args.no_optimize, device=args.device)
-    if args.checkpoint:
+    if args.checkpoint and args.checkpoint.endswith(".onnx"):  # an int8 file from `densenet-zoo quantize`
+        predictor = Predictor.from_quantized(args.checkpoint, **kwargs)
+    elif args.checkpoint:
         predictor = Predictor.from_checkpoint(args.checkpoint, **kwargs)
     elif args.model and args.pretrained:
         predictor = Predictor.from_pretrained(args.model, **kwargs)
@@ -81,7 +83,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="architecture or weights name, e.g. densenet121 or densenet121.tv_in1k")
     p.add_argument("--pretrained", action="store_true", help="load the published weights of --model")
-    p.add_argument("--checkpoint", help="a .safetensors file written by finetune / save_model (has class names)")
+    p.add_argument("--checkpoint", help="a .safetensors file written by finetune / save_model (has class names); predict also takes an int8 .onnx from quantize")
 
 
 def add_inference(sub: argparse._SubParsersAction) -> None:

@@ -9,9 +9,11 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "FastDenseNet": ".fast", "fold_bn": ".folding", "optimize_for_inference": ".fast",
     "count_flops": ".info", "format_info": ".info", "model_info": ".info",
     "Predictor": ".predict",
+    "quantize": ".int8", "QuantizedModel": ".quantized", "load_quantized": ".quantized",
 })
 
 __all__ = [
     "EXPORT_FORMATS", "FastDenseNet", "Predictor", "count_flops", "export", "fold_bn", "format_info",
     "load_exported", "model_info", "optimize_for_inference",
+    "QuantizedModel", "load_quantized", "quantize",
 ]

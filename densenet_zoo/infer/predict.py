@@ -107,6 +107,17 @@ class Predictor:
         return cls(model, eval_transform(pre), names, in_chans=model.in_chans, **kwargs)
 
     @classmethod
+    def from_quantized(cls, path: PathLike, **kwargs: Any) -> "Predictor":
+        """From an int8 file written by :func:`densenet_zoo.quantize` (``densenet-zoo quantize``)."""
+        from .quantized import load_quantized
+
+        model = load_quantized(path)
+        pre = D.resolve_preprocessing(model.meta.get("preprocessing"), model.image_size, model.in_chans)
+        names = model.meta.get("class_names") or _imagenet_categories(model.num_classes)
+        kwargs.pop("optimize", None)  # already the fast path
+        return cls(model, D.eval_transform(pre), names, in_chans=model.in_chans, optimize=False, **kwargs)
+
+    @classmethod
     def from_pretrained(cls, name: str, **kwargs: Any) -> "Predictor":
         """From published weights: ``"densenet121"``, ``"densenet121.tv_in1k"``..."""
         model = create_model(name, pretrained=True)
