@@ -20,7 +20,10 @@ import torchvision
 from torch.utils.data import DataLoader
 
 from densenet_zoo.hardware import describe_hardware
-from densenet_zoo.train import data as D
+from densenet_zoo.data.dataset import ImageDataset
+from densenet_zoo.data.sample_data import write_sample_data
+from densenet_zoo.data.splits import load_splits
+from densenet_zoo.data.transforms import resolve_preprocessing, train_transform
 from densenet_zoo.train import finetune
 
 
@@ -59,9 +62,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "digits"
-        D.write_sample_data("digits", root)
+        write_sample_data("digits", root)
         # A subset of the train split as its own folder, so that both loops read the same files.
-        splits = D.load_splits(root)
+        splits = load_splits(root)
         order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0)).tolist()
         keep = [splits.train[i] for i in order[: args.images]]
         sub = Path(tmp) / "subset"
@@ -73,8 +76,8 @@ def main() -> None:
         build = getattr(torchvision.models, args.model)
         torch.manual_seed(0)
         reference = build(num_classes=10)
-        pre = D.resolve_preprocessing(None, args.image_size)
-        dataset = D.ImageDataset(D.load_splits(sub).train, D.train_transform(pre, "light"), seed=0)
+        pre = resolve_preprocessing(None, args.image_size)
+        dataset = ImageDataset(load_splits(sub).train, train_transform(pre, "light"), seed=0)
 
         model = build(num_classes=10)
         model.load_state_dict(reference.state_dict())

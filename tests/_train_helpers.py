@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
 
 #: A DenseNet small enough for CPU tests (two blocks of two layers, 3x3 stem).

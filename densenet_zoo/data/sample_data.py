@@ -11,7 +11,7 @@ from typing import Dict, List
 import torch
 from PIL import Image
 
-from .._utils import DataError, PathLike
+from .._utils import DataError, PathLike, UnsupportedError
 from .splits import split_per_class
 
 

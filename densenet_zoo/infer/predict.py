@@ -112,10 +112,10 @@ class Predictor:
         from .quantized import load_quantized
 
         model = load_quantized(path)
-        pre = D.resolve_preprocessing(model.meta.get("preprocessing"), model.image_size, model.in_chans)
+        pre = resolve_preprocessing(model.meta.get("preprocessing"), model.image_size, model.in_chans)
         names = model.meta.get("class_names") or _imagenet_categories(model.num_classes)
         kwargs.pop("optimize", None)  # already the fast path
-        return cls(model, D.eval_transform(pre), names, in_chans=model.in_chans, optimize=False, **kwargs)
+        return cls(model, eval_transform(pre), names, in_chans=model.in_chans, optimize=False, **kwargs)
 
     @classmethod
     def from_pretrained(cls, name: str, **kwargs: Any) -> "Predictor":

@@ -10,14 +10,16 @@ pytest.importorskip("onnxruntime", reason="int8 quantization runs on onnxruntime
 onnx = pytest.importorskip("onnx", reason="int8 files are ONNX (the [export] extra)")
 
 import densenet_zoo as dz  # noqa: E402
-from densenet_zoo import CheckpointError, DataError  # noqa: E402
+from densenet_zoo import CheckpointFileError, DataError  # noqa: E402
 from densenet_zoo.cli.app import main  # noqa: E402
 from densenet_zoo.infer.int8 import calibration_batches  # noqa: E402
 from densenet_zoo.infer.quantized import _META_KEY, _graph_digest  # noqa: E402
-from densenet_zoo.train import data as D  # noqa: E402
-from densenet_zoo.train.data import write_sample_data  # noqa: E402
+from densenet_zoo.data.images import open_image  # noqa: E402
+from densenet_zoo.data.sample_data import write_sample_data  # noqa: E402
+from densenet_zoo.data.transforms import eval_transform, resolve_preprocessing  # noqa: E402
 
-from _train_helpers import one_thread  # noqa: F401,E402 (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DIGITS = Path(__file__).resolve().parents[2] / "weights" / "densenet_bc_100_digits.safetensors"
 
@@ -39,11 +41,11 @@ def digits_int8(digits):
 
 def _held_out(root: Path, meta: dict):
     """Normalised val images and labels, read independently of the quantizer (one class folder each)."""
-    transform = D.eval_transform(D.resolve_preprocessing(meta["preprocessing"], None, 3))
+    transform = eval_transform(resolve_preprocessing(meta["preprocessing"], None, 3))
     xs, ys = [], []
     for label, name in enumerate(meta["class_names"]):
         for path in sorted((root / "val" / name).iterdir()):
-            xs.append(transform(D.open_image(path, 3)))
+            xs.append(transform(open_image(path, 3)))
             ys.append(label)
     return torch.stack(xs), torch.tensor(ys)
 
@@ -159,7 +161,7 @@ def _forgeries(tiny_file, tmp_path):
 
 def test_forged_files_are_refused_with_one_line(tiny_file, tmp_path):
     for what, path in _forgeries(tiny_file, tmp_path):
-        with pytest.raises(CheckpointError) as info:
+        with pytest.raises(CheckpointFileError) as info:
             dz.load_quantized(path)
         message = str(info.value)
         assert "\n" not in message and str(path) in message and "quantize" in message, (what, message)
