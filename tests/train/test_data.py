@@ -224,3 +224,53 @@ def test_augmentation_is_seeded_per_sample_and_leaves_the_global_rng_alone(tmp_p
     assert any(not torch.equal(ds[i][0], first[i]) for i in range(len(ds)))
     with pytest.raises(ValueError, match="augment"):
         train_transform(pre, "heavy")
+
+
+def _gradient(size: int = 16):
+    """Values 0..1 across the image: the reference every mode below must reproduce as 8-bit gray."""
+    import numpy as np
+
+    return np.linspace(0.0, 1.0, size * size).reshape(size, size)
+
+
+@pytest.mark.parametrize("mode", ["F-unit", "F-255", "F-signed", "I;16", "I-8bit", "I-16bit", "LAB", "CMYK", "YCbCr"])
+def test_uncommon_image_modes_read_as_the_picture_they_hold(tmp_path, mode):
+    """Float (0..1 as float TIFFs hold them, 0..255, or any range), 16/32-bit integer and other colour spaces
+    (CIELAB and CMYK TIFFs, YCbCr JPEGs): each read gives the 8-bit picture, within a level, not black or clipped."""
+    import numpy as np
+    from PIL import Image
+
+    from densenet_zoo.data.images import open_image
+
+    g = _gradient()
+    want = np.rint(g * 255)
+    rgb = Image.fromarray(np.stack([want] * 3, -1).astype(np.uint8), "RGB")
+    kind, _, detail = mode.partition("-")
+    if kind == "F":
+        scale, offset = {"unit": (1.0, 0.0), "255": (255.0, 0.0), "signed": (7.0, -3.0)}[detail]
+        img, suffix = Image.fromarray((g * scale + offset).astype(np.float32), "F"), ".tif"
+    elif kind == "I;16":
+        img, suffix = Image.fromarray(np.rint(g * 65535).astype(np.uint16)), ".png"
+    elif kind == "I":
+        top = 255 if detail == "8bit" else 65535
+        img, suffix = Image.fromarray(np.rint(g * top).astype(np.int32), "I"), ".tif"
+    else:
+        img, suffix = rgb.convert(kind), ".tif" if kind != "YCbCr" else ".jpg"
+    path = tmp_path / f"img{suffix}"
+    img.save(path, **({"quality": 100} if suffix == ".jpg" else {}))
+    got = np.asarray(open_image(path, 3), dtype=np.float64)
+    tolerance = 2.5 if kind in ("LAB", "YCbCr", "CMYK") else 1.0  # colour-space round trips round twice
+    assert np.abs(got - want[..., None]).max() <= tolerance, (mode, Image.open(path).mode, got[..., 0].max())
+
+
+def test_an_image_with_nan_pixels_is_unreadable_with_its_reason(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from densenet_zoo.data.images import UnreadableImageError, open_image
+
+    a = _gradient().astype(np.float32)
+    a[3, 3] = np.nan
+    Image.fromarray(a, "F").save(tmp_path / "nan.tif")
+    with pytest.raises(UnreadableImageError, match="nan.tif: unreadable image .*nan or inf pixel values"):
+        open_image(tmp_path / "nan.tif")
