@@ -32,27 +32,14 @@ import torchvision
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import densenet_zoo as dz  # noqa: E402
+from densenet_zoo.hardware import cpu_capabilities, describe_hardware  # noqa: E402
 from densenet_zoo.infer.info import count_flops  # noqa: E402
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        flags = " ".join(x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {x}" in text)
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}, {flags}); {gpu}; "
-            f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-            f"oneDNN {'on' if torch.backends.mkldnn.is_available() else 'off'}")
+    """The hardware line every report names (densenet_zoo.hardware), with the versions measured."""
+    return (f"{describe_hardware()}; Python {platform.python_version()}, torch {torch.__version__}, "
+            f"torchvision {torchvision.__version__}")
 
 
 class GemmPeak:
@@ -140,7 +127,7 @@ def main() -> None:
     ap.add_argument("--agree-images", type=int, default=256)
     ap.add_argument("--compile", action="store_true", help="add torch.compile rows")
     ap.add_argument("--pretrained", action="store_true", help="use published weights (must be cached or downloadable)")
-    ap.add_argument("--no-bf16", action="store_true", help="no bf16 rows (for CPUs, or ISA caps, without native bf16)")
+    ap.add_argument("--no-bf16", action="store_true", help="no bf16 rows (left out anyway where the CPU has no native bf16)")
     ap.add_argument("--no-int8", action="store_true", help="no int8 (onnxruntime) rows")
     ap.add_argument("--int8-calibration", type=int, default=16, help="random calibration images for int8")
     ap.add_argument("--int8-float-nodes", type=int, default=0, help="most nodes the int8 fallback keeps in float")
@@ -167,6 +154,9 @@ def main() -> None:
     tv_cl = torchvision.models.densenet121().eval().to(memory_format=torch.channels_last)
     tv_cl.load_state_dict(tv.state_dict())
     fast = dz.optimize_for_inference(ours)
+    if not args.no_bf16 and not cpu_capabilities().native_bf16:
+        print(f"bf16 rows skipped: no native bf16 here ({cpu_capabilities().summary()})")
+        args.no_bf16 = True
     fast16 = None if args.no_bf16 else dz.optimize_for_inference(ours, dtype=torch.bfloat16)
 
     def tv_autocast(inp: torch.Tensor) -> torch.Tensor:
