@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .._utils import DataError, PathLike, UsageError
+from .._utils import DataError, PathLike, UsageError, UsageTypeError
 from .quantized import _FORMAT, QuantizedModel, _ort, _with_meta
 
 __all__ = ["calibration_batches", "layer_errors", "quantize"]
@@ -238,17 +238,12 @@ def quantize(model: nn.Module, calibration: Calibration, *, num_images: int = 25
              class_names: Optional[Sequence[str]] = None, threads: Optional[int] = None) -> QuantizedModel:
     """An int8 copy of ``model`` calibrated on ``calibration``; see :class:`QuantizedModel`.
 
-    Example::
-
-        q = densenet_zoo.quantize(model.eval(), "data/val", num_images=128)   # a folder of images
-        q = densenet_zoo.quantize(model.eval(), [torch.randn(8, 3, 224, 224)])  # normalised batches
-        q.save("model.int8.onnx"); q = densenet_zoo.load_quantized("model.int8.onnx")
-
     Args:
         model: a DenseNet (or any single-input classifier) in eval mode.
         calibration: a folder of images (flat or one sub-folder per class, read with the model's
             preprocessing), or float tensors ``(N, C, S, S)`` normalised like the model's input.
-        num_images: calibration images used at most (``batch_size`` per batch when read from a folder).
+        num_images: calibration images used at most.
+        batch_size: images per calibration batch when read from a folder.
         preprocessing: resize/crop/normalisation for a folder (default: the model's weights' own).
         target_agreement: top-1 agreement with the float model on the calibration images that the
             fallback works towards.
@@ -261,13 +256,18 @@ def quantize(model: nn.Module, calibration: Calibration, *, num_images: int = 25
 
     Returns:
         A :class:`QuantizedModel` taking ``(N, C, S, S)`` float32 images at the calibration size.
+
+    Example:
+        q = densenet_zoo.quantize(model.eval(), "data/val", num_images=128)   # a folder of images
+        q = densenet_zoo.quantize(model.eval(), [torch.randn(8, 3, 224, 224)])  # normalised batches
+        q.save("model.int8.onnx"); q = densenet_zoo.load_quantized("model.int8.onnx")
     """
     from .exporter import export
     from onnxruntime.quantization import quant_pre_process
 
     _ort()
     if not isinstance(model, nn.Module):
-        raise TypeError(f"quantize expects an nn.Module, got {type(model).__name__}")
+        raise UsageTypeError(f"quantize expects an nn.Module, got {type(model).__name__}")
     if model.training:  # calibration would update BatchNorm's running statistics
         raise UsageError("quantize: the model is in training mode; call model.eval() first")
     batches = calibration_batches(calibration, model, num_images=num_images, batch_size=batch_size, preprocessing=preprocessing)

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .._utils import CheckpointFileError, DataError, OutputKind, PathLike, atomic_write
+from .._utils import CheckpointFileError, DataError, MissingFileError, OutputKind, PathLike, atomic_write
 
 __all__ = ["QuantizedModel", "load_quantized"]
 
@@ -37,13 +37,17 @@ def _ort():
 class QuantizedModel(nn.Module):
     """An int8 DenseNet run by ONNX Runtime: float32 images ``(N, C, S, S)`` in, float32 logits out.
 
-    Example::
-
-        q = densenet_zoo.quantize(model, batches); logits = q(images); q.save("model.int8.onnx")
-
     ``meta`` holds ``in_chans``, ``image_size``, ``num_classes``, ``float_nodes`` (nodes left in
     float), the agreement and error measured on the calibration images, ``class_names`` and
     ``preprocessing`` when known.
+
+    Args:
+        onnx_bytes: the quantized ONNX graph, with this package's metadata.
+        meta: what the metadata holds (above).
+        threads: ONNX Runtime's intra-op threads; ``None`` for its own choice.
+
+    Example:
+        q = densenet_zoo.quantize(model, batches); logits = q(images); q.save("model.int8.onnx")
     """
 
     def __init__(self, onnx_bytes: bytes, meta: Dict[str, Any], *, threads: Optional[int] = None) -> None:
@@ -163,18 +167,27 @@ def _check_graph(path: Path, proto: Any, meta: Dict[str, Any]) -> None:
 def load_quantized(path: PathLike, *, threads: Optional[int] = None) -> QuantizedModel:
     """The :class:`QuantizedModel` saved at ``path`` by :meth:`QuantizedModel.save`.
 
-    Example::
-
-        q = densenet_zoo.load_quantized("densenet121.int8.onnx"); logits = q(images)
-
     The file is parsed as data (no code runs) and checked before ONNX Runtime sees it: our
     metadata, a checksum of the graph, standard operators only, no external data, and input and
-    output shapes as stated. Anything else raises :class:`~densenet_zoo.CheckpointFileError`.
+    output shapes as stated.
+
+    Args:
+        path: the ``.onnx`` file written by :func:`densenet_zoo.quantize` (or ``densenet-zoo quantize``).
+        threads: ONNX Runtime's intra-op threads; ``None`` for its own choice.
+
+    Returns:
+        The :class:`QuantizedModel`.
+
+    Raises:
+        CheckpointFileError: a file that fails any check, in one line.
+
+    Example:
+        q = densenet_zoo.load_quantized("densenet121.int8.onnx"); logits = q(images)
     """
     _ort()
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"int8 model {str(path)!r} does not exist; write one with densenet-zoo quantize")
+        raise MissingFileError(f"int8 model {str(path)!r} does not exist; write one with densenet-zoo quantize")
     proto, meta = _read_checked(path)
     _check_graph(path, proto, meta)
     try:

@@ -311,7 +311,8 @@ def convert_checkpoint(src: WeightsSource, dest: PathLike, *, use_ema: bool = Fa
     Example:
         convert_checkpoint("densenet121-a639ec97.pth", "densenet121.safetensors")
     """
-    check_output(dest, SAVED_MODEL, overwrite=overwrite, flag="output")
+    if not Path(dest).is_dir():  # a folder gets save_model's own answer, as before
+        check_output(dest, SAVED_MODEL, overwrite=overwrite, flag="output")
     source, entry, desc = resolve_weights(src)
     if isinstance(source, (Mapping, nn.Module)):
         obj, meta = source, {}

@@ -32,7 +32,7 @@ def _poisoned(from_call: int, calls: int = 10 ** 9) -> dz.DenseNet:
     seen = {"n": 0}
 
     def hook(module, inputs, out):
-        if not module.training:
+        if not module.training or module is not model.classifier:  # not a copy (the run's memory estimate probes one)
             return out
         seen["n"] += 1
         return out * float("nan") if from_call <= seen["n"] < from_call + calls else out
