@@ -196,8 +196,9 @@ def main() -> None:
     print(f"\nconvolution kernels alone in densenet_zoo optimized fp32 (torch.profiler, one batch): {1000 * conv_s:.0f} ms, "
           f"{conv_rate:.1f} GFLOP/s = {100 * conv_rate / peak:.0f}% of the GEMM peak; the whole network cannot do better")
     agree = top1_agreement(fast, fast16, args.agree_images, args.image_size, args.batch_size) if fast16 is not None else float("nan")
-    print(f"\ntop-1 agreement, densenet_zoo bf16 vs fp32, {args.agree_images} fixed random inputs "
-          f"({'published' if args.pretrained else 'random'} weights): {100 * agree:.1f}%")
+    if fast16 is not None:
+        print(f"\ntop-1 agreement, densenet_zoo bf16 vs fp32, {args.agree_images} fixed random inputs "
+              f"({'published' if args.pretrained else 'random'} weights): {100 * agree:.1f}%")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(machine=machine(), gemm_peak=peak, gflop_per_image=flops, rows=rows, top1_agreement=agree,
