@@ -22,7 +22,7 @@ from typing import Iterator, Optional, Union
 import torch.hub
 from filelock import FileLock
 
-from .._utils import WeightsError
+from .._utils import WeightsError, atomic_write
 from .checkpoint import check_safetensors, is_safetensors, read_checkpoint
 from .transfer import TransferLimits, transfer
 
@@ -178,9 +178,7 @@ def _differs_from_record(path: Path, record: dict) -> Optional[str]:
 
 def _write_record(path: Path, url: str) -> None:
     record = {"url": url, "size": path.stat().st_size, "sha256": sha256_file(path)}
-    tmp = _record_path(path).with_suffix(f".{os.getpid()}.partial")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, _record_path(path))
+    atomic_write(_record_path(path), lambda f: f.write(json.dumps(record)), binary=False)
 
 
 def download(url: str, filename: Optional[str] = None, *, sha256: Optional[str] = None, file_size: Optional[int] = None,
