@@ -60,14 +60,6 @@ def data(tmp_path_factory):
     return digits_subset(tmp_path_factory.mktemp("hostile") / "digits", classes=3, train_per_class=6, val_per_class=2)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = dz.DenseNet(**TINY, num_classes=3).eval()
-    pre = {"size": 16, "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}
-    return dz.save_model(model, tmp_path_factory.mktemp("ckpt") / "best.safetensors", class_names=["0", "1", "2"], preprocessing=pre)
-
-
 # -- 1. files of the user are never replaced ---------------------------------------------------
 
 

@@ -10,12 +10,10 @@ import stat
 from pathlib import Path
 
 import pytest
-import torch
 
-import densenet_zoo as dz
 from densenet_zoo._utils import atomic_write
 from densenet_zoo.cli import main
-from _train_helpers import TINY, digits_subset
+from _train_helpers import digits_subset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,15 +21,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return digits_subset(tmp_path_factory.mktemp("policy") / "digits", classes=3, train_per_class=4, val_per_class=2)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = dz.DenseNet(**TINY, num_classes=3).eval()
-    pre = {"size": 16, "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}
-    return dz.save_model(model, tmp_path_factory.mktemp("ckpt") / "best.safetensors", class_names=["0", "1", "2"],
-                         preprocessing=pre)
 
 
 _PROFILE = ["profile", "--model", "densenet_bc_100", "--batch-size", "2", "--image-size", "32", "--modes", "none",
