@@ -31,13 +31,18 @@ def preserved_buffers(modules: Iterable[nn.Module]) -> Iterator[None]:
 def checkpoint_once(fn: Callable[..., Tensor], *inputs: Tensor, norms: Iterable[nn.Module]) -> Tensor:
     """``fn(*inputs)`` without storing its intermediates: they are recomputed in backward.
 
-    The recomputation leaves the buffers of ``norms`` untouched, so running statistics are those
-    of the one real forward. Under ``torch.compile`` the checkpointed region becomes a functional
-    graph whose buffer updates already run once, and custom contexts are not traceable.
+    The recomputation leaves the buffers of ``norms`` (modules: their submodules' too) untouched, so
+    running statistics are those of the one real forward. Under ``torch.compile`` the checkpointed
+    region becomes a functional graph whose buffer updates already run once, and custom contexts are
+    not traceable. A region with a cumulative-average batch norm (``momentum=None``) is not
+    checkpointed there: torch's batch norm breaks the graph on ``1 / num_batches_tracked``, and the
+    checkpoint would then run outside the compiler, recomputing that norm's update.
     """
-    if torch.compiler.is_compiling():
-        return checkpoint(fn, *inputs, use_reentrant=False)
     norms = list(norms)
+    if torch.compiler.is_compiling():
+        if any(getattr(m, "momentum", 0.0) is None for norm in norms for m in norm.modules()):
+            return fn(*inputs)
+        return checkpoint(fn, *inputs, use_reentrant=False)
     return checkpoint(
         fn, *inputs, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), preserved_buffers(norms))
     )

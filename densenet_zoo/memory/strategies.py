@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .base import MemoryStrategy, any_requires_grad, checkpoint_once, custom_functions_unavailable, needs_graph
 from .fused_block import fused_block_forward, fused_supported
+from .fused_op import fused_block_op_forward, op_supported
 from .fused_stem import fused_stem_forward, stem_supported
 from .fused_transition import fused_transition_forward, transition_supported
 from .recompute import SharedBuffer, SharedConcat, Stage, run_stages
@@ -176,8 +177,9 @@ class FusedStrategy(MemoryStrategy):
     :mod:`.fused_transition`).
 
     ``keep_conv_output``: keep conv1's output in every layer and conv0's in the stem (else they are
-    recomputed in backward). Blocks the fused function cannot run exactly (other norms, dropout,
-    ``torch.compile``, an input that is not in the autocast dtype under autocast) run ``fallback``;
+    recomputed in backward). Under ``torch.compile`` a block runs as one operator (:mod:`.fused_op`),
+    the stem and transitions as the compiler traces ``sequence_fallback``. Blocks the fused function
+    cannot run exactly (other norms, dropout, an input that is not in the autocast dtype under autocast) run ``fallback``;
     a stem or transition that cannot run fused runs ``sequence_fallback`` (default: ``fallback``).
     """
 
@@ -199,7 +201,10 @@ class FusedStrategy(MemoryStrategy):
 
     def block_forward(self, block: nn.ModuleDict, x: Tensor) -> Tensor:
         if needs_graph([x], block) and fused_supported(block, x):
-            return fused_block_forward(block, x, self.keep_conv_output)
+            if not torch.compiler.is_compiling():
+                return fused_block_forward(block, x, self.keep_conv_output)
+            if op_supported(block):  # the compiler cannot trace the autograd function: one opaque operator
+                return fused_block_op_forward(block, x, self.keep_conv_output)
         return self.fallback.block_forward(block, x)
 
     def stem_forward(self, modules: List[nn.Module], x: Tensor) -> Tensor:

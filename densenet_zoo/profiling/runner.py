@@ -36,7 +36,7 @@ from ..memory.estimate import check_fits
 from ..models import DenseNet
 from ..models.configs import canonical_name
 from .report import DepthSweepReport, MaxBatchReport, ProfileReport, environment
-from .worker import AUTOCAST_DTYPES, CHANNELS_LAST, WORKER_COMMAND, build, measure
+from .worker import AUTOCAST_DTYPES, CHANNELS_LAST, COMPILE, COMPILED_MODES, WORKER_COMMAND, build, measure, parse_mode
 
 __all__ = ["profile", "max_batch", "depth_sweep", "resolve_modes"]
 
@@ -46,16 +46,19 @@ ModelSpec = Union[str, Callable[..., nn.Module]]
 
 # -- arguments -------------------------------------------------------------------------------------
 def resolve_modes(modes: Union[str, Sequence[str], None], reference: Optional[str] = None) -> List[str]:
-    """``"all"``, ``"none,efficient"`` or a list -> validated mode names (normal mode always first)."""
+    """``"all"``, ``"compiled"``, ``"none,efficient,fused:compile"`` or a list -> validated mode names
+    (normal mode always first). ``"compiled"`` stands for :data:`~.worker.COMPILED_MODES`; a name may end
+    in ``:channels_last``, ``:compile`` or ``:compile=B`` (:func:`~.worker.parse_mode`)."""
     tokens = ["all"] if modes is None else [str(m).strip() for m in (modes.split(",") if isinstance(modes, str) else modes)]
-    names = [n for t in tokens if t for n in (list_memory_strategies() if t == "all" else [t])]
+    groups = {"all": list_memory_strategies(), "compiled": list(COMPILED_MODES)}
+    names = [n for t in tokens if t for n in groups.get(t, [t])]
     out = ["none"]
     for name in names:
-        base = name[: -len(CHANNELS_LAST)] if name.endswith(CHANNELS_LAST) else name
+        base = parse_mode(name).name
         if base not in list_memory_strategies() + REFERENCE_MODES["torchvision"]:
             known = ", ".join(list_memory_strategies() + REFERENCE_MODES["torchvision"])
-            raise UsageError(f"unknown mode {name!r}; expected 'all' or comma-separated names from: {known} "
-                             f"(each may end in {CHANNELS_LAST!r})")
+            raise UsageError(f"unknown mode {name!r}; expected 'all', 'compiled' or comma-separated names from: "
+                             f"{known} (each may end in {CHANNELS_LAST!r}, {COMPILE!r} or '{COMPILE}=B')")
         out.append(name)
     if reference is not None:
         if reference not in REFERENCE_MODES:
@@ -189,7 +192,8 @@ def profile(
         model: an architecture name, or a function that builds the model.
         batch_size: images per training step.
         image_size: side of the square input.
-        modes: ``"all"``, comma-separated strategy names (each may end in ``":channels_last"``) or a list.
+        modes: ``"all"``, ``"compiled"`` or comma-separated strategy names (each may end in
+            ``":channels_last"``, ``":compile"`` or ``":compile=B"``: see :func:`resolve_modes`) or a list.
         device: ``"cpu"`` or ``"cuda"``.
         reference: ``"torchvision"`` adds torchvision's densenet, normal and ``memory_efficient=True``.
         steps: measured steps (memory on CPU: the peak over ``max(steps, 5)``).

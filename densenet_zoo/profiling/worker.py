@@ -11,6 +11,11 @@ minus the baseline, every step's peak and resident memory after it, and how much
 from the first measured step to the last (memory the allocator keeps from step to step).
 On CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats``, minus ``memory_allocated``
 with the model, optimizer state and data loaded.
+
+A mode may end in ``:channels_last`` (model and input in channels-last memory format) and in
+``:compile`` (the model under ``torch.compile``) or ``:compile=B`` (compiled with the partitioner's
+``activation_memory_budget`` B, between 0 and 1). A compiled mode's warm-up step compiles; on CPU
+its baseline is taken after it, so that the compiler's own memory is not counted as the step's.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import json
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List, Tuple
+import contextlib
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -34,6 +40,54 @@ from .rss import PeakRss, rss_kib
 
 #: ``"none:channels_last"``: a mode run with the model and the input in channels-last memory format.
 CHANNELS_LAST = ":channels_last"
+#: ``"fused:compile"``: a mode under ``torch.compile``; ``"none:compile=0.3"``: with that activation memory budget.
+COMPILE = ":compile"
+#: The compiled rows ``modes="compiled"`` stands for: normal mode compiled, with the compiler's own answer
+#: to activation memory at three budgets, and the fused strategies compiled.
+COMPILED_MODES = ("none:compile", "none:compile=0.5", "none:compile=0.3", "none:compile=0.1", "fused:compile",
+                  "fused_lean:compile")
+
+
+class ModeSpec(NamedTuple):
+    """A measured mode: a strategy (or torchvision reference) name and how it runs."""
+
+    name: str
+    channels_last: bool = False
+    compiled: bool = False
+    budget: Optional[float] = None  #: the compiler's ``activation_memory_budget``; None: its default
+
+    def budget_patch(self) -> contextlib.AbstractContextManager:
+        """Where the compiler partitions this mode's graphs (the budget is read when it compiles)."""
+        if self.budget is None:
+            return contextlib.nullcontext()
+        import torch._functorch.config as functorch_config
+
+        return functorch_config.patch(activation_memory_budget=self.budget)
+
+
+def parse_mode(spec: str) -> ModeSpec:
+    """``"fused:channels_last:compile"`` -> ``ModeSpec("fused", True, True, None)``; raises :class:`UsageError`
+    for a suffix other than ``:channels_last``, ``:compile`` and ``:compile=B`` (0 < B <= 1)."""
+    name, *suffixes = spec.split(":")
+    mode = ModeSpec(name)
+    for suffix in suffixes:
+        key, has_value, value = suffix.partition("=")
+        if suffix == CHANNELS_LAST[1:]:
+            mode = mode._replace(channels_last=True)
+        elif key == COMPILE[1:] and not has_value:
+            mode = mode._replace(compiled=True)
+        elif key == COMPILE[1:]:
+            try:
+                budget = float(value)
+            except ValueError:
+                budget = -1.0
+            if not 0 < budget <= 1:
+                raise UsageError(f"mode {spec!r}: the budget after ':compile=' must be a number in (0, 1], e.g. 0.3")
+            mode = mode._replace(compiled=True, budget=budget)
+        else:
+            raise UsageError(f"mode {spec!r}: unknown suffix ':{suffix}'; expected {CHANNELS_LAST!r}, {COMPILE!r} "
+                             f"or '{COMPILE}=B'")
+    return mode
 TORCHVISION_ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201")
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 #: The one Python statement a worker process runs (``python -c``; the config is its first argument).
@@ -42,9 +96,12 @@ WORKER_COMMAND = ("-m", "densenet_zoo.profiling")
 
 
 def build(ref: str, mode: str, kwargs: Dict[str, Any]) -> nn.Module:
-    """Model ``ref`` (a zoo name or ``module:builder``) in memory mode ``mode`` (or a torchvision reference)."""
-    if mode.endswith(CHANNELS_LAST):
-        return build(ref, mode[: -len(CHANNELS_LAST)], kwargs).to(memory_format=torch.channels_last)
+    """Model ``ref`` (a zoo name or ``module:builder``) in memory mode ``mode`` (or a torchvision reference),
+    channels-last if the mode says so (not compiled: :func:`setup` compiles)."""
+    spec = parse_mode(mode)
+    if spec.channels_last:
+        return build(ref, spec.name, kwargs).to(memory_format=torch.channels_last)
+    mode = spec.name
     if mode.startswith("torchvision"):
         import torchvision
 
@@ -70,28 +127,33 @@ def build(ref: str, mode: str, kwargs: Dict[str, Any]) -> nn.Module:
 def setup(config: Dict[str, Any]) -> Tuple[torch.device, nn.Module, Any, torch.Tensor, Callable[[], None]]:
     """Model, SGD optimizer (momentum state allocated), input and one training step of a configuration."""
     device = torch.device(config.get("device", "cpu"))
+    spec = parse_mode(config["mode"])
     torch.manual_seed(0)
     model = build(config["model"], config["mode"], config.get("model_kwargs", {})).to(device).train()
+    run = model
+    if spec.compiled:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # one model per mode
+        run = torch.compile(model, dynamic=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     for p in model.parameters():  # zeros: the first step computes what SGD's lazily created state would
         opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
     n, s = config["batch_size"], config["image_size"]
     x = torch.randn(n, 3, s, s, device=device)
-    if config["mode"].endswith(CHANNELS_LAST):
+    if spec.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     classes = getattr(model, "num_classes", 1000) or 1
     y = torch.randint(0, classes, (n,), device=device)
     dtype = AUTOCAST_DTYPES.get(config.get("autocast") or "")
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = model(x)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), spec.budget_patch():
+            out = run(x)
         nn.functional.cross_entropy(out.float(), y).backward()
         del out
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return device, model, opt, x, step
+    return device, run, opt, x, step
 
 
 def measure_together(configs: List[Dict[str, Any]], steps: int, warmup: int) -> Dict[str, List[float]]:
@@ -145,9 +207,14 @@ def _measured_step(device: torch.device, step: Callable[[], None], baseline: int
 def measure(config: Dict[str, Any]) -> Dict[str, Any]:
     """Measure one configuration in this process (see the module docstring): a dict of results."""
     device, model, _, x, step = setup(config)
+    compiled = parse_mode(config["mode"]).compiled
     baseline = _baseline(device)
-    for _ in range(config.get("warmup", 1)):
+    start = time.perf_counter()
+    for _ in range(max(config.get("warmup", 1), 1 if compiled else 0)):
         step()
+    warmup_s = time.perf_counter() - start
+    if compiled and device.type == "cpu":  # the compiler's own memory is not the step's
+        baseline = _baseline(device)
     gc.collect()
     times, peaks, after = [], [], []
     count = config.get("steps", 5) if config.get("phase") == "time" else config.get("memory_steps", config.get("steps", 5))
@@ -160,7 +227,7 @@ def measure(config: Dict[str, Any]) -> Dict[str, Any]:
         return {"step_s": statistics.median(times), "step_times_s": times}
     cuda = device.type == "cuda"
     method = ("torch.cuda.max_memory_allocated after reset_peak_memory_stats" if cuda
-              else f"VmHWM per step ({PeakRss().method})")
+              else f"VmHWM per step ({PeakRss().method})" + ("; baseline after compiling" if compiled else ""))
     dtype = AUTOCAST_DTYPES.get(config.get("autocast") or "")
     with SavedTensorBytes(exclude=model.parameters()) as saved, \
             torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -173,6 +240,7 @@ def measure(config: Dict[str, Any]) -> Dict[str, Any]:
         "saved_bytes": saved.bytes, "baseline_bytes": baseline, "absolute_peak_bytes": baseline + max(peaks),
         "peak_method": method, "allocator": "cuda caching allocator" if cuda else describe(active_allocator()),
         "autocast": config.get("autocast"), "params": sum(p.numel() for p in model.parameters()),
+        "warmup_s": warmup_s,
     }
 
 

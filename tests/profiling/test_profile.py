@@ -228,3 +228,31 @@ def test_fused_strategies_keep_their_saving_over_steps_in_a_default_process():
         growth = (peaks[-1] + peaks[-2]) / 2 - (peaks[0] + peaks[1]) / 2
         assert growth <= 24 * 2**20 and max(peaks) <= peaks[0] + 40 * 2**20, peaks
         assert row["peak_bytes"] < 0.85 * normal["peak_bytes"], (row["peak_bytes"], normal["peak_bytes"])
+
+
+def test_mode_suffixes_parse_and_bad_ones_say_what_is_accepted():
+    from densenet_zoo.profiling.worker import COMPILED_MODES, ModeSpec, parse_mode
+
+    assert parse_mode("fused") == ModeSpec("fused")
+    assert parse_mode("fused:channels_last:compile") == ModeSpec("fused", True, True, None)
+    assert parse_mode("none:compile=0.3") == ModeSpec("none", False, True, 0.3)
+    assert resolve_modes("compiled") == ["none", *COMPILED_MODES]
+    assert resolve_modes("fused,compiled")[:3] == ["none", "fused", "none:compile"]
+    for bad, message in [("none:compile=0", r"in \(0, 1\]"), ("none:compile=x", r"in \(0, 1\]"),
+                         ("none:compile=1.5", r"in \(0, 1\]"), ("fused:compiled", "unknown suffix ':compiled'"),
+                         ("fusd:compile", "unknown mode 'fusd:compile'")]:
+        with pytest.raises(ValueError, match=message):
+            resolve_modes(bad)
+
+
+@pytest.mark.timeout(300)
+def test_compiled_rows_measure_the_compiled_model():
+    report = dz.profile("densenet_bc_100", batch_size=2, image_size=32, modes="none:compile=0.3,fused_lean:compile",
+                        steps=1, threads=1, model_kwargs=TINY)
+    for row in report.rows:
+        assert "error" not in row, row
+    compiled, normal = report.row("fused_lean:compile"), report.row("none")
+    assert "baseline after compiling" in compiled["peak_method"]
+    assert compiled["warmup_s"] > normal["warmup_s"]  # its warm-up compiled
+    # what the compiled graph saves: less than normal mode, with the fused blocks and with the budget
+    assert compiled["saved_bytes"] < report.row("none:compile=0.3")["saved_bytes"] < normal["saved_bytes"]

@@ -1,0 +1,181 @@
+"""The fused strategies under ``torch.compile``: one operator per dense block, checked against eager normal mode.
+
+The reference is the uncompiled model in normal mode, on the same weights and inputs: outputs,
+every parameter gradient and every buffer after two SGD steps (float64, where both are exact up to
+rounding). The operators themselves go through ``torch.library.opcheck`` (schema, autograd
+registration, shape functions, and ahead-of-time autograd against eager).
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import densenet_zoo as dz
+from densenet_zoo.memory import SavedTensorBytes
+from densenet_zoo.memory.fused_block import layer_parameters
+from densenet_zoo.memory.fused_op import fused_block_op_forward, op_supported
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FUSED = ("fused", "fused_lean")
+OP = "densenet_zoo.fused_dense_block"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compiler():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _model(**kwargs):
+    torch.manual_seed(0)
+    config = dict(growth_rate=8, block_config=(3, 2), num_init_features=16, small_inputs=True, num_classes=5)
+    return dz.DenseNet(**{**config, **kwargs}).train()
+
+
+def _data(steps=2, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 3, 16, 16, generator=g, dtype=dtype), torch.randint(0, 5, (4,), generator=g))
+            for _ in range(steps)]
+
+
+def _train(model, run, data):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    outs = []
+    for x, y in data:
+        opt.zero_grad()
+        out = run(x)
+        nn.functional.cross_entropy(out, y).backward()
+        opt.step()
+        outs.append(out.detach())
+    return outs
+
+
+def _assert_same_training(normal, ours, outs_normal, outs_ours, tol):
+    for a, b in zip(outs_normal, outs_ours):
+        torch.testing.assert_close(b, a, rtol=tol, atol=tol)
+    for (name, p), q in zip(normal.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=tol, atol=tol, msg=name)
+        torch.testing.assert_close(q, p, rtol=tol, atol=tol, msg=name)
+    for (name, a), b in zip(normal.named_buffers(), ours.buffers()):
+        if a.dtype == torch.long:
+            assert torch.equal(a, b), name  # num_batches_tracked: one update per forward, compiled or not
+        else:
+            torch.testing.assert_close(b, a, rtol=tol, atol=tol, msg=name)
+
+
+def _graph_ops(counter):
+    return [str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("strategy", FUSED)
+def test_compiled_fused_strategy_trains_like_eager_normal_mode(strategy):
+    base = _model().double()
+    data = _data()
+    normal, ours = copy.deepcopy(base), copy.deepcopy(base).set_memory_efficient(strategy)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(ours, backend=counter, fullgraph=True)  # fullgraph: no graph break around the blocks
+    _assert_same_training(normal, ours, _train(normal, normal, data), _train(ours, compiled, data), 1e-10)
+    assert _graph_ops(counter).count(f"{OP}.default") == 2  # each dense block is one operator in the graph
+
+
+def test_compiled_fused_keeps_its_savings():
+    x = torch.randn(4, 3, 16, 16)
+    saved = {}
+    for name in ("none", "fused", "fused_lean"):
+        model = _model().set_memory_efficient(name)
+        compiled = torch.compile(model, backend="aot_eager")
+        compiled(x).sum().backward()  # compiles
+        with SavedTensorBytes(exclude=model.parameters()) as counted:
+            out = compiled(x)
+        out.sum().backward()
+        saved[name] = counted.bytes
+    # the blocks keep one buffer (fused: and conv1's outputs) instead of every layer's concatenation and norm output
+    assert saved["fused_lean"] < saved["fused"] < 0.8 * saved["none"]
+    assert saved["fused_lean"] < 0.5 * saved["none"]
+
+
+def test_blocks_the_operator_cannot_run_fall_back_under_compile():
+    base = _model()
+    base.features.denseblock2.denselayer1.norm1 = nn.BatchNorm2d(base.features.denseblock2.denselayer1.norm1.num_features,
+                                                                 affine=False)
+    base = base.double()
+    assert op_supported(base.features.denseblock1) and not op_supported(base.features.denseblock2)
+    data = _data()
+    normal, ours = copy.deepcopy(base), copy.deepcopy(base).set_memory_efficient("fused")
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(ours, backend=counter)
+    _assert_same_training(normal, ours, _train(normal, normal, data), _train(ours, compiled, data), 1e-10)
+    assert _graph_ops(counter).count(f"{OP}.default") == 1  # block 1 as the operator, block 2 per layer
+
+
+def test_cumulative_average_norms_under_compile():
+    base = _model()
+    for m in base.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    base = base.double()
+    data = _data(steps=3)
+    normal, ours = copy.deepcopy(base), copy.deepcopy(base).set_memory_efficient("fused_lean")
+    # not fullgraph: torch's own batch norm breaks the graph on 1 / num_batches_tracked (the stem and transitions)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(ours, backend=counter)
+    _assert_same_training(normal, ours, _train(normal, normal, data), _train(ours, compiled, data), 1e-10)
+    assert f"{OP}.default" in _graph_ops(counter)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_operator_eager_equals_the_autograd_function(keep):
+    block_a = _model().double().features.denseblock1
+    block_b = copy.deepcopy(block_a)
+    x = torch.randn(2, 16, 8, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    from densenet_zoo.memory.fused_block import fused_block_forward
+
+    out_a = fused_block_forward(block_a, xa, keep)
+    out_b = fused_block_op_forward(block_b, xb, keep)
+    grad = torch.randn_like(out_a)
+    out_a.backward(grad)
+    out_b.backward(grad)
+    torch.testing.assert_close(out_b, out_a, rtol=0, atol=0)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=0, atol=0)
+    for (name, p), q in zip(block_a.named_parameters(), block_b.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+    for (name, a), b in zip(block_a.named_buffers(), block_b.buffers()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_operators_pass_opcheck(keep):
+    block = _model().double().features.denseblock1
+    layers = list(block.values())
+    norms = [n for layer in layers for n in (layer.norm1, layer.norm2)]
+    stats = [t.clone() for n in norms for t in (n.running_mean, n.running_var, n.num_batches_tracked)]
+    params = [p.detach().clone().requires_grad_() for layer in layers for p in layer_parameters(layer)]
+    params[2].requires_grad_(False)  # a frozen convolution: no gradient asked for, none computed
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    momentum = [0.1, -1.0] * len(layers)  # -1: a cumulative average
+    torch.library.opcheck(torch.ops.densenet_zoo.fused_dense_block.default,
+                          (x, params, stats, [1e-5] * len(norms), momentum, keep))
+
+
+def test_per_layer_strategies_update_cumulative_norms_once_under_compile():
+    # torch's batch norm breaks the graph on 1 / num_batches_tracked; a checkpoint left outside the
+    # compiler would recompute it and count the batch twice
+    base = _model()
+    for m in base.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    data = _data(steps=2, dtype=torch.float32)
+    for strategy in ("bottleneck", "block"):
+        normal, ours = copy.deepcopy(base), copy.deepcopy(base).set_memory_efficient(strategy)
+        _train(normal, normal, data)
+        _train(ours, torch.compile(ours, backend="aot_eager"), data)
+        for (name, a), b in zip(normal.named_buffers(), ours.buffers()):
+            if a.dtype == torch.long:
+                assert torch.equal(a, b), f"{strategy}: {name}"
+            else:
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=f"{strategy}: {name}")
