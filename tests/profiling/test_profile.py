@@ -1,7 +1,6 @@
 """Profiler: every mode measured in its own process, exact saved-bytes counts, reports and bad input."""
 
 import json
-import sys
 
 import pytest
 import torch
