@@ -7,6 +7,7 @@
     python benchmarks/memory.py --autocast bfloat16               # every mode under bf16 autocast
     python benchmarks/memory.py --allocator tcmalloc              # processes started with tcmalloc preloaded
     python benchmarks/memory.py --device cuda --max-batch 80GiB   # also the largest batch per mode
+    python benchmarks/memory.py --modes none,fused,fused_lean,compiled   # and under torch.compile
 
 Each CPU configuration runs in its own fresh process, started with the default allocator unless
 --allocator says otherwise; see densenet_zoo/profiling/worker.py for what the peak and the baseline are.
@@ -63,6 +64,14 @@ def check_targets(report: "dz.ProfileReport", cuda: bool) -> None:
               f"{ours['peak_bytes'] / tv['peak_bytes']:.2f}x its memory")
     except KeyError:
         pass
+    compiled = [r for r in report.rows if ":compile" in r["mode"] and "error" not in r]
+    if any(r["mode"] == "none:compile" for r in compiled):
+        base = report.row("none:compile")
+        print("compiled rows against normal mode compiled (the same baseline method):")
+        for r in compiled:
+            print(f"  {r['mode']:22s} {r['peak_bytes'] / base['peak_bytes']:5.2f}x its peak memory, "
+                  f"{r['step_s'] / base['step_s']:5.2f}x its step time, {r['saved_bytes'] / base['saved_bytes']:5.2f}x "
+                  f"its saved bytes; warm-up (compiling) {r['warmup_s']:.0f} s")
     try:
         cl = report.row("none:channels_last")
         for r in rows:

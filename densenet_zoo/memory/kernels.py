@@ -4,7 +4,8 @@ A channels-last (N, C, H, W) tensor is a (pixels, channels) matrix without a cop
 the block buffer's columns is a strided matrix. The chunked kernels work through a matrix a few
 thousand rows at a time, so that a layer's normalised input and its gradient never exist whole:
 those are the largest temporaries of a dense layer. The batch-norm arithmetic they chunk is that
-of :mod:`densenet_zoo.norms.bn_math`.
+of :mod:`densenet_zoo.norms.bn_math`. On CUDA the element-wise passes and their reductions are
+one Triton kernel each (:mod:`.triton_kernels`) where Triton is installed; convolutions are cuDNN's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..norms.bn_math import acc_dtype, centred, moments, scale_shift
+from . import triton_kernels
 from .workspace import scratch
 
 aten = torch.ops.aten
@@ -27,6 +29,9 @@ def column_moments(t: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-column mean and biased variance of a (pixels, channels) matrix (two-pass, in float32 at least),
     in row chunks: no temporary as large as ``t``."""
     rows, cols = t.shape
+    if triton_kernels.enabled(t):  # two launches, the whole matrix each
+        mean = triton_kernels.column_sums(t, acc_dtype(t.dtype)) / rows
+        return mean, triton_kernels.column_sums(t, acc_dtype(t.dtype), mean) / rows
     step = chunk_rows(cols, t)
     with scratch(t, [min(step, rows) * cols], acc_dtype(t.dtype), "chunks") as (tmp,):
         mean, m2 = moments(t, (0,), step, tmp)
@@ -34,6 +39,9 @@ def column_moments(t: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def norm_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``relu(x * scale + shift)`` per column of a (pixels, channels) matrix, into ``out`` (dense) when given."""
+    if out is not None and triton_kernels.enabled(x):
+        return triton_kernels.norm_relu(x, scale, shift, out)
     return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype), out=out).relu_()
 
 
@@ -131,9 +139,19 @@ def relu_norm_backward(source: Callable[[slice], Tensor], x: Tensor, mean: Tenso
     k1_x, shift_x = k1.to(x.dtype), shift.to(x.dtype)
     sum_g, sum_g_xmu = torch.zeros(cols, dtype=acc, device=x.device), torch.zeros(cols, dtype=acc, device=x.device)
     n = min(step, rows) * cols
+    fused_pass = triton_kernels.enabled(x)
     with _chunk_temps(x, acc, n) as (pre_flat, g_flat, x_flat):
         for r in range(0, rows, step):
             part = slice(r, min(r + step, rows))
+            if fused_pass:  # one launch per chunk: mask, both reductions and grad_x
+                output = None if on_output is None else flat_matrix(pre_flat, part.stop - r, cols)
+                sums = triton_kernels.relu_norm_backward_pass(source(part), x[part], k1, shift, mean, grad_x[part],
+                                                              accumulate, output)
+                sum_g += sums[0]
+                sum_g_xmu += sums[1]
+                if on_output is not None:
+                    on_output(part, output)
+                continue
             gc, xc = source(part), x[part]
             pre = torch.addcmul(shift_x, xc, k1_x, out=flat_matrix(pre_flat, *xc.shape))
             aten.threshold_backward.grad_input(gc, pre, 0, grad_input=gc)  # d loss/d norm output

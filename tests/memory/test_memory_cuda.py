@@ -131,3 +131,44 @@ def test_profiler_on_cuda_reports_every_mode():
     bf16 = dz.profile("densenet_bc_100", batch_size=4, image_size=32, modes="none,fused", device=DEVICE, steps=1,
                       autocast="bfloat16", model_kwargs=dict(growth_rate=8, block_config=[2, 2, 2], num_init_features=16))
     assert bf16.meta["autocast"] == "bfloat16" and all("error" not in r for r in bf16.rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernels_run_on_cuda_and_match_the_torch_path(dtype, monkeypatch):
+    from densenet_zoo.memory import triton_kernels
+
+    pytest.importorskip("triton")
+    calls, real = [], triton_kernels._launch
+    monkeypatch.setattr(triton_kernels, "_launch", lambda name, *a, **k: calls.append(name) or real(name, *a, **k))
+    base = _model(block_config=(4, 4)).set_memory_efficient("fused")
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    xs, ys = [torch.randn(8, 3, 16, 16, device=DEVICE, generator=g)], [torch.randint(0, 5, (8,), device=DEVICE, generator=g)]
+    autocast = None if dtype == torch.float32 else dtype
+    kernels, plain, reference = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base).set_memory_efficient("none")
+    (out_k,) = _steps(kernels, xs, ys, autocast)
+    assert {"column_sums", "norm_relu", "relu_norm_backward"} <= set(calls)
+    monkeypatch.setenv("DENSENET_ZOO_KERNELS", "torch")
+    (out_t,) = _steps(plain, xs, ys, autocast)
+    (out_r,) = _steps(reference, xs, ys, autocast)
+    spread = max(_rel(out_t, out_r), 1e-6 if dtype == torch.float32 else 2**-8)
+    assert _rel(out_k, out_t) < 4 * spread
+    for (name, p), q, r in zip(plain.named_parameters(), kernels.parameters(), reference.parameters()):
+        assert _rel(q.grad, p.grad) < 4 * max(_rel(p.grad, r.grad), 1e-5 if dtype == torch.float32 else 2**-7), name
+
+
+@pytest.mark.parametrize("strategy", ["fused", "fused_lean"])
+def test_compiled_fused_on_cuda_trains_like_eager_normal_mode(strategy):
+    torch._dynamo.reset()
+    base = _model().double()
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    xs = [torch.randn(4, 3, 16, 16, device=DEVICE, dtype=torch.float64, generator=g) for _ in range(2)]
+    ys = [torch.randint(0, 5, (4,), device=DEVICE, generator=g) for _ in range(2)]
+    normal, ours = copy.deepcopy(base), copy.deepcopy(base).set_memory_efficient(strategy)
+    compiled = torch.compile(ours, fullgraph=True)
+    outs_n, outs_c = _steps(normal, xs, ys), _steps(compiled, xs, ys)
+    for a, b in zip(outs_n, outs_c):
+        assert torch.allclose(a, b, atol=1e-9, rtol=0)
+    for (name, p), q in zip(normal.named_parameters(), ours.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-9, rtol=1e-7), name
+    for (name, a), b in zip(normal.named_buffers(), ours.buffers()):
+        assert torch.allclose(a.double(), b.double(), atol=1e-9, rtol=0), name
