@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
-# CUDA checks of the memory strategies, for a machine with one GPU (torch, timm and pytest installed).
+# CUDA checks of the memory strategies, for a machine with one GPU (torch, timm, triton and pytest installed).
 #
-#   OUT=/tmp/gpu_out bash benchmarks/gpu_check.sh      # run from the repository root
+#   OUT=/tmp/gpu_out bash benchmarks/gpu_check.sh                 # run from the repository root
+#   OUT=/tmp/gpu_out PARTS="max_batch" bash benchmarks/gpu_check.sh   # only some parts
 #
-# Writes at most 8 files into $OUT: env.txt, pytest_cuda.log, memory_fp32.{log,json},
-# memory_bf16.{log,json}, max_batch.{log,json}. Each part has its own time limit (about 6 minutes
-# in all) and a failing part does not stop the next one.
+# Parts, in order (each with its own time limit; a failing part does not stop the next one):
+#   pytest_cuda       tests/memory/test_memory_cuda.py: every strategy against normal mode in float64, autocast,
+#                     the Triton kernels against the torch path, the compiled strategies against eager normal mode
+#   fp32_b64 fp32_b256 bf16_b64 bf16_b256
+#                     DenseNet-121, 224x224: normal mode, torchvision's memory_efficient=True, fused, fused_lean
+#   compiled_b64 compiled_b256
+#                     torch.compile rows: normal mode compiled, with activation_memory_budget 0.5 / 0.3 / 0.1,
+#                     and the fused strategies compiled (fp32)
+#   max_batch         largest batch per mode within 70 GiB
+# The default parts (all but compiled_b256 and max_batch) take at most 10 minutes; the other two are a
+# second run (PARTS="compiled_b256 max_batch"), about 8 minutes. Each writes NAME.log (and NAME.json) into $OUT,
+# with env.txt; the kernel path can be compared with DENSENET_ZOO_KERNELS=torch.
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 PY=${PYTHON:-python3}
+PARTS=${PARTS:-"pytest_cuda fp32_b64 fp32_b256 bf16_b64 bf16_b256 compiled_b64"}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -16,32 +27,42 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, note the exit status
     local name=$1 limit=$2
     shift 2
+    case " $PARTS " in *" $name "*) ;; *) return ;; esac
     echo "== $name: $* (limit ${limit}s)" > "$OUT/$name.log"
     local start=$SECONDS
     timeout --kill-after=10 "$limit" "$@" >> "$OUT/$name.log" 2>&1
     local rc=$?
     echo "== $name: exit status $rc after $((SECONDS - start)) s" >> "$OUT/$name.log"
+    cp "$WORK/$name/profile.json" "$OUT/$name.json" 2>/dev/null
+    cp "$WORK/$name/max_batch.json" "$OUT/$name.json" 2>/dev/null
 }
 
 {
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
-    "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" 2>&1
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())" 2>&1
     git log --oneline -1 2>/dev/null
 } > "$OUT/env.txt"
 
-part pytest_cuda 60 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/memory/test_memory_cuda.py
+part pytest_cuda 150 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/memory/test_memory_cuda.py
 
-# DenseNet-121, batch 64, 224x224: normal, torchvision's two modes and every strategy (fp32, then bf16 autocast).
-part memory_fp32 60 "$PY" benchmarks/memory.py --device cuda --batch-size 64 --modes all --steps 5 --out "$WORK/fp32"
-cp "$WORK/fp32/profile.json" "$OUT/memory_fp32.json" 2>/dev/null
-part memory_bf16 60 "$PY" benchmarks/memory.py --device cuda --batch-size 64 --modes all --steps 5 --autocast bfloat16 --out "$WORK/bf16"
-cp "$WORK/bf16/profile.json" "$OUT/memory_bf16.json" 2>/dev/null
+EAGER=none,torchvision_memory_efficient,fused,fused_lean
+for batch in 64 256; do
+    part "fp32_b$batch" 60 "$PY" benchmarks/memory.py --device cuda --batch-size "$batch" --modes "$EAGER" --no-reference \
+        --steps 5 --out "$WORK/fp32_b$batch"
+done
+for batch in 64 256; do
+    part "bf16_b$batch" 60 "$PY" benchmarks/memory.py --device cuda --batch-size "$batch" --modes "$EAGER" --no-reference \
+        --steps 5 --autocast bfloat16 --out "$WORK/bf16_b$batch"
+done
+for batch in 64 256; do  # one compile per mode, with a cold cache
+    part "compiled_b$batch" 200 "$PY" benchmarks/memory.py --device cuda --batch-size "$batch" --modes compiled,fused_lean \
+        --no-reference --steps 5 --out "$WORK/compiled_b$batch"
+done
 
 # Largest batch per mode within 70 GiB (fits an H100 and an H200 alike), doubling from 64 up to 2048 then bisecting.
 # The JSON is rewritten as each mode finishes, so a search cut short keeps the modes it finished.
 part max_batch 250 "$PY" benchmarks/memory.py --device cuda --batch-size 64 --no-reference --steps 1 \
-    --modes none,fused_lean,fused,torchvision_memory_efficient --max-batch 70GiB --max-batch-limit 2048 --out "$WORK/mb"
-cp "$WORK/mb/max_batch.json" "$OUT/max_batch.json" 2>/dev/null
+    --modes none,fused_lean,fused,torchvision_memory_efficient --max-batch 70GiB --max-batch-limit 2048 --out "$WORK/max_batch"
 rm -rf "$WORK"
 ls -l "$OUT"
