@@ -17,10 +17,12 @@ A strategy says what it keeps, what it recomputes and which strategy runs where 
 
 Modules, bottom to top: ``base`` (normal mode, once-only checkpointing, saved-bytes counter),
 ``recompute`` (the per-layer recomputing autograd function), ``workspace`` (the fused functions'
-scratch buffer), ``kernels`` (their chunked matrix kernels), ``fusion`` (what the fused functions
+scratch buffer), ``triton_kernels`` (their element-wise passes for CUDA), ``kernels`` (their chunked
+matrix kernels), ``fusion`` (what the fused functions
 share: fusability checks, dtype and autocast rules, batch statistics, gradient order), ``fused_block``,
 ``fused_stem`` and ``fused_transition`` (a dense block, the ImageNet stem and a transition as one
-function each), ``strategies`` (the named strategies), ``registry`` (names), ``auto`` (measured choice
+function each), ``fused_op`` (the fused block as an operator, for ``torch.compile``),
+``strategies`` (the named strategies), ``registry`` (names), ``auto`` (measured choice
 under a budget). The batch-norm arithmetic is :mod:`densenet_zoo.norms.bn_math`'s.
 """
 
