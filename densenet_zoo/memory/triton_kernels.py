@@ -48,9 +48,9 @@ def interpreting() -> bool:
 def enabled(t: Tensor) -> bool:
     """Whether the fused passes on ``t`` run as these kernels: a CUDA tensor (or any under the
     interpreter), Triton installed, and not turned off with ``DENSENET_ZOO_KERNELS=torch``."""
-    if os.environ.get("DENSENET_ZOO_KERNELS", "triton") == "torch" or _triton() is None:
+    if not (t.is_cuda or interpreting()) or os.environ.get("DENSENET_ZOO_KERNELS", "triton") == "torch":
         return False
-    return t.is_cuda or interpreting()
+    return _triton() is not None
 
 
 @functools.lru_cache(maxsize=None)
