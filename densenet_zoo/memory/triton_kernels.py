@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from types import SimpleNamespace
 from typing import Optional, Tuple
 
 import torch
@@ -54,9 +53,13 @@ def enabled(t: Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels(interpret: bool) -> SimpleNamespace:
-    """The kernels, decorated when first used (Triton reads ``TRITON_INTERPRET`` when it decorates)."""
-    del interpret  # the cache key only
+def _kernel(name: str, interpret: bool) -> object:
+    """Kernel ``name``, decorated when first used (Triton reads ``TRITON_INTERPRET`` when it decorates;
+    ``interpret`` is part of the cache key only)."""
+    return _BUILDERS[name]()
+
+
+def _build_column_sums() -> object:
     import triton
     import triton.language as tl
 
@@ -75,6 +78,13 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             v = v * v
         tl.store(out_ptr + pid_r * cols + c, tl.sum(v, axis=0), mask=c < cols)
 
+    return column_sums_kernel
+
+
+def _build_norm_relu() -> object:
+    import triton
+    import triton.language as tl
+
     @triton.jit
     def norm_relu_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, rows, cols, stride_r, stride_c,
                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -87,6 +97,13 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         x = tl.load(x_ptr + r[:, None] * stride_r + c[None, :] * stride_c, mask=inside, other=0.0).to(scale.dtype)
         y = tl.maximum(x * scale[None, :] + shift[None, :], 0.0)
         tl.store(out_ptr + r[:, None] * cols + c[None, :], y.to(out_ptr.dtype.element_ty), mask=inside)
+
+    return norm_relu_kernel
+
+
+def _build_relu_norm_backward() -> object:
+    import triton
+    import triton.language as tl
 
     @triton.jit
     def relu_norm_backward_kernel(g_ptr, x_ptr, gx_ptr, out_ptr, scale_ptr, shift_ptr, mean_ptr, sums_ptr,
@@ -115,8 +132,11 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             gx += tl.load(gx_at, mask=inside, other=0.0).to(scale.dtype)
         tl.store(gx_at, gx.to(gx_ptr.dtype.element_ty), mask=inside)
 
-    return SimpleNamespace(column_sums=column_sums_kernel, norm_relu=norm_relu_kernel,
-                           relu_norm_backward=relu_norm_backward_kernel)
+    return relu_norm_backward_kernel
+
+
+_BUILDERS = {"column_sums": _build_column_sums, "norm_relu": _build_norm_relu,
+             "relu_norm_backward": _build_relu_norm_backward}
 
 
 def _grid(rows: int, cols: int) -> Tuple[int, int]:
@@ -124,7 +144,7 @@ def _grid(rows: int, cols: int) -> Tuple[int, int]:
 
 
 def _launch(name: str, grid: Tuple[int, int], *args: object, **constants: object) -> None:
-    kernel = getattr(_kernels(interpreting()), name)
+    kernel = _kernel(name, interpreting())
     with contextlib.nullcontext() if interpreting() else torch.cuda.device(args[0].device):
         kernel[grid](*args, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, **constants)
 
