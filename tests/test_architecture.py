@@ -19,6 +19,8 @@ LAYERS = ["_utils", "hardware", "allocator", "norms", "memory", "data", "weights
 LAYER_OF = {name: i for i, name in enumerate(LAYERS)}
 #: train and profiling are siblings: neither imports the other.
 SIBLINGS = {frozenset({"train", "profiling"})}
+#: Dependencies a module may need that the package does not require.
+OPTIONAL = {"triton"}
 
 
 def _modules() -> Dict[str, Path]:
@@ -194,7 +196,11 @@ def test_no_package_attribute_hides_a_module():
         if module.count(".") < 1 or module.endswith("__main__"):
             continue
         parent, _, leaf = module.rpartition(".")
-        imported = importlib.import_module(module)
+        try:
+            imported = importlib.import_module(module)
+        except ModuleNotFoundError as exc:  # the Triton kernels' source, where Triton is not installed
+            assert exc.name in OPTIONAL, exc
+            continue
         if getattr(importlib.import_module(parent), leaf) is not imported:
             hidden.append(module)
     assert hidden == []

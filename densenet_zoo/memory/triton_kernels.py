@@ -12,9 +12,9 @@ in one launch, reading the block buffer's strided columns directly:
 - :func:`relu_norm_backward_pass`: the ReLU mask recomputed from ``x``, the masked gradient, the two
   closed-form batch-norm reductions and ``grad_x (+)= g * scale``, in one pass.
 
-Arithmetic runs in float32 (float64 for float64 tensors), the dtype of the statistics. Triton's
-interpreter runs the same kernels on CPU tensors (``TRITON_INTERPRET=1``): the tests do so on small
-shapes. ``DENSENET_ZOO_KERNELS=torch`` turns the kernels off (the torch-operation path runs).
+The kernels' source is :mod:`.triton_jit`; arithmetic runs in float32 (float64 for float64
+tensors), the dtype of the statistics. Triton's interpreter runs the same kernels on CPU tensors
+(``TRITON_INTERPRET=1``, read when Triton is imported): the tests do so on small shapes. ``DENSENET_ZOO_KERNELS=torch`` turns the kernels off (the torch-operation path runs).
 """
 
 from __future__ import annotations
@@ -52,91 +52,11 @@ def enabled(t: Tensor) -> bool:
     return _triton() is not None
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel(name: str, interpret: bool) -> object:
-    """Kernel ``name``, decorated when first used (Triton reads ``TRITON_INTERPRET`` when it decorates;
-    ``interpret`` is part of the cache key only)."""
-    return _BUILDERS[name]()
+def _kernel(name: str) -> object:
+    """Kernel ``name`` of :mod:`.triton_jit`, imported when first launched (importing Triton is not free)."""
+    from . import triton_jit
 
-
-def _build_column_sums() -> object:
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def column_sums_kernel(x_ptr, mean_ptr, out_ptr, rows, cols, stride_r, stride_c,
-                           CENTRED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid_r, pid_c = tl.program_id(0), tl.program_id(1)
-        r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        inside = (r[:, None] < rows) & (c[None, :] < cols)
-        acc = out_ptr.dtype.element_ty
-        v = tl.load(x_ptr + r[:, None] * stride_r + c[None, :] * stride_c, mask=inside, other=0.0).to(acc)
-        if CENTRED:
-            mean = tl.load(mean_ptr + c, mask=c < cols, other=0.0)
-            v = tl.where(inside, v - mean[None, :], 0.0)
-            v = v * v
-        tl.store(out_ptr + pid_r * cols + c, tl.sum(v, axis=0), mask=c < cols)
-
-    return column_sums_kernel
-
-
-def _build_norm_relu() -> object:
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def norm_relu_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, rows, cols, stride_r, stride_c,
-                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid_r, pid_c = tl.program_id(0), tl.program_id(1)
-        r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        inside = (r[:, None] < rows) & (c[None, :] < cols)
-        scale = tl.load(scale_ptr + c, mask=c < cols, other=0.0)
-        shift = tl.load(shift_ptr + c, mask=c < cols, other=0.0)
-        x = tl.load(x_ptr + r[:, None] * stride_r + c[None, :] * stride_c, mask=inside, other=0.0).to(scale.dtype)
-        y = tl.maximum(x * scale[None, :] + shift[None, :], 0.0)
-        tl.store(out_ptr + r[:, None] * cols + c[None, :], y.to(out_ptr.dtype.element_ty), mask=inside)
-
-    return norm_relu_kernel
-
-
-def _build_relu_norm_backward() -> object:
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def relu_norm_backward_kernel(g_ptr, x_ptr, gx_ptr, out_ptr, scale_ptr, shift_ptr, mean_ptr, sums_ptr,
-                                  rows, cols, stride_gr, stride_gc, stride_xr, stride_xc, stride_gxr, stride_gxc,
-                                  ACCUMULATE: tl.constexpr, WRITE_OUTPUT: tl.constexpr,
-                                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid_r, pid_c = tl.program_id(0), tl.program_id(1)
-        r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        inside = (r[:, None] < rows) & (c[None, :] < cols)
-        scale = tl.load(scale_ptr + c, mask=c < cols, other=0.0)
-        shift = tl.load(shift_ptr + c, mask=c < cols, other=0.0)
-        mean = tl.load(mean_ptr + c, mask=c < cols, other=0.0)
-        x = tl.load(x_ptr + r[:, None] * stride_xr + c[None, :] * stride_xc, mask=inside, other=0.0).to(scale.dtype)
-        dense = r[:, None] * cols + c[None, :]
-        g = tl.load(g_ptr + r[:, None] * stride_gr + c[None, :] * stride_gc, mask=inside, other=0.0).to(scale.dtype)
-        pre = x * scale[None, :] + shift[None, :]
-        g = tl.where(inside & (pre > 0.0), g, 0.0)
-        if WRITE_OUTPUT:  # the norm + ReLU output, for the convolution's weight gradient
-            tl.store(out_ptr + dense, tl.maximum(pre, 0.0).to(out_ptr.dtype.element_ty), mask=inside)
-        tl.store(sums_ptr + pid_r * 2 * cols + c, tl.sum(g, axis=0), mask=c < cols)
-        tl.store(sums_ptr + pid_r * 2 * cols + cols + c, tl.sum(g * (x - mean[None, :]), axis=0), mask=c < cols)
-        gx_at = gx_ptr + r[:, None] * stride_gxr + c[None, :] * stride_gxc
-        gx = g * scale[None, :]
-        if ACCUMULATE:
-            gx += tl.load(gx_at, mask=inside, other=0.0).to(scale.dtype)
-        tl.store(gx_at, gx.to(gx_ptr.dtype.element_ty), mask=inside)
-
-    return relu_norm_backward_kernel
-
-
-_BUILDERS = {"column_sums": _build_column_sums, "norm_relu": _build_norm_relu,
-             "relu_norm_backward": _build_relu_norm_backward}
+    return getattr(triton_jit, f"{name}_kernel")
 
 
 def _grid(rows: int, cols: int) -> Tuple[int, int]:
@@ -144,7 +64,7 @@ def _grid(rows: int, cols: int) -> Tuple[int, int]:
 
 
 def _launch(name: str, grid: Tuple[int, int], *args: object, **constants: object) -> None:
-    kernel = _kernel(name, interpreting())
+    kernel = _kernel(name)
     with contextlib.nullcontext() if interpreting() else torch.cuda.device(args[0].device):
         kernel[grid](*args, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, **constants)
 
