@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -32,3 +33,12 @@ def base_options(data: Path, out: Path, **kw) -> dict:
     opts.update(kw)
     return opts
 
+
+
+def default_sigint() -> None:
+    """``Popen(preexec_fn=...)`` for a child that is sent Ctrl-C: SIGINT back to its default action.
+
+    A shell starts background jobs with SIGINT ignored and an ignored signal stays ignored across
+    exec, so a suite run in the background would otherwise start children deaf to it.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

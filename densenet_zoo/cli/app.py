@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import List, NoReturn, Optional
 
@@ -150,10 +151,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C; or a run that stopped on SIGINT/SIGTERM (its `signum`)
+        signum = getattr(exc, "signum", signal.SIGINT)
         hint = getattr(args, "interrupted", None)
-        print(f"densenet-zoo {args.command}: interrupted" + (f"; {hint(args)}" if hint else ""), file=sys.stderr)
-        return 130
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun, one line for the run
+            print(f"densenet-zoo {args.command}: {what}" + (f"; {hint(args)}" if hint else ""), file=sys.stderr)
+        return 128 + signum
     except Exception as exc:  # noqa: BLE001 - every error becomes one line unless --debug
         if args.debug:
             raise

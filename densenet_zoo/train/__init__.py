@@ -2,5 +2,6 @@
 
 from .engine import TrainConfig, Trainer, finetune
 from .evaluate import evaluate_checkpoint
+from .interrupt import RunInterrupted
 
-__all__ = ["TrainConfig", "Trainer", "evaluate_checkpoint", "finetune"]
+__all__ = ["RunInterrupted", "TrainConfig", "Trainer", "evaluate_checkpoint", "finetune"]

@@ -9,7 +9,8 @@ Example::
 Exact resume: the data order of epoch ``e`` is a permutation seeded by ``(seed, e)``, every
 sample's augmentation is seeded by ``(seed, e, index)`` (see :class:`~densenet_zoo.data.dataset.ImageDataset`),
 and the state file holds model, optimizer, scheduler, scaler, RNG states and the position inside
-the epoch, so a resumed run takes the same steps as one never interrupted.
+the epoch, so a resumed run takes the same steps as one never interrupted. Ctrl-C finishes the
+optimizer step, saves that state and then stops (:mod:`.interrupt`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from ..weights.registry import weights_preprocessing
 from .distributed import Dist, reduce_sum
 from .evaluate import evaluate_loader
 from .freezing import apply_freeze, set_train_mode
+from .interrupt import StopRequest, ignore_sigint
 from .optim import lr_factor, make_optimizer, param_groups
 from .sampler import EpochBatchSampler
 
@@ -72,6 +74,8 @@ class Trainer:
         self.out = Path(config.out)
         tty = sys.stderr.isatty() if config.progress is None else config.progress
         self.show_progress = bool(tty) and self.is_main
+        self.interrupt = StopRequest(announce=self.is_main)
+        self.stopping = False  # a Ctrl-C every rank has agreed on
 
     def log(self, msg: str) -> None:
         if self.is_main:
@@ -235,8 +239,9 @@ class Trainer:
             stopped = False
             if self.epoch >= self.config.epochs:
                 self.log(f"{self.out}: all {self.config.epochs} epochs are done; pass a larger --epochs to train on")
-            while self.epoch < self.config.epochs and not stopped:
-                stopped = self._run_epoch()
+            with self.interrupt:
+                while self.epoch < self.config.epochs and not stopped:
+                    stopped = self._run_epoch()
             return {
                 "out": str(self.out), "best_acc1": self.best_acc1, "best_epoch": self.best_epoch,
                 "epochs_run": len(self.history), "stopped_early": stopped, "history": list(self.history),
@@ -253,7 +258,7 @@ class Trainer:
         self.train_set.set_epoch(epoch)
         self.sampler.set_epoch(epoch, skip=self.batches_done)
         loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=self.workers,
-                            pin_memory=d.device.type == "cuda", generator=torch.Generator())
+                            pin_memory=d.device.type == "cuda", generator=torch.Generator(), worker_init_fn=ignore_sigint)
         set_train_mode(self.model, self.frozen)
         progress = step.EpochProgress(self.show_progress, self.micro_per_epoch, self.batches_done,
                                       f"epoch {epoch + 1}/{c.epochs}", d.world_size)
@@ -293,21 +298,33 @@ class Trainer:
         step.optimizer_step(self.optimizer, self.scheduler, self.scaler, apply=bool(self.group_finite))
         self.group_finite = torch.tensor(True)
         self.global_step += 1
-        if c.save_every and self.global_step % c.save_every == 0 and micro + 1 < self.micro_per_epoch:
+        if micro + 1 == self.micro_per_epoch:
+            return  # the epoch's end saves (and stops, on Ctrl-C)
+        if self.stopping or (c.save_every and self.global_step % c.save_every == 0):
             self.batches_done = micro + 1
             self.partial += sums.cpu()
             sums.zero_()
             self.save_state()
+        if self.stopping:
+            raise self.interrupt.error()
 
     def _step_is_finite(self) -> bool:
         """Whether the group's losses (and, without the fp16 scaler, which handles its own, its gradients) are
-        finite on every rank: all ranks decide alike."""
+        finite on every rank: all ranks decide alike, and on a Ctrl-C any rank has had."""
         ok = self.group_finite
         if self.scaler is None:
             ok = ok & step.gradients_finite(self.optimizer).to(ok.device)
-        ok = reduce_sum(ok.to(torch.float64), self.dist) == self.dist.world_size
-        self.group_finite = ok
-        return bool(ok)
+        ok = self._agree(ok)
+        self.group_finite = torch.tensor(ok)
+        return ok
+
+    def _agree(self, ok: torch.Tensor) -> bool:
+        """Whether ``ok`` holds on every rank; sets :attr:`stopping` if any rank was asked to stop (one reduction)."""
+        asked = torch.tensor(float(self.interrupt.requested is not None), dtype=torch.float64, device=ok.device)
+        votes = torch.stack([ok.to(torch.float64).reshape(()), asked])
+        total = reduce_sum(votes, self.dist).tolist()
+        self.stopping = self.stopping or total[1] > 0
+        return total[0] == self.dist.world_size
 
     def _nonfinite_step(self, micro: int) -> None:
         """Stop the run (``on_nonfinite="stop"``) or count the skipped step, naming where it happened."""
@@ -327,8 +344,7 @@ class Trainer:
 
     def _model_finite(self) -> bool:
         tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
-        ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all().cpu().to(torch.float64)
-        return bool(reduce_sum(ok, self.dist) == self.dist.world_size)
+        return self._agree(torch.stack([torch.isfinite(t).all() for t in tensors]).all().cpu())
 
     def _end_epoch(self, row: Dict[str, Any]) -> bool:
         """Record the epoch, track the best accuracy, write weights, metrics, curves and state; True to stop early."""
@@ -351,6 +367,8 @@ class Trainer:
             io.plot_curves(self.history, self.out / "curves.png")
         self.save_state()
         self.log(io.summarize(self.history))
+        if self.stopping and not stop and self.epoch < c.epochs:
+            raise self.interrupt.error()
         if stop:
             self.log(f"early stop: val acc@1 has not improved for {c.patience} epoch(s); best {self.best_acc1:.2f}% at epoch {self.best_epoch}")
         return stop
@@ -359,7 +377,8 @@ class Trainer:
         d = self.dist
         # Evaluation splits without padding (rank r takes r, r + world, ...): summed metrics are exact.
         idx = list(range(d.rank, len(self.val_set), d.world_size))
-        return DataLoader(torch.utils.data.Subset(self.val_set, idx), batch_size=self.rank_batch, num_workers=self.workers)
+        return DataLoader(torch.utils.data.Subset(self.val_set, idx), batch_size=self.rank_batch, num_workers=self.workers,
+                          worker_init_fn=ignore_sigint)
 
 
 def _is_main_process() -> bool:

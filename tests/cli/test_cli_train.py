@@ -19,7 +19,7 @@ from densenet_zoo.cli import main
 from densenet_zoo.train import finetune
 from densenet_zoo.weights import read_safetensors
 
-from _train_helpers import base_options, digits_subset
+from _train_helpers import base_options, default_sigint, digits_subset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -144,6 +144,33 @@ def test_a_kill_during_a_state_write_never_leaves_a_broken_file(tmp_path):
         assert torch.equal(state["model"]["w"], torch.full((4_000_000,), float(state["step"])))
         last = state["step"]
     assert last >= 1
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_under_torchrun_saves_at_a_step_on_every_rank_and_resumes(small, tmp_path):
+    # A terminal's Ctrl-C reaches torchrun and its workers; torchrun then sends them SIGTERM. Both ranks
+    # finish the same step, rank 0 saves it, and the run resumes from there.
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "densenet_zoo",
+           *map(str, _tiny_flags(small, out, "--epochs", "50", "--batch-size", "4"))]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=default_sigint)  # its own process group, as a terminal gives
+    try:
+        deadline = time.time() + 150
+        while not (out / "state.pt").exists() and time.time() < deadline:  # epoch 1 is saved: mid epoch 2 next
+            time.sleep(0.05)
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and "stopping after this step" in err, err[-3000:]
+    assert err.count("densenet-zoo finetune: interrupted") == 1, err[-3000:]  # rank 0 says it, once
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["global_step"] > 12  # past epoch 1's save (12 steps): the step it stopped at was saved
+    r = _cli("finetune", "--resume", out, "--epochs", str(state["epoch"] + 1), "--threads", "1", timeout=120)
+    assert r.returncode == 0, r.stderr
 
 
 @pytest.mark.timeout(240)

@@ -24,7 +24,7 @@ from densenet_zoo.cli import main
 from densenet_zoo.infer.predict import Predictor
 from densenet_zoo.train import finetune
 
-from _train_helpers import TINY, base_options, digits_subset
+from _train_helpers import TINY, base_options, default_sigint, digits_subset
 from _marks import needs_native_bf16
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,7 +120,7 @@ def test_two_cli_runs_started_together_one_refused(data, tmp_path):
 def test_ctrl_c_during_finetune_says_how_to_resume_and_the_resume_works(data, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "densenet_zoo", *_tiny_flags(data, out, "--epochs", "200", "--save-every", "1")],
-                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         deadline = time.time() + 120
         while not (out / "state.pt").exists() and time.time() < deadline:
@@ -130,8 +130,9 @@ def test_ctrl_c_during_finetune_says_how_to_resume_and_the_resume_works(data, tm
     finally:
         proc.kill()
     assert proc.returncode == 130, err
-    line = _one_error_line(err)
-    assert f"densenet-zoo finetune --resume {out}" in line
+    note, line = [text for text in err.splitlines() if text.strip()]  # at once, then when it has stopped
+    assert note.startswith("finetune: Ctrl-C: stopping after this step") and "Traceback" not in err
+    assert line.startswith("densenet-zoo finetune: interrupted") and f"densenet-zoo finetune --resume {out}" in line
     r = subprocess.run([sys.executable, "-m", "densenet_zoo", "finetune", "--resume", str(out), "--epochs", "1", "--threads", "1"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
