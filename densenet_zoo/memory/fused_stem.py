@@ -26,7 +26,7 @@ _IMAGE_BYTES = 1 << 23  # images per chunk of the per-image passes: about 8 MiB 
 
 def stem_supported(modules: List[nn.Module], x: Tensor) -> bool:
     """Whether ``modules`` are conv0, a training-mode batch norm, ReLU and a max-pool that :class:`FusedStem` runs exactly."""
-    if len(modules) != 4 or torch.compiler.is_compiling() or x.dim() != 4 or compute_dtype(x, casts_input=True) is None:
+    if len(modules) != 4 or x.dim() != 4 or compute_dtype(x, casts_input=True) is None:
         return False
     if not x.is_contiguous(memory_format=torch.channels_last):  # the blocks do not all run fused: normal mode
         return False

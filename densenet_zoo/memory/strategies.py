@@ -178,7 +178,7 @@ class FusedStrategy(MemoryStrategy):
 
     ``keep_conv_output``: keep conv1's output in every layer and conv0's in the stem (else they are
     recomputed in backward). Under ``torch.compile`` a block runs as one operator (:mod:`.fused_op`),
-    the stem and transitions as the compiler traces ``sequence_fallback``. Blocks the fused function
+    the stem and transitions checkpointed so that the compiler keeps what the fused functions keep. Blocks the fused function
     cannot run exactly (other norms, dropout, an input that is not in the autocast dtype under autocast) run ``fallback``;
     a stem or transition that cannot run fused runs ``sequence_fallback`` (default: ``fallback``).
     """
@@ -209,13 +209,25 @@ class FusedStrategy(MemoryStrategy):
 
     def stem_forward(self, modules: List[nn.Module], x: Tensor) -> Tensor:
         if any(needs_graph([x], m) for m in modules) and stem_supported(modules, x):
+            if torch.compiler.is_compiling():  # what the fused stem keeps: the image (and conv0's output)
+                if self.keep_conv_output:
+                    return self._compiled_sequence(modules[1:], modules[0](x))
+                return self._compiled_sequence(modules, x)
             return fused_stem_forward(modules, x, self.keep_conv_output)
         return self.sequence_fallback.stem_forward(modules, x)
 
     def transition_forward(self, modules: List[nn.Module], x: Tensor) -> Tensor:
         if any(needs_graph([x], m) for m in modules) and transition_supported(modules, x):
+            if torch.compiler.is_compiling():  # the fused transition keeps its input only
+                return self._compiled_sequence(modules, x)
             return fused_transition_forward(modules, x)
         return self.sequence_fallback.transition_forward(modules, x)
+
+    def _compiled_sequence(self, modules: List[nn.Module], x: Tensor) -> Tensor:
+        """Under ``torch.compile``, where the fused functions cannot be traced: the sequence checkpointed, so
+        the compiler keeps its input, as they do, and recomputes in backward only what backward needs
+        (a transition's norm and ReLU, not its convolution)."""
+        return checkpoint_once(lambda t: MemoryStrategy.sequence_forward(self, modules, t), x, norms=modules)
 
     def __repr__(self) -> str:
         if self.sequence_fallback is self.fallback:

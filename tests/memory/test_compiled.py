@@ -36,10 +36,14 @@ def _model(**kwargs):
     return dz.DenseNet(**{**config, **kwargs}).train()
 
 
-def _data(steps=2, dtype=torch.float64):
+def _data(steps=2, dtype=torch.float64, size=16):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(4, 3, 16, 16, generator=g, dtype=dtype), torch.randint(0, 5, (4,), generator=g))
+    return [(torch.randn(4, 3, size, size, generator=g, dtype=dtype), torch.randint(0, 5, (4,), generator=g))
             for _ in range(steps)]
+
+
+#: The 3x3 stem of small inputs, and the ImageNet stem (7x7 conv0, norm0, relu0, max-pool0) at 32 px.
+STEMS = {"small": ({}, 16), "imagenet": ({"small_inputs": False}, 32)}
 
 
 def _train(model, run, data):
@@ -71,10 +75,12 @@ def _graph_ops(counter):
     return [str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"]
 
 
+@pytest.mark.parametrize("stem", STEMS)
 @pytest.mark.parametrize("strategy", FUSED)
-def test_compiled_fused_strategy_trains_like_eager_normal_mode(strategy):
-    base = _model().double()
-    data = _data()
+def test_compiled_fused_strategy_trains_like_eager_normal_mode(strategy, stem):
+    kwargs, size = STEMS[stem]
+    base = _model(**kwargs).double()
+    data = _data(size=size)
     normal, ours = copy.deepcopy(base), copy.deepcopy(base).set_memory_efficient(strategy)
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(ours, backend=counter, fullgraph=True)  # fullgraph: no graph break around the blocks
@@ -96,6 +102,23 @@ def test_compiled_fused_keeps_its_savings():
     # the blocks keep one buffer (fused: and conv1's outputs) instead of every layer's concatenation and norm output
     assert saved["fused_lean"] < saved["fused"] < 0.8 * saved["none"]
     assert saved["fused_lean"] < 0.5 * saved["none"]
+
+
+@pytest.mark.parametrize("strategy", FUSED)
+def test_compiled_fused_keeps_exactly_what_eager_fused_keeps(strategy):
+    # The stem and transitions cannot be traced as the fused functions; checkpointed, the compiler
+    # keeps what those keep: the image (fused: and conv0's output) and each transition's input.
+    x = torch.randn(4, 3, 64, 64)
+    model = _model(small_inputs=False, block_config=(3, 2, 2)).set_memory_efficient(strategy)
+    compiled = torch.compile(model, backend="aot_eager")  # the partitioner that keeps what the graph saves
+    saved = {}
+    for name, run in (("eager", model), ("compiled", compiled)):
+        run(x).sum().backward()
+        with SavedTensorBytes(exclude=model.parameters()) as counted:
+            out = run(x)
+        out.sum().backward()
+        saved[name] = counted.bytes
+    assert saved["compiled"] == saved["eager"], saved
 
 
 def test_blocks_the_operator_cannot_run_fall_back_under_compile():
