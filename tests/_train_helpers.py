@@ -1,4 +1,4 @@
-"""Small real datasets and tiny model settings for the fine-tuning tests."""
+"""Small real datasets, tiny model settings and the SGD loop that tests train models with."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import signal
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn as nn
 from PIL import Image
 
 #: A DenseNet small enough for CPU tests (two blocks of two layers, 3x3 stem).
@@ -42,3 +44,23 @@ def default_sigint() -> None:
     exec, so a suite run in the background would otherwise start children deaf to it.
     """
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def sgd_steps(model, batches, run=None, autocast=None):
+    """One SGD step (lr 0.1, momentum 0.9, cross-entropy) per ``(x, y)`` of ``batches``; returns each
+    step's output, detached.
+
+    ``run`` computes the output (default: ``model``; e.g. its compiled form); ``autocast``: a low
+    precision dtype to run it under, on the inputs' device (its outputs are then cast to float32).
+    """
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    outs = []
+    for x, y in batches:
+        opt.zero_grad()
+        with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            out = (model if run is None else run)(x)
+        out = out if autocast is None else out.float()
+        nn.functional.cross_entropy(out, y).backward()
+        opt.step()
+        outs.append(out.detach())
+    return outs

@@ -17,6 +17,7 @@ import densenet_zoo as dz
 from densenet_zoo.memory import SavedTensorBytes
 from densenet_zoo.memory.fused_block import layer_parameters
 from densenet_zoo.memory.fused_op import fused_block_op_forward, op_supported
+from _train_helpers import sgd_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FUSED = ("fused", "fused_lean")
@@ -46,18 +47,6 @@ def _data(steps=2, dtype=torch.float64, size=16):
 STEMS = {"small": ({}, 16), "imagenet": ({"small_inputs": False}, 32)}
 
 
-def _train(model, run, data):
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    outs = []
-    for x, y in data:
-        opt.zero_grad()
-        out = run(x)
-        nn.functional.cross_entropy(out, y).backward()
-        opt.step()
-        outs.append(out.detach())
-    return outs
-
-
 def _assert_same_training(normal, ours, outs_normal, outs_ours, tol):
     for a, b in zip(outs_normal, outs_ours):
         torch.testing.assert_close(b, a, rtol=tol, atol=tol)
@@ -84,7 +73,7 @@ def test_compiled_fused_strategy_trains_like_eager_normal_mode(strategy, stem):
     normal, ours = copy.deepcopy(base), copy.deepcopy(base).set_memory_efficient(strategy)
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(ours, backend=counter, fullgraph=True)  # fullgraph: no graph break around the blocks
-    _assert_same_training(normal, ours, _train(normal, normal, data), _train(ours, compiled, data), 1e-10)
+    _assert_same_training(normal, ours, sgd_steps(normal, data), sgd_steps(ours, data, compiled), 1e-10)
     assert _graph_ops(counter).count(f"{OP}.default") == 2  # each dense block is one operator in the graph
 
 
@@ -131,7 +120,7 @@ def test_blocks_the_operator_cannot_run_fall_back_under_compile():
     normal, ours = copy.deepcopy(base), copy.deepcopy(base).set_memory_efficient("fused")
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(ours, backend=counter)
-    _assert_same_training(normal, ours, _train(normal, normal, data), _train(ours, compiled, data), 1e-10)
+    _assert_same_training(normal, ours, sgd_steps(normal, data), sgd_steps(ours, data, compiled), 1e-10)
     assert _graph_ops(counter).count(f"{OP}.default") == 1  # block 1 as the operator, block 2 per layer
 
 
@@ -146,7 +135,7 @@ def test_cumulative_average_norms_under_compile():
     # not fullgraph: torch's own batch norm breaks the graph on 1 / num_batches_tracked (the stem and transitions)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(ours, backend=counter)
-    _assert_same_training(normal, ours, _train(normal, normal, data), _train(ours, compiled, data), 1e-10)
+    _assert_same_training(normal, ours, sgd_steps(normal, data), sgd_steps(ours, data, compiled), 1e-10)
     assert f"{OP}.default" in _graph_ops(counter)
 
 
@@ -195,8 +184,8 @@ def test_per_layer_strategies_update_cumulative_norms_once_under_compile():
     data = _data(steps=2, dtype=torch.float32)
     for strategy in ("bottleneck", "block"):
         normal, ours = copy.deepcopy(base), copy.deepcopy(base).set_memory_efficient(strategy)
-        _train(normal, normal, data)
-        _train(ours, torch.compile(ours, backend="aot_eager"), data)
+        sgd_steps(normal, data)
+        sgd_steps(ours, data, torch.compile(ours, backend="aot_eager"))
         for (name, a), b in zip(normal.named_buffers(), ours.buffers()):
             if a.dtype == torch.long:
                 assert torch.equal(a, b), f"{strategy}: {name}"

@@ -9,6 +9,7 @@ import torchvision
 
 import densenet_zoo as dz
 from _dist import run_distributed
+from _train_helpers import sgd_steps
 
 pytestmark = pytest.mark.numerics  # run again with kernels capped at AVX2 (Makefile: make test)
 
@@ -23,18 +24,9 @@ def _tiny(**kwargs):
 
 
 def _train_steps(model, xs, ys, seed=0):
-    """SGD with momentum for len(xs) steps; returns the outputs of every step."""
-    torch.manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    outs = []
-    model.train()
-    for x, y in zip(xs, ys):
-        opt.zero_grad()
-        out = model(x)
-        nn.functional.cross_entropy(out, y).backward()
-        opt.step()
-        outs.append(out.detach())
-    return outs
+    """SGD with momentum for len(xs) steps in training mode; returns the outputs of every step."""
+    torch.manual_seed(seed)  # the same dropout masks in every run
+    return sgd_steps(model.train(), zip(xs, ys))
 
 
 def _assert_models_equal(a, b, atol=1e-6):

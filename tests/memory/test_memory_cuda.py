@@ -8,9 +8,9 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 
 import densenet_zoo as dz
+from _train_helpers import sgd_steps
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 STRATEGIES = [s for s in dz.list_memory_strategies() if s != "none"]
@@ -32,16 +32,7 @@ def _model(**kwargs):
 
 
 def _steps(model, xs, ys, dtype=None):
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    outs = []
-    for x, y in zip(xs, ys):
-        opt.zero_grad()
-        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = model(x)
-        nn.functional.cross_entropy(out.float(), y).backward()
-        opt.step()
-        outs.append(out.detach().float())
-    return outs
+    return [out.float() for out in sgd_steps(model, zip(xs, ys), autocast=dtype)]
 
 
 def _rel(a, b):

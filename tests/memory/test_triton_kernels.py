@@ -15,10 +15,10 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
 
 import densenet_zoo as dz
 from densenet_zoo.memory import triton_kernels
+from _train_helpers import sgd_steps
 
 pytest.importorskip("triton")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -120,11 +120,7 @@ def test_model_with_the_kernels_trains_like_normal_mode_in_float64(strategy, mon
             for _ in range(2)]
     normal, ours = copy.deepcopy(base), copy.deepcopy(base).set_memory_efficient(strategy)
     for model in (normal, ours):
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        for x, y in data:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
+        sgd_steps(model, data)
     assert {"column_sums", "norm_relu", "relu_norm_backward"} <= set(calls)  # the kernels ran, not the torch path
     for (name, p), q in zip(normal.named_parameters(), ours.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-11, msg=name)
