@@ -281,6 +281,12 @@ def test_fused_norm_options_in_float64(strategy, norm, monkeypatch):
     assert len(calls) == 4  # two blocks, two steps
 
 
+def _max_relative_grad_difference(a, b):
+    """The largest norm-relative difference between the parameter gradients of two models."""
+    return max(((p.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-12)).item()
+               for p, q in zip(a.parameters(), b.parameters()))
+
+
 @pytest.mark.parametrize("spec", ["dropout", "group_norm", "autocast_float32_input"])
 def test_fused_falls_back_where_it_cannot_be_exact(spec, monkeypatch):
     calls = _count_fused_calls(monkeypatch)
@@ -289,19 +295,23 @@ def test_fused_falls_back_where_it_cannot_be_exact(spec, monkeypatch):
         monkeypatch.setattr(torch.nn.Conv2d, "forward", lambda self, t: torch.nn.functional.conv2d(
             t.float(), self.weight.float(), None, self.stride, self.padding, self.dilation, self.groups).float())
     normal = _tiny(**kwargs).train()
-    model = copy.deepcopy(normal).set_memory_efficient("fused")
+    model, normal_cl = copy.deepcopy(normal).set_memory_efficient("fused"), copy.deepcopy(normal)
     x = torch.randn(2, 3, 16, 16)
     outs = []
-    for m in (normal, model):
+    for m, inp in ((normal, x), (model, x), (normal_cl, x.contiguous(memory_format=torch.channels_last))):
         torch.manual_seed(1)  # the same dropout masks in both
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.startswith("autocast")):
-            out = m(x)
+            out = m(inp)
         out.float().square().sum().backward()
         outs.append(out.detach())
     assert calls == []
-    if spec.startswith("autocast"):  # the output to the bf16 format; every parameter gets a gradient
+    if spec.startswith("autocast"):
+        # fused makes the input channels-last, and bf16 gradients depend on the kernels' layout: under
+        # oneDNN's AVX2 kernels normal mode's own move by about 25 % between a contiguous and a
+        # channels-last input (1 % with AVX-512). The fallback is judged against that spread.
         torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-3)
-        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        spread, ours = _max_relative_grad_difference(normal_cl, normal), _max_relative_grad_difference(model, normal)
+        assert ours <= 1.25 * spread + 1e-3, (ours, spread)
         return
     # in float32 the fallback is normal mode's arithmetic: its outputs and gradients
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
