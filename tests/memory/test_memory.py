@@ -19,8 +19,11 @@ STRATEGIES = [s for s in dz.list_memory_strategies() if s != "none"]
 FUSED = ("fused", "fused_lean")
 
 
+TINY = dict(growth_rate=8, block_config=[3, 3], num_init_features=16, small_inputs=True, num_classes=5)
+
+
 def _tiny(**kwargs):
-    return dz.DenseNet(growth_rate=8, block_config=(3, 3), num_init_features=16, small_inputs=True, num_classes=5, **kwargs)
+    return dz.DenseNet(**TINY, **kwargs)
 
 
 def _train_steps(model, xs, ys, seed=0):
@@ -427,12 +430,11 @@ def live_tensor_bytes():
     return sum(o.untyped_storage().nbytes() for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
 seen = {}
-for strategy in sys.argv[1:]:
+for strategy in sys.argv[2:]:
     torch.manual_seed(0)
-    model = dz.DenseNet(growth_rate=8, block_config=(3, 3), num_init_features=16, small_inputs=True, num_classes=5,
-                        memory_efficient=strategy)
+    model = dz.DenseNet(**json.loads(sys.argv[1]), memory_efficient=strategy)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, model.num_classes, (4,))
     seen[strategy] = []
     for _ in range(4):
         nn.functional.cross_entropy(model(x), y).backward()
@@ -452,7 +454,7 @@ def live_bytes_per_step():
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", _LIVE_BYTES, *STRATEGIES], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _LIVE_BYTES, json.dumps(TINY), *STRATEGIES], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
