@@ -24,7 +24,7 @@ import os
 import statistics
 import subprocess
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -79,14 +79,16 @@ def _model_ref(model: ModelSpec) -> str:
     return f"{module}:{qualname}"
 
 
+_LOWEST = {"steps": 1, "warmup": 0, "threads": 1, "rounds": 0}
+
+
 def _check_counts(**counts: Any) -> None:
-    """``steps`` >= 1, ``warmup`` >= 0 and ``threads`` (None or >= 1) as integers."""
-    lowest = {"steps": 1, "warmup": 0, "threads": 1}
+    """Each count an integer at or above its lowest value (:data:`_LOWEST`); ``threads`` may also be None."""
     for name, value in counts.items():
         if value is None and name == "threads":
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < lowest[name]:
-            raise UsageError(f"{name} must be an integer >= {lowest[name]}, got {value!r}; pass --{name} {max(lowest[name], 1)} or more")
+        if isinstance(value, bool) or not isinstance(value, int) or value < _LOWEST[name]:
+            raise UsageError(f"{name} must be an integer >= {_LOWEST[name]}, got {value!r}; pass --{name} {max(_LOWEST[name], 1)} or more")
 
 
 def _check_autocast(autocast: Optional[str]) -> Optional[str]:
@@ -105,6 +107,38 @@ def _check_sizes(ref: str, kwargs: Dict[str, Any], batch_size: int, image_size: 
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < low:
         raise UsageError(f"image_size {image_size!r} is too small for this model: it needs at least {low} pixels; raise --image-size")
     return model
+
+
+def _prepared(model: ModelSpec, model_kwargs: Optional[Dict[str, Any]], batch_size: int, image_size: int,
+              autocast: Optional[str], **counts: Any) -> Tuple[str, Dict[str, Any], nn.Module, Optional[str]]:
+    """The checks :func:`profile` and :func:`max_batch` share, before anything runs.
+
+    Returns the model's reference for worker processes, its builder's arguments, the model built in
+    normal mode, and the autocast dtype's name.
+    """
+    ref, kwargs = _model_ref(model), dict(model_kwargs or {})
+    _check_counts(**counts)
+    built = _check_sizes(ref, kwargs, batch_size, image_size)
+    return ref, kwargs, built, _check_autocast(autocast)
+
+
+def _refuse_unfittable(model: DenseNet, names: List[str], image_size: int, batch_size: int, device: str) -> None:
+    """Refuses a size that even the leanest mode asked for cannot hold (the other modes fail in their rows)."""
+    saving = any(parse_mode(n).name in list_memory_strategies() and parse_mode(n).name != "none" for n in names)
+    check_fits(model.set_memory_efficient("fused_lean" if saving else False), image_size, batch_size, torch.device(device),
+               f"--batch-size {batch_size} at --image-size {image_size}")
+
+
+def _budget_bytes(budget: Union[int, str], model: nn.Module) -> int:
+    """The budget in bytes, refused when it cannot even hold the model's parameters."""
+    budget_bytes = parse_bytes(budget)
+    own = sum(p.numel() * p.element_size() for p in model.parameters())
+    if budget_bytes <= own:
+        raise UsageError(
+            f"budget {budget!r} ({budget_bytes / 2**20:.1f} MiB) is below the model's own size "
+            f"({own / 2**20:.1f} MiB of parameters); give a larger --budget"
+        )
+    return budget_bytes
 
 
 def _run_config(config: Dict[str, Any], subprocess_mode: bool, timeout: Optional[float] = None) -> Dict[str, Any]:
@@ -168,24 +202,11 @@ def _worker(config: Dict[str, Any], extra_env: Dict[str, str], timeout: Optional
 
 
 # -- public entry points ---------------------------------------------------------------------------
-def profile(
-    model: ModelSpec = "densenet121",
-    batch_size: int = 16,
-    image_size: int = 224,
-    modes: Union[str, Sequence[str], None] = "all",
-    device: str = "cpu",
-    reference: Optional[str] = None,
-    *,
-    steps: int = 5,
-    warmup: int = 1,
-    threads: Optional[int] = None,
-    subprocess_mode: Optional[bool] = None,
-    separate_timing: bool = True,
-    rounds: int = 1,
-    model_kwargs: Optional[Dict[str, Any]] = None,
-    allocator: str = "default",
-    autocast: Optional[str] = None,
-) -> ProfileReport:
+def profile(model: ModelSpec = "densenet121", batch_size: int = 16, image_size: int = 224,
+            modes: Union[str, Sequence[str], None] = "all", device: str = "cpu", reference: Optional[str] = None, *,
+            steps: int = 5, warmup: int = 1, threads: Optional[int] = None, subprocess_mode: Optional[bool] = None,
+            separate_timing: bool = True, rounds: int = 1, model_kwargs: Optional[Dict[str, Any]] = None,
+            allocator: str = "default", autocast: Optional[str] = None) -> ProfileReport:
     """Peak memory, saved-for-backward bytes and step time of each mode; ratios against normal mode.
 
     Args:
@@ -216,18 +237,10 @@ def profile(
     Example:
         profile("densenet121", modes="all", reference="torchvision").table()
     """
-    ref = _model_ref(model)
-    kwargs = dict(model_kwargs or {})
-    _check_counts(steps=steps, warmup=warmup, threads=threads)
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-        raise UsageError(f"rounds must be an integer >= 0 (0: all modes in one process, taking turns), got {rounds!r}")
-    model = _check_sizes(ref, kwargs, batch_size, image_size)
+    ref, kwargs, built, autocast = _prepared(model, model_kwargs, batch_size, image_size, autocast,
+                                             steps=steps, warmup=warmup, threads=threads, rounds=rounds)
     names = resolve_modes(modes, reference)
-    # Refused when even the leanest mode asked for cannot keep its activations (the others fail in their rows).
-    saving = [n.split(":")[0] for n in names if n.split(":")[0] in list_memory_strategies() and n.split(":")[0] != "none"]
-    check_fits(model.set_memory_efficient("fused_lean" if saving else False), image_size, batch_size, torch.device(device),
-               f"--batch-size {batch_size} at --image-size {image_size}")
-    autocast = _check_autocast(autocast)
+    _refuse_unfittable(built, names, image_size, batch_size, device)
     subprocess_mode = not device.startswith("cuda") if subprocess_mode is None else subprocess_mode
     if subprocess_mode:
         allocator_env(allocator)  # refuses an unknown or absent allocator before anything runs
@@ -235,7 +248,16 @@ def profile(
                     device=device, steps=steps, memory_steps=max(steps, 5), warmup=warmup, threads=threads,
                     separate_timing=separate_timing, allocator=allocator, autocast=autocast)
                for mode in names]
-    interleaved = subprocess_mode and separate_timing
+    return ProfileReport(_profile_rows(configs, subprocess_mode, rounds),
+                         dict(environment(device, threads, autocast), model=ref, subprocess=subprocess_mode, steps=steps,
+                              warmup=warmup, rounds=rounds, autocast=autocast, memory_steps=max(steps, 5),
+                              allocator=describe(allocator) if subprocess_mode else "as this process runs"))
+
+
+def _profile_rows(configs: List[Dict[str, Any]], subprocess_mode: bool, rounds: int) -> List[Dict[str, Any]]:
+    """One row per configuration; where time and memory come from separate processes, the times come
+    from processes in which the modes take turns (:func:`_interleaved_times`)."""
+    interleaved = subprocess_mode and configs[0]["separate_timing"]
     times = _interleaved_times(configs, rounds) if interleaved else {}
     rows = []
     for config in configs:
@@ -247,9 +269,7 @@ def profile(
         if interleaved and "error" not in row:
             row.update(step_s=statistics.median(timed), step_times_s=timed)
         rows.append(row)
-    return ProfileReport(rows, dict(environment(device, threads, autocast), model=ref, subprocess=subprocess_mode, steps=steps,
-                                    warmup=warmup, rounds=rounds, autocast=autocast, memory_steps=max(steps, 5),
-                                    allocator=describe(allocator) if subprocess_mode else "as this process runs"))
+    return rows
 
 
 def largest_fitting(fits: Callable[[int], bool], start: int = 1, limit: int = 4096, resolution: int = 1) -> int:
@@ -273,23 +293,11 @@ def largest_fitting(fits: Callable[[int], bool], start: int = 1, limit: int = 40
     return low
 
 
-def max_batch(
-    model: ModelSpec = "densenet121",
-    budget: Union[int, str] = "8GiB",
-    image_size: int = 224,
-    modes: Union[str, Sequence[str], None] = "all",
-    device: str = "cpu",
-    *,
-    start: int = 1,
-    limit: int = 4096,
-    threads: Optional[int] = None,
-    model_kwargs: Optional[Dict[str, Any]] = None,
-    allocator: str = "default",
-    autocast: Optional[str] = None,
-    probe_timeout: Optional[float] = None,
-    on_mode: Optional[Callable[[str, Dict[str, Any]], None]] = None,
-    resolution: int = 1,
-) -> MaxBatchReport:
+def max_batch(model: ModelSpec = "densenet121", budget: Union[int, str] = "8GiB", image_size: int = 224,
+              modes: Union[str, Sequence[str], None] = "all", device: str = "cpu", *, start: int = 1, limit: int = 4096,
+              threads: Optional[int] = None, model_kwargs: Optional[Dict[str, Any]] = None, allocator: str = "default",
+              autocast: Optional[str] = None, probe_timeout: Optional[float] = None,
+              on_mode: Optional[Callable[[str, Dict[str, Any]], None]] = None, resolution: int = 1) -> MaxBatchReport:
     """Largest batch per mode whose training step stays within ``budget`` (absolute peak of the step).
 
     Doubles from ``start``, then bisects; every probe is a fresh process (one warm-up and two
@@ -320,44 +328,36 @@ def max_batch(
     Example:
         max_batch("densenet121", budget="8GiB", image_size=224, modes="none,efficient").table()
     """
-    ref = _model_ref(model)
-    kwargs = dict(model_kwargs or {})
-    _check_counts(threads=threads)
-    probe_model = _check_sizes(ref, kwargs, start, image_size)
-    autocast = _check_autocast(autocast)
-    budget_bytes = parse_bytes(budget)
-    own = sum(p.numel() * p.element_size() for p in probe_model.parameters())
-    if budget_bytes <= own:
-        raise UsageError(
-            f"budget {budget!r} ({budget_bytes / 2**20:.1f} MiB) is below the model's own size "
-            f"({own / 2**20:.1f} MiB of parameters); give a larger --budget"
-        )
-    # Every probe in a fresh process, on CUDA too: a probe that ran out of memory leaves nothing behind.
-    subprocess_mode = True
-    allocator_env(allocator)
+    ref, kwargs, built, autocast = _prepared(model, model_kwargs, start, image_size, autocast, threads=threads)
+    budget_bytes = _budget_bytes(budget, built)
+    allocator_env(allocator)  # refuses an unknown or absent allocator before anything runs
     results: Dict[str, Any] = {}
     for mode in resolve_modes(modes):
-        probes: List[Dict[str, Any]] = []
-
-        def fits(n: int) -> bool:
-            config = dict(model=ref, model_kwargs=kwargs, mode=mode, batch_size=n, image_size=image_size,
-                          device=device, steps=2, warmup=1, threads=threads, allocator=allocator, autocast=autocast,
-                          separate_timing=False)
-            row = _run_probe(config, subprocess_mode, probe_timeout)
-            ok = "error" not in row and row["absolute_peak_bytes"] <= budget_bytes
-            probes.append(dict(row, fits=ok))
-            return ok
-
-        results[mode] = dict(max_batch=largest_fitting(fits, start, limit, resolution), probes=probes)
+        probe = dict(model=ref, model_kwargs=kwargs, mode=mode, image_size=image_size, device=device, steps=2, warmup=1,
+                     threads=threads, allocator=allocator, autocast=autocast, separate_timing=False)
+        results[mode] = _largest_batch(probe, budget_bytes, probe_timeout, start, limit, resolution)
         if on_mode is not None:  # e.g. to save partial results of a long search
             on_mode(mode, results[mode])
     meta = dict(model=ref, budget_bytes=budget_bytes, image_size=image_size, autocast=autocast, resolution=resolution)
     return MaxBatchReport(results, dict(environment(device, threads, autocast), **meta, allocator=describe(allocator)))
 
 
-def _run_probe(config: Dict[str, Any], subprocess_mode: bool, timeout: Optional[float]) -> Dict[str, Any]:
-    """One max-batch probe (an out-of-memory error is a probe that does not fit)."""
-    return _run_config(config, subprocess_mode, timeout)
+def _largest_batch(probe: Dict[str, Any], budget_bytes: int, timeout: Optional[float], start: int, limit: int,
+                   resolution: int) -> Dict[str, Any]:
+    """The largest batch of one mode within the budget, and every probe taken to find it.
+
+    Every probe runs in a fresh process, on CUDA too: a probe that ran out of memory leaves nothing
+    behind, and its error is a probe that does not fit.
+    """
+    probes: List[Dict[str, Any]] = []
+
+    def fits(n: int) -> bool:
+        row = _run_config(dict(probe, batch_size=n), True, timeout)
+        ok = "error" not in row and row["absolute_peak_bytes"] <= budget_bytes
+        probes.append(dict(row, fits=ok))
+        return ok
+
+    return dict(max_batch=largest_fitting(fits, start, limit, resolution), probes=probes)
 
 
 def _measure_here(config: Dict[str, Any]) -> Dict[str, Any]:
