@@ -102,6 +102,34 @@ def test_relu_norm_backward_pass(accumulate, with_output):
         torch.testing.assert_close(output, pre.relu(), rtol=1e-12, atol=1e-12)
 
 
+@interpreted
+@pytest.mark.usefixtures("interpreter")
+def test_offsets_past_32_bits():
+    # Three rows 2**30 elements apart: the last row starts at element 2**31, past a 32-bit offset (a large
+    # batch's block buffer). The storage is 4 GiB of address space, of which only the rows' few elements are written.
+    stride, cols = 2**30, 5
+    storage = torch.empty(2 * stride + 3 * cols, dtype=torch.bfloat16)
+    x, grad, grad_x = (storage.as_strided((3, cols), (stride, 1), k * cols) for k in range(3))
+    g = torch.Generator().manual_seed(4)
+    values = [torch.randn(3, cols, generator=g).to(torch.bfloat16) for _ in range(3)]
+    for t, v in zip((x, grad, grad_x), values):
+        for r in range(3):
+            t[r] = v[r]
+    xv, gv, gxv = (v.float() for v in values)
+    mean = xv.mean(0)
+    scale, shift = torch.randn(cols, generator=g), torch.randn(cols, generator=g)
+    torch.testing.assert_close(triton_kernels.column_sums(x, torch.float32), xv.sum(0))
+    torch.testing.assert_close(triton_kernels.column_sums(x, torch.float32, mean), (xv - mean).square().sum(0))
+    out = torch.empty(3, cols, dtype=torch.bfloat16)
+    triton_kernels.norm_relu(x, scale, shift, out)
+    torch.testing.assert_close(out, (xv * scale + shift).relu().to(torch.bfloat16))
+    sum_g, sum_gx = triton_kernels.relu_norm_backward_pass(grad, x, scale, shift, mean, grad_x, True)
+    masked = torch.where(xv * scale + shift > 0, gv, 0)
+    torch.testing.assert_close(sum_g, masked.sum(0))
+    torch.testing.assert_close(sum_gx, (masked * (xv - mean)).sum(0))
+    torch.testing.assert_close(torch.stack([grad_x[r] for r in range(3)]), (gxv + masked * scale).to(torch.bfloat16))
+
+
 def _model():
     torch.manual_seed(0)
     return dz.DenseNet(growth_rate=8, block_config=(3, 2), num_init_features=16, small_inputs=True, num_classes=5).train()
