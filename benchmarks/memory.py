@@ -25,6 +25,7 @@ import densenet_zoo as dz
 from densenet_zoo.allocator import ALLOCATORS
 from densenet_zoo.hardware import describe_hardware
 from densenet_zoo.memory import SavedTensorBytes
+from densenet_zoo.profiling.report import ProfileReport
 from densenet_zoo.profiling.runner import resolve_modes
 
 
@@ -53,7 +54,7 @@ def saved_only(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_targets(report: "dz.ProfileReport", cuda: bool) -> None:
+def check_targets(report: ProfileReport, cuda: bool) -> None:
     rows = [r for r in report.rows if "error" not in r and not r["mode"].startswith(("torchvision", "none"))
             and ":compile" not in r["mode"]]
     for mem, time_ in ((0.30, 1.10), (0.20, 1.25)) if cuda else ((0.20, 1.00),):
@@ -105,18 +106,27 @@ def main() -> int:
                    help="also search the largest batch per mode within BUDGET (e.g. 80GiB), up to --max-batch-limit")
     p.add_argument("--max-batch-limit", type=int, default=1024)
     p.add_argument("--max-batch-resolution", type=int, default=8,
-                   help="stop bisecting when the bounds are this many images apart (1: exact, more probes)")
+                   help="stop searching when a batch that fits and one that does not are this many images apart "
+                        "(1: exact, more probes)")
     p.add_argument("--out", default="benchmarks/results/memory", help="folder for profile.json/.csv/.png")
     args = p.parse_args()
     if args.saved_only:
         return saved_only(args)
+    out = Path(args.out)
+    measured: list = []
+
+    def progress(row: dict) -> None:  # each row as it is measured: a run cut short still leaves the rows it finished
+        measured.append(row)
+        so_far = ProfileReport(measured, {"partial": True})
+        print(so_far.table().splitlines()[-1], flush=True)
+        so_far.to_json(out / "profile.json")
+
     report = dz.profile(args.model, batch_size=args.batch_size, image_size=args.image_size, modes=args.modes,
                         device=args.device, reference=None if args.no_reference else "torchvision",
                         steps=args.steps, warmup=args.warmup, threads=args.threads,
-                        rounds=args.rounds, allocator=args.allocator, autocast=args.autocast)
+                        rounds=args.rounds, allocator=args.allocator, autocast=args.autocast, on_row=progress)
     print(report.table(), flush=True)
     check_targets(report, args.device.startswith("cuda"))
-    out = Path(args.out)
     for path in (report.to_json(out / "profile.json"), report.to_csv(out / "profile.csv")):
         print(f"wrote {path}")
     try:

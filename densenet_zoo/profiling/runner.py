@@ -36,6 +36,7 @@ from ..memory.estimate import check_fits
 from ..models import DenseNet
 from ..models.configs import canonical_name
 from .report import DepthSweepReport, MaxBatchReport, ProfileReport, environment
+from .search import largest_fitting
 from .worker import AUTOCAST_DTYPES, CHANNELS_LAST, COMPILE, COMPILED_MODES, WORKER_COMMAND, build, measure, parse_mode
 
 __all__ = ["profile", "max_batch", "depth_sweep", "resolve_modes"]
@@ -206,7 +207,8 @@ def profile(model: ModelSpec = "densenet121", batch_size: int = 16, image_size: 
             modes: Union[str, Sequence[str], None] = "all", device: str = "cpu", reference: Optional[str] = None, *,
             steps: int = 5, warmup: int = 1, threads: Optional[int] = None, subprocess_mode: Optional[bool] = None,
             separate_timing: bool = True, rounds: int = 1, model_kwargs: Optional[Dict[str, Any]] = None,
-            allocator: str = "default", autocast: Optional[str] = None) -> ProfileReport:
+            allocator: str = "default", autocast: Optional[str] = None,
+            on_row: Optional[Callable[[Dict[str, Any]], None]] = None) -> ProfileReport:
     """Peak memory, saved-for-backward bytes and step time of each mode; ratios against normal mode.
 
     Args:
@@ -227,6 +229,7 @@ def profile(model: ModelSpec = "densenet121", batch_size: int = 16, image_size: 
         model_kwargs: arguments for the model's builder.
         allocator: ``"default"``, ``"tcmalloc"``, ``"jemalloc"`` or ``"mmap-threshold"`` for the workers.
         autocast: ``"bfloat16"`` or ``"float16"`` runs the forward under ``torch.autocast``.
+        on_row: ``on_row(row)`` is called as each mode's row is measured (progress, partial results).
 
     Returns:
         A report: ``table()``, ``row(mode)``, ``to_json``, ``to_csv``, ``plot``.
@@ -248,13 +251,14 @@ def profile(model: ModelSpec = "densenet121", batch_size: int = 16, image_size: 
                     device=device, steps=steps, memory_steps=max(steps, 5), warmup=warmup, threads=threads,
                     separate_timing=separate_timing, allocator=allocator, autocast=autocast)
                for mode in names]
-    return ProfileReport(_profile_rows(configs, subprocess_mode, rounds),
+    return ProfileReport(_profile_rows(configs, subprocess_mode, rounds, on_row),
                          dict(environment(device, threads, autocast), model=ref, subprocess=subprocess_mode, steps=steps,
                               warmup=warmup, rounds=rounds, autocast=autocast, memory_steps=max(steps, 5),
                               allocator=describe(allocator) if subprocess_mode else "as this process runs"))
 
 
-def _profile_rows(configs: List[Dict[str, Any]], subprocess_mode: bool, rounds: int) -> List[Dict[str, Any]]:
+def _profile_rows(configs: List[Dict[str, Any]], subprocess_mode: bool, rounds: int,
+                  on_row: Optional[Callable[[Dict[str, Any]], None]] = None) -> List[Dict[str, Any]]:
     """One row per configuration; where time and memory come from separate processes, the times come
     from processes in which the modes take turns (:func:`_interleaved_times`)."""
     interleaved = subprocess_mode and configs[0]["separate_timing"]
@@ -263,34 +267,15 @@ def _profile_rows(configs: List[Dict[str, Any]], subprocess_mode: bool, rounds: 
     for config in configs:
         timed = times.get(config["mode"])
         if isinstance(timed, dict):  # the timing process failed: report its error
-            rows.append(timed)
-            continue
-        row = _run_config(dict(config, timed=not interleaved), subprocess_mode)
-        if interleaved and "error" not in row:
-            row.update(step_s=statistics.median(timed), step_times_s=timed)
+            row = timed
+        else:
+            row = _run_config(dict(config, timed=not interleaved), subprocess_mode)
+            if interleaved and "error" not in row:
+                row.update(step_s=statistics.median(timed), step_times_s=timed)
         rows.append(row)
+        if on_row is not None:
+            on_row(row)
     return rows
-
-
-def largest_fitting(fits: Callable[[int], bool], start: int = 1, limit: int = 4096, resolution: int = 1) -> int:
-    """Largest ``n`` in [start, limit] with ``fits(n)`` (0 if none), assuming fitting is monotone.
-
-    Doubling from ``start`` until a probe fails, then bisection between the last two probes until
-    they are at most ``resolution`` apart: the result fits, and the true largest is below
-    ``result + resolution``.
-    """
-    if resolution < 1:
-        raise UsageError(f"resolution must be a positive number of images, got {resolution}")
-    best, n = 0, start
-    while n <= limit and fits(n):
-        best, n = n, n * 2
-    low, high = best, min(n, limit + 1)
-    if best == 0:
-        return 0
-    while high - low > resolution:
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low
 
 
 def max_batch(model: ModelSpec = "densenet121", budget: Union[int, str] = "8GiB", image_size: int = 224,
@@ -300,8 +285,9 @@ def max_batch(model: ModelSpec = "densenet121", budget: Union[int, str] = "8GiB"
               on_mode: Optional[Callable[[str, Dict[str, Any]], None]] = None, resolution: int = 1) -> MaxBatchReport:
     """Largest batch per mode whose training step stays within ``budget`` (absolute peak of the step).
 
-    Doubles from ``start``, then bisects; every probe is a fresh process (one warm-up and two
-    measured steps), on CUDA too.
+    Probes where the line through two measured probes reaches the budget (memory grows about
+    linearly with the batch), within the bracket known so far (:func:`~.search.largest_fitting`);
+    every probe is a fresh process (one warm-up and two measured steps), on CUDA too.
 
     Args:
         model: an architecture name, or a function that builds the model.
@@ -317,7 +303,7 @@ def max_batch(model: ModelSpec = "densenet121", budget: Union[int, str] = "8GiB"
         autocast: as for :func:`profile`.
         probe_timeout: seconds after which a probe counts as not fitting.
         on_mode: ``on_mode(mode, result)`` is called as each mode is done.
-        resolution: bisect to this many images (the batch reported fits, one ``resolution`` more may too).
+        resolution: search to this many images (the batch reported fits, one ``resolution`` more may too).
 
     Returns:
         A report: ``table()``, ``to_json``, ``to_csv``, ``plot``.
@@ -351,13 +337,13 @@ def _largest_batch(probe: Dict[str, Any], budget_bytes: int, timeout: Optional[f
     """
     probes: List[Dict[str, Any]] = []
 
-    def fits(n: int) -> bool:
+    def peak(n: int) -> Optional[float]:
         row = _run_config(dict(probe, batch_size=n), True, timeout)
-        ok = "error" not in row and row["absolute_peak_bytes"] <= budget_bytes
-        probes.append(dict(row, fits=ok))
-        return ok
+        measured = None if "error" in row else row["absolute_peak_bytes"]
+        probes.append(dict(row, fits=measured is not None and measured <= budget_bytes))
+        return measured
 
-    return dict(max_batch=largest_fitting(fits, start, limit, resolution), probes=probes)
+    return dict(max_batch=largest_fitting(peak, budget_bytes, start, limit, resolution), probes=probes)
 
 
 def _measure_here(config: Dict[str, Any]) -> Dict[str, Any]:

@@ -1,6 +1,7 @@
 """Profiler: every mode measured in its own process, exact saved-bytes counts, reports and bad input."""
 
 import json
+import random
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ import densenet_zoo as dz
 from densenet_zoo.cli import main
 from densenet_zoo.memory import SavedTensorBytes
 from densenet_zoo.profiling.rss import PeakRss
-from densenet_zoo.profiling.runner import largest_fitting, resolve_modes
+from densenet_zoo.profiling.runner import resolve_modes
+from densenet_zoo.profiling.search import largest_fitting
 
 TINY = dict(growth_rate=8, block_config=[2, 2, 2], num_init_features=16)
 
@@ -40,8 +42,11 @@ def test_profile_every_mode_in_subprocesses(tmp_path):
 @pytest.mark.timeout(300)
 def test_profile_times_and_measures_memory_in_separate_processes():
     # mmap-threshold: resident memory follows live tensors, so a tiny model's saving shows
+    seen = []
     report = dz.profile("densenet_bc_100", batch_size=8, image_size=16, modes="none,layer", steps=2, threads=1,
-                        model_kwargs=TINY, allocator="mmap-threshold")
+                        model_kwargs=TINY, allocator="mmap-threshold", on_row=seen.append)
+    # each row handed over as it was measured, with its times
+    assert [(r["mode"], r["step_s"], r["peak_bytes"]) for r in seen] == [(r["mode"], r["step_s"], r["peak_bytes"]) for r in report.rows]
     for row in report.rows:
         assert len(row["step_times_s"]) == 2 and row["allocator"].startswith("mmap-threshold")
         assert len(row["step_peaks_bytes"]) == 5
@@ -78,30 +83,94 @@ def test_peak_rss_sees_a_large_temporary():
     assert (peak.peak - start) * 1024 >= 60 * 2**20
 
 
-def test_largest_fitting_to_a_resolution():
-    probes = []
+def _probes(shape):
+    """``shape`` as a probe function that records the sizes it was asked for."""
+    asked = []
 
-    def fits(n):
-        probes.append(n)
-        return n <= 573
+    def peak(n):
+        asked.append(n)
+        return shape(n)
 
-    found = largest_fitting(fits, start=64, limit=4096, resolution=8)
-    assert found <= 573 < found + 8 and len(probes) == 11  # to the image: 14 probes
+    return peak, asked
+
+
+def test_largest_fitting_on_a_line_takes_four_probes():
+    # Memory of a step: a constant (model, optimizer state) plus activations per image.
+    peak, asked = _probes(lambda n: 1.5e9 + 120e6 * n)
+    budget = 1.5e9 + 120e6 * 573 + 1
+    found = largest_fitting(peak, budget, start=64, limit=4096, resolution=8)
+    assert found <= 573 < found + 8 and len(asked) == 4  # doubling then bisection: 11 probes
+    peak, asked = _probes(lambda n: 100 + 3 * n)
+    assert largest_fitting(peak, 1000, start=64, resolution=1) == 300 and len(asked) == 4
     with pytest.raises(ValueError, match="resolution"):
-        largest_fitting(fits, resolution=0)
+        largest_fitting(peak, 1000, resolution=0)
 
 
-@pytest.mark.parametrize("threshold", [1, 5, 8, 13, 64, 100])
-def test_largest_fitting_by_doubling_then_bisection(threshold):
-    probes = []
+def _doubling_and_bisection(start, limit, resolution):
+    return (limit // start).bit_length() + 1 + max(limit - start, 1).bit_length() - resolution.bit_length() + 1
 
-    def fits(n):
-        probes.append(n)
-        return n <= threshold
 
-    assert largest_fitting(fits, start=1, limit=100) == threshold
-    assert len(probes) <= 2 * (threshold.bit_length() + 1)
-    assert largest_fitting(lambda n: False) == 0
+SHAPES = {
+    "line": lambda n: 7 + 2 * n,
+    "convex": lambda n: n * n,
+    "concave": lambda n: 50 * n ** 0.5,
+    "stairs": lambda n: (n // 37) * 37 + 1,
+    "workspace jump": lambda n: n + (400 if n > 150 else 0),
+    "flat then steep": lambda n: 10 if n < 200 else 10 + (n - 199) ** 3,
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("resolution", [1, 8])
+def test_largest_fitting_holds_its_promise_on_any_rising_memory(shape, resolution):
+    # Any peak that does not fall as the batch grows, readings that stop where a probe runs out of memory,
+    # and budgets everywhere in the range: the size found fits, the largest is within the resolution,
+    # every probe is a new size inside [start, limit], and the count stays within twice doubling and bisection's.
+    rng = random.Random(f"{shape}{resolution}")
+    for _ in range(60):
+        start, limit = rng.choice([1, 4, 64]), rng.choice([100, 700, 4096])
+        oom = rng.choice([None, rng.randint(start, limit)])  # from here on, the probe fails without a reading
+        budget = rng.uniform(SHAPES[shape](start) * 0.9, SHAPES[shape](limit) * 1.1)
+
+        def measured(n):
+            return None if oom is not None and n >= oom else SHAPES[shape](n)
+
+        peak, asked = _probes(measured)
+        found = largest_fitting(peak, budget, start=start, limit=limit, resolution=resolution)
+        fitting = [n for n in range(start, limit + 1) if measured(n) is not None and measured(n) <= budget]
+        largest = max(fitting, default=0)
+        assert (found == 0 and largest == 0) or (found in fitting and largest < found + resolution)
+        assert len(set(asked)) == len(asked) and all(start <= n <= limit for n in asked)
+        assert len(asked) <= 2 * _doubling_and_bisection(start, limit, resolution), (asked, budget, oom)
+
+
+def test_largest_fitting_when_nothing_or_everything_fits():
+    peak, asked = _probes(lambda n: n)
+    assert largest_fitting(peak, 0.5, start=4) == 0 and asked == [4]
+    assert largest_fitting(peak, 1e9, start=4, limit=100) == 100
+    assert largest_fitting(peak, 1e9, start=200, limit=100) == 0
+
+
+@pytest.mark.timeout(300)
+def test_max_batch_finds_the_largest_batch_within_a_budget_in_few_probes():
+    # A budget where normal mode fits about 64 images of 32x32, read off two probes of this machine; the
+    # search must report a batch whose probe fitted, beside one that did not at most 8 images above it.
+    kwargs = dict(growth_rate=12, block_config=[4, 4, 4], num_init_features=24)
+    calibration = dz.max_batch("densenet_bc_100", budget="1TiB", image_size=32, modes="none", start=16, limit=32,
+                               model_kwargs=kwargs)
+    peaks = {p["batch_size"]: p["absolute_peak_bytes"] for p in calibration.results["none"]["probes"]}
+    assert sorted(peaks) == [16, 32] and calibration.results["none"]["max_batch"] == 32
+    budget = int(peaks[32] + 2 * (peaks[32] - peaks[16]))
+    report = dz.max_batch("densenet_bc_100", budget=budget, image_size=32, modes="none,fused_lean", start=16,
+                          limit=256, resolution=8, model_kwargs=kwargs)
+    for mode, result in report.results.items():
+        probes = {p["batch_size"]: p for p in result["probes"]}
+        found = result["max_batch"]
+        assert probes[found]["fits"] and probes[found]["absolute_peak_bytes"] <= budget, mode
+        assert any(not p["fits"] and found < n <= found + 8 for n, p in probes.items()), (mode, sorted(probes))
+        assert len(probes) <= 7, (mode, sorted(probes))  # a process's peak is noisy: a margin over the 4 of a line
+    assert report.results["fused_lean"]["max_batch"] > 2 * report.results["none"]["max_batch"]
+    assert "fused_lean" in report.table() and report.meta["budget_bytes"] == budget
 
 
 def test_depth_sweep_quadratic_vs_linear():
@@ -165,9 +234,10 @@ def test_interleaved_rounds_and_channels_last_rows():
 
 @pytest.mark.timeout(120)
 def test_failed_one_process_timing_reports_every_mode_by_name():
+    seen = []
     report = dz.profile("densenet_bc_100", batch_size=2, image_size=48, modes="torchvision", steps=1, rounds=0,
-                        threads=1, model_kwargs=TINY)
-    assert report.modes == ["none", "torchvision"]
+                        threads=1, model_kwargs=TINY, on_row=seen.append)
+    assert report.modes == ["none", "torchvision"] and [r["mode"] for r in seen] == report.modes
     assert all("torchvision has no reference" in r["error"] for r in report.rows)
 
 
