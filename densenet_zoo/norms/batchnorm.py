@@ -13,6 +13,7 @@ state dict is that of ``nn.BatchNorm2d``.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional, Tuple
 
 import torch
@@ -22,6 +23,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .bn_math import acc_dtype, average_factor, inv_std, moments, norm_scale, scale_shift, update_running_stats
+
+#: Whether this torch's ``nn.BatchNorm2d`` takes ``bias=`` (and writes it in its repr).
+_TORCH_HAS_BIAS = "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
 
 __all__ = ["BatchNormFunction", "BatchNorm2d", "SyncBatchNorm", "FrozenBatchNorm2d"]
 
@@ -165,8 +169,10 @@ class _NormBase(nn.Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return ("{num_features}, eps={eps}, momentum={momentum}, affine={affine}, bias={use_bias}, "
-                "track_running_stats={track_running_stats}".format(**self.__dict__, use_bias=self.bias is not None))
+        # As the installed torch writes it: ``bias=`` only where its BatchNorm2d has that argument (or it is False).
+        bias = f"bias={self.bias is not None}, " if _TORCH_HAS_BIAS or (self.affine and self.bias is None) else ""
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, {bias}"
+                f"track_running_stats={self.track_running_stats}")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # Checkpoints written before num_batches_tracked existed (version < 2) load with a zero count.
