@@ -83,7 +83,7 @@ def check_targets(report: ProfileReport, cuda: bool) -> None:
         pass
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="densenet121")
     p.add_argument("--batch-size", type=int, default=16)
@@ -109,7 +109,11 @@ def main() -> int:
                    help="stop searching when a batch that fits and one that does not are this many images apart "
                         "(1: exact, more probes)")
     p.add_argument("--out", default="benchmarks/results/memory", help="folder for profile.json/.csv/.png")
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     if args.saved_only:
         return saved_only(args)
     out = Path(args.out)
