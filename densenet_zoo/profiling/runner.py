@@ -315,6 +315,8 @@ def max_batch(model: ModelSpec = "densenet121", budget: Union[int, str] = "8GiB"
         max_batch("densenet121", budget="8GiB", image_size=224, modes="none,efficient").table()
     """
     ref, kwargs, built, autocast = _prepared(model, model_kwargs, start, image_size, autocast, threads=threads)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < start:
+        raise UsageError(f"limit must be an integer >= start ({start}), got {limit!r}; raise the limit or lower the start")
     budget_bytes = _budget_bytes(budget, built)
     allocator_env(allocator)  # refuses an unknown or absent allocator before anything runs
     results: Dict[str, Any] = {}

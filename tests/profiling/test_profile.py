@@ -192,6 +192,9 @@ def test_bad_input_gives_one_line_errors(capsys):
         dz.profile("densenet121", batch_size=2, image_size=16)
     with pytest.raises(ValueError, match="below the model's own size"):
         dz.max_batch("densenet121", budget="10MB", image_size=224)
+    for limit in (0, 7, 8.5, True):
+        with pytest.raises(ValueError, match=r"limit must be an integer >= start \(8\)"):
+            dz.max_batch("densenet_bc_100", budget="8GiB", image_size=32, start=8, limit=limit, model_kwargs=TINY)
     with pytest.raises(ValueError, match="6n \\+ 4"):
         dz.depth_sweep([41])
     with pytest.raises(ValueError, match="cannot be rebuilt"):
