@@ -63,3 +63,7 @@ def test_every_command_of_every_part_parses(tmp_path):
         assert args.device == "cuda" and resolve_modes(args.modes), argv
     logs = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert logs == sorted(["env.txt"] + [f"{name}.log" for name in default + second])
+    # Each run fits one command of a device machine (10 minutes), with the parts' time limits added up.
+    limit = {name: int(re.search(r"\(limit (\d+)s\)", (tmp_path / "out" / f"{name}.log").read_text()).group(1))
+             for name in default + second}
+    assert sum(limit[n] for n in default) <= 600 and sum(limit[n] for n in second) <= 600, limit
