@@ -103,8 +103,13 @@ def fused_dense_block_backward(grad_out: Tensor, saved: List[Tensor], params: Li
     c0 = out.shape[1] - sum(layer.conv2.out_channels for layer in layers)
     with torch.autocast(grad_out.device.type, enabled=False):
         grad_x, grads = block_backward(layers, BlockSaved(*saved[:5], list(saved[5:])), c0, grad_out, want_input, wants)
-    empty = grad_out.new_empty(0)
-    return [empty if grad_x is None else grad_x, *(empty if g is None else _like(g, p) for g, p in zip(grads, params))]
+    return [_empty(grad_out) if grad_x is None else grad_x,
+            *(_empty(grad_out) if g is None else _like(g, p) for g, p in zip(grads, params))]
+
+
+def _empty(like: Tensor) -> Tensor:
+    """A fresh empty tensor where a gradient is not wanted: an operator's outputs must not alias one another."""
+    return like.new_empty(0)
 
 
 def _like(grad: Tensor, param: Tensor) -> Tensor:
@@ -119,10 +124,9 @@ def _(grad_out: Tensor, saved: List[Tensor], params: List[Tensor], eps: List[flo
     out = saved[0]
     n, total, h, w = out.shape
     c0 = total - sum(params[_PER_LAYER * i + 5].shape[0] for i in range(len(params) // _PER_LAYER))
-    empty = grad_out.new_empty(0)
     grad_x = (torch.empty((n, c0, h, w), dtype=out.dtype, device=out.device, memory_format=torch.channels_last)
-              if want_input else empty)
-    return [grad_x, *(torch.empty_like(p) if want else empty for p, want in zip(params, wants))]
+              if want_input else _empty(grad_out))
+    return [grad_x, *(torch.empty_like(p) if want else _empty(grad_out) for p, want in zip(params, wants))]
 
 
 def _setup_context(ctx: Any, inputs: Tuple[Any, ...], output: List[Tensor]) -> None:

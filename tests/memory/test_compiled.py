@@ -110,6 +110,20 @@ def test_compiled_fused_keeps_exactly_what_eager_fused_keeps(strategy):
     assert saved["compiled"] == saved["eager"], saved
 
 
+@pytest.mark.parametrize("frozen", [("features.denseblock1.",), ("features.denseblock2.denselayer1.norm1.",),
+                                    ("features.conv0.", "features.norm0.")])
+def test_compiled_fused_trains_models_with_frozen_parts_like_eager_normal_mode(frozen):
+    # A frozen block or norm asks the backward operator for fewer gradients (and a frozen stem, for
+    # no input gradient of the first block): each gradient left out is an empty output of its own.
+    base = _model().double()
+    for name, p in base.named_parameters():
+        p.requires_grad_(not name.startswith(frozen))
+    data = _data()
+    normal, ours = copy.deepcopy(base), copy.deepcopy(base).set_memory_efficient("fused")
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    _assert_same_training(normal, ours, sgd_steps(normal, data), sgd_steps(ours, data, compiled), 1e-10)
+
+
 def test_blocks_the_operator_cannot_run_fall_back_under_compile():
     base = _model()
     base.features.denseblock2.denselayer1.norm1 = nn.BatchNorm2d(base.features.denseblock2.denselayer1.norm1.num_features,
@@ -160,15 +174,23 @@ def test_operator_eager_equals_the_autograd_function(keep):
         assert torch.equal(a, b), name
 
 
+#: Which of the first layer's parameters (``LAYER_PARAMETERS`` order) are frozen, and whether the input wants a gradient.
+FROZEN = {"conv1": ([2], True), "norm1 and conv2": ([0, 1, 5], True), "everything but conv2": ([0, 1, 2, 3, 4], False)}
+
+
+@pytest.mark.parametrize("frozen", FROZEN)
 @pytest.mark.parametrize("keep", [True, False])
-def test_operators_pass_opcheck(keep):
+def test_operators_pass_opcheck(keep, frozen):
     block = _model().double().features.denseblock1
     layers = list(block.values())
     norms = [n for layer in layers for n in (layer.norm1, layer.norm2)]
     stats = [t.clone() for n in norms for t in (n.running_mean, n.running_var, n.num_batches_tracked)]
     params = [p.detach().clone().requires_grad_() for layer in layers for p in layer_parameters(layer)]
-    params[2].requires_grad_(False)  # a frozen convolution: no gradient asked for, none computed
-    x = torch.randn(2, 16, 6, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    indices, input_grad = FROZEN[frozen]
+    for i in indices:  # no gradient asked for, none computed
+        params[i].requires_grad_(False)
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(input_grad)
     momentum = [0.1, -1.0] * len(layers)  # -1: a cumulative average
     torch.library.opcheck(torch.ops.densenet_zoo.fused_dense_block.default,
                           (x, params, stats, [1e-5] * len(norms), momentum, keep))
