@@ -16,7 +16,7 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -112,6 +112,15 @@ class AutoStrategy(MemoryStrategy):
     def block_forward(self, block: nn.ModuleDict, x: Tensor) -> Tensor:
         if not needs_graph([x], block):
             return super().block_forward(block, x)
+        if torch.compiler.is_compiling():
+            # A fixed plan is traced; measuring runs candidates forward and backward, so it runs in
+            # eager mode, outside the graph (a graph break until the plan is fixed).
+            chosen = self._plans.get(block, {}).get((tuple(x.shape), x.dtype, x.device))
+            return self._run(chosen or _choose_eagerly(self, block, x), block, x)
+        return self._run(self._choose(block, x), block, x)
+
+    def _choose(self, block: nn.ModuleDict, x: Tensor) -> MemoryStrategy:
+        """The planned strategy for ``block`` on inputs like ``x``; measures the candidates on a new input signature."""
         key = (tuple(x.shape), x.dtype, x.device)
         chosen = self._plans.get(block, {}).get(key)
         if chosen is None:
@@ -122,7 +131,7 @@ class AutoStrategy(MemoryStrategy):
                 measured = self._measure(block, x)
                 self._pending.append((weakref.ref(block), key, measured))
                 chosen = get_memory_strategy(min(measured, key=lambda n: measured[n][0]))
-        return self._run(chosen, block, x)
+        return chosen
 
     def _run(self, strategy: MemoryStrategy, block: nn.ModuleDict, x: Tensor) -> Tensor:
         previous, self._local.active = getattr(self._local, "active", None), strategy
@@ -175,6 +184,21 @@ class AutoStrategy(MemoryStrategy):
             best = (0.0, smallest)
         for (block, key, _), choice in zip(entries, best[1]):
             self._plans.setdefault(block, {})[key] = get_memory_strategy(choice)
+
+
+def _outside_the_compiler(fn: Callable[..., MemoryStrategy]) -> Callable[..., MemoryStrategy]:
+    reason = ("memory strategy 'auto' measures its candidates in eager mode until its plan is fixed; "
+              "under fullgraph=True, run two eager training steps before compiling")
+    try:
+        return torch.compiler.disable(fn, reason=reason)
+    except TypeError:  # torch before 2.8: no reason
+        return torch.compiler.disable(fn)
+
+
+@_outside_the_compiler
+def _choose_eagerly(strategy: AutoStrategy, block: nn.ModuleDict, x: Tensor) -> MemoryStrategy:
+    """:meth:`AutoStrategy._choose` run in eager mode, a graph break under ``torch.compile``."""
+    return strategy._choose(block, x)
 
 
 def _product_size(names: List[List[str]]) -> int:

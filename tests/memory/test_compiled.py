@@ -112,16 +112,56 @@ def test_compiled_fused_keeps_exactly_what_eager_fused_keeps(strategy):
 
 @pytest.mark.parametrize("frozen", [("features.denseblock1.",), ("features.denseblock2.denselayer1.norm1.",),
                                     ("features.conv0.", "features.norm0.")])
-def test_compiled_fused_trains_models_with_frozen_parts_like_eager_normal_mode(frozen):
+@pytest.mark.parametrize("strategy", ["fused", "auto"])
+def test_compiled_strategies_train_models_with_frozen_parts_like_eager_normal_mode(frozen, strategy):
     # A frozen block or norm asks the backward operator for fewer gradients (and a frozen stem, for
     # no input gradient of the first block): each gradient left out is an empty output of its own.
     base = _model().double()
     for name, p in base.named_parameters():
         p.requires_grad_(not name.startswith(frozen))
-    data = _data()
-    normal, ours = copy.deepcopy(base), copy.deepcopy(base).set_memory_efficient("fused")
+    data = _data(steps=3)
+    normal, ours = copy.deepcopy(base), copy.deepcopy(base).set_memory_efficient(strategy)
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=strategy != "auto")
+    _assert_same_training(normal, ours, sgd_steps(normal, data), sgd_steps(ours, data, compiled), 1e-10)
+
+
+#: ``auto``'s candidates: the default set, per-layer recomputation, and checkpointing a block or a bottleneck.
+AUTO_CANDIDATES = {"default": None, "per layer": ("efficient", "shared", "layer"), "checkpoints": ("bottleneck", "block")}
+
+
+@pytest.mark.parametrize("candidates", AUTO_CANDIDATES)
+def test_auto_under_compile_trains_like_eager_normal_mode(candidates):
+    # The first two steps measure the candidates and fix the plan in eager mode (graph breaks);
+    # then the plan is traced, with no further recompilation.
+    base = _model().double()
+    strategy = dz.AutoStrategy(candidates=AUTO_CANDIDATES[candidates])
+    data = _data(steps=3)
+    normal, ours = copy.deepcopy(base), copy.deepcopy(base).set_memory_efficient(strategy)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(ours, backend=counter)
+    _assert_same_training(normal, ours, sgd_steps(normal, data), sgd_steps(ours, data, compiled), 1e-10)
+    allowed = AUTO_CANDIDATES[candidates] or dz.AutoStrategy.default_candidates
+    for block in (ours.features.denseblock1, ours.features.denseblock2):
+        assert list(strategy.plan(block).values())[0] in allowed
+    frames = counter.frame_count
+    _assert_same_training(normal, ours, sgd_steps(normal, data), sgd_steps(ours, data, compiled), 1e-10)
+    assert counter.frame_count == frames  # the fixed plan: no recompilation
+
+
+def test_auto_with_a_plan_fixed_in_eager_mode_compiles_to_one_graph():
+    base = _model().double()
+    data = _data(steps=2)
+    normal, ours = copy.deepcopy(base), copy.deepcopy(base).set_memory_efficient("auto")
+    _assert_same_training(normal, ours, sgd_steps(normal, data), sgd_steps(ours, data), 1e-10)  # fixes the plan
     compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
     _assert_same_training(normal, ours, sgd_steps(normal, data), sgd_steps(ours, data, compiled), 1e-10)
+
+
+def test_auto_under_fullgraph_compile_before_its_plan_names_the_remedy():
+    model = _model().set_memory_efficient("auto")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match="auto.*eager"):
+        compiled(torch.randn(4, 3, 16, 16)).sum().backward()
 
 
 def test_blocks_the_operator_cannot_run_fall_back_under_compile():
