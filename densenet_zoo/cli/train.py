@@ -52,8 +52,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             options[flag] = True
     if args.memory_efficient is not None:
         options["memory_efficient"] = True if args.memory_efficient == "" else args.memory_efficient
-    if args.progress is not None:
-        options["progress"] = args.progress
+    for flag in ("progress", "compile"):
+        if getattr(args, flag) is not None:
+            options[flag] = getattr(args, flag)
     if args.resume:
         result = finetune(resume=args.resume, **options)
     else:
@@ -130,6 +131,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
       "(default; exit code 1, the last finite checkpoint kept) or is skipped, as AMP's gradient scaler does")
     a("--clip-grad-norm", type=float, help="clip the global gradient norm to this before each step (default 0: off)")
     a("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    a("--compile", action=argparse.BooleanOptionalAction, help="training steps through torch.compile (default off)")
     a("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: when a terminal)")
     p.set_defaults(func=_cmd_finetune, interrupted=_finetune_interrupted)
 

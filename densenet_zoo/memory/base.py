@@ -32,20 +32,31 @@ def checkpoint_once(fn: Callable[..., Tensor], *inputs: Tensor, norms: Iterable[
     """``fn(*inputs)`` without storing its intermediates: they are recomputed in backward.
 
     The recomputation leaves the buffers of ``norms`` (modules: their submodules' too) untouched, so
-    running statistics are those of the one real forward. Under ``torch.compile`` the checkpointed
-    region becomes a functional graph whose buffer updates already run once, and custom contexts are
-    not traceable. A region with a cumulative-average batch norm (``momentum=None``) is not
-    checkpointed there: torch's batch norm breaks the graph on ``1 / num_batches_tracked``, and the
-    checkpoint would then run outside the compiler, recomputing that norm's update.
+    running statistics are those of the one real forward. Under ``torch.compile`` a traced region
+    becomes a functional graph whose buffer updates already run once, and custom contexts are not
+    traceable; a region the compiler cannot trace (a norm that breaks the graph: a cumulative average,
+    a synchronised norm's collectives) runs as an eager checkpoint, which is told apart from a traced
+    one at run time: it is recomputed inside backward, outside the compiler.
     """
     norms = list(norms)
     if torch.compiler.is_compiling():
-        if any(getattr(m, "momentum", 0.0) is None for norm in norms for m in norm.modules()):
-            return fn(*inputs)
-        return checkpoint(fn, *inputs, use_reentrant=False)
+        return checkpoint(_once_when_eager(fn, norms), *inputs, use_reentrant=False)
     return checkpoint(
         fn, *inputs, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), preserved_buffers(norms))
     )
+
+
+def _once_when_eager(fn: Callable[..., Tensor], norms: List[nn.Module]) -> Callable[..., Tensor]:
+    """``fn`` that, run in eager mode inside backward (an eager checkpoint's recomputation), leaves
+    the buffers of ``norms`` as they were."""
+
+    def run(*inputs: Tensor) -> Tensor:
+        if torch.compiler.is_compiling() or torch._C._current_autograd_node() is None:
+            return fn(*inputs)
+        with preserved_buffers(norms):
+            return fn(*inputs)
+
+    return run
 
 
 class SavedTensorBytes:

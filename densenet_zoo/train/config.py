@@ -16,7 +16,8 @@ AMP_MODES = ("none", "bf16", "fp16")
 #: What a step with a non-finite loss or gradient does: stop the run, or skip the step (as AMP's scaler does).
 NONFINITE_POLICIES = ("stop", "skip")
 #: Settings that may change when a run is resumed; every other one must stay as saved.
-RESUMABLE = ("epochs", "workers", "patience", "device", "progress", "save_every", "on_nonfinite", "clip_grad_norm")
+RESUMABLE = ("epochs", "workers", "patience", "device", "progress", "save_every", "on_nonfinite", "clip_grad_norm",
+             "compile")
 _ARCHITECTURE = ("model", "model_args", "norm", "pretrained", "weights")
 
 
@@ -25,7 +26,7 @@ class TrainConfig:
     """Every setting of a fine-tuning run (the CLI flags of ``densenet-zoo finetune``).
 
     A resumed run may change only ``epochs``, ``workers``, ``patience``, ``device``, ``progress``,
-    ``save_every``, ``on_nonfinite`` and ``clip_grad_norm``.
+    ``save_every``, ``on_nonfinite``, ``clip_grad_norm`` and ``compile``.
 
     Attributes:
         data: a folder with ``train/`` and ``val/`` class folders, a folder of class folders, or a
@@ -64,6 +65,8 @@ class TrainConfig:
         on_nonfinite: a step whose loss or gradients are not finite ``"stop"`` s the run (exit code 1,
             the last finite checkpoint kept) or is ``"skip"`` ped, its gradients dropped.
         clip_grad_norm: clip the gradients' global norm to this before each step; 0 does not clip.
+        compile: run the training steps through ``torch.compile`` (the memory strategies keep their
+            savings there); validation runs the model in eager mode.
 
     Example:
         >>> TrainConfig(data="", epochs=3, augment="light").batch_size
@@ -103,6 +106,7 @@ class TrainConfig:
     progress: Optional[bool] = None
     on_nonfinite: str = "stop"
     clip_grad_norm: float = 0.0
+    compile: bool = False
 
     def __post_init__(self) -> None:
         # JSON-shaped (lists, not tuples) so a saved config compares equal to one given on a command line.
@@ -127,6 +131,7 @@ class TrainConfig:
              f"--on-nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
         need(isinstance(self.clip_grad_norm, (int, float)) and math.isfinite(self.clip_grad_norm) and self.clip_grad_norm >= 0,
              f"--clip-grad-norm must be a finite number >= 0 (0: no clipping), got {self.clip_grad_norm!r}")
+        need(isinstance(self.compile, bool), f"compile must be True or False, got {self.compile!r}")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(self.amp in AMP_MODES, f"--amp must be one of {AMP_MODES}, got {self.amp!r}")
         need(self.augment in AUGMENTATIONS, f"--augment must be one of {AUGMENTATIONS}, got {self.augment!r}")

@@ -37,6 +37,7 @@ from ..memory.estimate import check_fits
 from ..models import create_model, save_model
 from . import run_files as io
 from . import step
+from .compiling import check_compiler, compile_errors
 from .config import TrainConfig, config_from, resumed_config
 from ..weights.registry import weights_preprocessing
 from .distributed import Dist, reduce_sum
@@ -167,6 +168,10 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None
             )
+        self.train_model = self.ddp or self.model  # what a training step calls
+        if c.compile:
+            check_compiler(d.device)
+            self.train_model = torch.compile(self.train_model)
         # On CPU, loader workers would compete with the model's compute threads.
         self.workers = c.workers if c.workers is not None else (0 if d.device.type == "cpu" else min(8, os.cpu_count() or 1))
 
@@ -281,8 +286,8 @@ class Trainer:
         c = self.config
         group, step_now = step.accumulation(micro, c.accum_steps, self.micro_per_epoch)
         sync = self.ddp.no_sync() if (self.ddp is not None and not step_now) else contextlib.nullcontext()
-        with sync:
-            loss, logits = step.forward_backward(self.ddp or self.model, x, y, group=group, scaler=self.scaler,
+        with sync, compile_errors(c.compile):
+            loss, logits = step.forward_backward(self.train_model, x, y, group=group, scaler=self.scaler,
                                                  autocast=step.autocast_for(self.dist.device, self.amp_dtype),
                                                  label_smoothing=c.label_smoothing)
         finite = torch.isfinite(loss.detach())

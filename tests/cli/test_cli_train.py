@@ -197,6 +197,38 @@ def test_torchrun_two_processes_match_one_process(small, tmp_path):
     assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-5)
 
 
+def test_compile_flag_trains_and_a_compiler_that_cannot_build_is_one_line(small, tmp_path, capsys, monkeypatch):
+    torch._dynamo.reset()
+    assert main(_tiny_flags(small, tmp_path / "compiled", "--epochs", "1", "--compile")) == 0
+    assert (tmp_path / "compiled" / "last.safetensors").is_file()
+    import torch._inductor.config as inductor
+
+    # the CPU backend's C++ compiler missing, as on a machine without one: refused before the run starts
+    monkeypatch.setattr(inductor.cpp, "cxx", (str(tmp_path / "no-such-c++"),))
+    torch._dynamo.reset()
+    capsys.readouterr()
+    assert main(_tiny_flags(small, tmp_path / "broken", "--epochs", "1", "--compile")) == 1
+    err = capsys.readouterr().err
+    assert "--compile: torch.compile cannot build here: its CPU backend needs a C++ compiler" in err, err
+    assert "run without --compile" in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "broken").exists()
+
+
+def test_torchrun_compiled_with_accumulation_matches_one_eager_process(small, tmp_path):
+    # The DDP model compiled, the fused blocks as operators, gradients accumulated without a sync
+    # (no_sync) over two micro-batches: the single eager process's steps up to float rounding.
+    common = dict(epochs=1, norm="sync_bn", memory_efficient="fused", accum_steps=2)
+    finetune(**base_options(small, tmp_path / "one", **common))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "densenet_zoo",
+           *map(str, _tiny_flags(small, tmp_path / "ddp", "--epochs", "1", "--norm", "sync_bn", "--memory-efficient",
+                                 "fused", "--accum-steps", "2", "--compile"))]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=280)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, ddp = _weights(tmp_path / "one" / "last.safetensors"), _weights(tmp_path / "ddp" / "last.safetensors")
+    for k in one:
+        torch.testing.assert_close(ddp[k].double(), one[k].double(), atol=1e-4, rtol=1e-3, msg=k)
+
+
 def test_bad_input_gives_one_line_errors_and_overwrites_nothing(small, tmp_path, capsys):
     one_class, empty, unsupported = tmp_path / "one", tmp_path / "empty", tmp_path / "unsup"
     (one_class / "a").mkdir(parents=True)

@@ -236,6 +236,29 @@ def test_operators_pass_opcheck(keep, frozen):
                           (x, params, stats, [1e-5] * len(norms), momentum, keep))
 
 
+class GraphBreakingBatchNorm(nn.BatchNorm2d):
+    """A batch norm the compiler cannot trace whole, as a synchronised norm's collectives or a
+    host read of a statistic (``.item()``) make it."""
+
+    def forward(self, x):
+        torch._dynamo.graph_break()
+        return super().forward(x)
+
+
+RECOMPUTING = [s for s in dz.list_memory_strategies() if s not in ("none", "auto")]
+
+
+@pytest.mark.parametrize("strategy", RECOMPUTING)
+def test_norms_that_break_the_graph_update_once_under_compile(strategy):
+    # Such a norm inside a checkpointed region makes the region an eager checkpoint, recomputed in
+    # backward outside the compiler: its running statistics must not take the batch a second time.
+    base = _model(norm_layer=GraphBreakingBatchNorm).double()
+    data = _data()
+    normal, ours = copy.deepcopy(base), copy.deepcopy(base).set_memory_efficient(strategy)
+    compiled = torch.compile(ours, backend="aot_eager")
+    _assert_same_training(normal, ours, sgd_steps(normal, data), sgd_steps(ours, data, compiled), 1e-10)
+
+
 def test_per_layer_strategies_update_cumulative_norms_once_under_compile():
     # torch's batch norm breaks the graph on 1 / num_batches_tracked; a checkpoint left outside the
     # compiler would recompute it and count the batch twice

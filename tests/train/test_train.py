@@ -8,10 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from torch._dynamo.utils import counters
 
 import densenet_zoo as dz
-from densenet_zoo._utils import RunError
+from densenet_zoo._utils import RunError, UnsupportedError
 from densenet_zoo.train import finetune
+from densenet_zoo.train.compiling import compile_errors
 from densenet_zoo.train.freezing import apply_freeze
 from densenet_zoo.train.optim import lr_factor, param_groups
 from densenet_zoo.train.sampler import EpochBatchSampler
@@ -161,6 +163,38 @@ def test_every_memory_mode_trains_like_normal_mode(data, tmp_path):
         finetune(**base_options(data, tmp_path / name, epochs=1, memory_efficient=name))
         # fused strategies (and "auto", which may choose them): other kernels, same math, float32 rounding differs
         _assert_same_weights(_weights(tmp_path / name / "last.safetensors"), ref, 1e-4 if name.startswith("fused") or name == "auto" else 1e-5)
+
+
+def test_compiled_training_trains_like_eager_and_resumes_without_the_compiler(data, tmp_path):
+    # The fused strategy compiled (one operator per block), with accumulation; each run is resumed for
+    # a second epoch, the compiled one with compile off (a setting a resume may change).
+    common = dict(memory_efficient="fused", accum_steps=2, batch_size=4, epochs=1)
+    runs = {"eager": {}, "compiled": {"compile": True}}
+    graphs = {}
+    for name, options in runs.items():
+        torch._dynamo.reset()
+        assert finetune(**base_options(data, tmp_path / name, **common, **options))["epochs_run"] == 1
+        graphs[name] = counters["stats"]["unique_graphs"]
+    assert graphs == {"eager": 0, "compiled": graphs["compiled"]} and graphs["compiled"] > 0  # the compiler ran
+    weights = {name: _weights(tmp_path / name / "last.safetensors") for name in runs}
+    _assert_same_weights(weights["compiled"], weights["eager"], 1e-4)
+    for name in runs:
+        assert finetune(resume=str(tmp_path / name), epochs=2, compile=False)["epochs_run"] == 2
+    weights = {name: _weights(tmp_path / name / "last.safetensors") for name in runs}
+    _assert_same_weights(weights["compiled"], weights["eager"], 1e-4)
+
+
+def test_a_compiler_backend_that_fails_is_one_line():
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("no code for this machine\nmore detail")
+
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: x.sin() + 1, backend=failing_backend)
+    with pytest.raises(UnsupportedError, match=r"^--compile: torch.compile could not build the model here \(RuntimeError: "
+                                              r"no code for this machine\); run without --compile$"):
+        with compile_errors(True):
+            step(torch.ones(3))
+    torch._dynamo.reset()
 
 
 def test_sync_bn_in_one_process_trains_like_bn(data, tmp_path):
