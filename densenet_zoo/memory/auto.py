@@ -163,6 +163,8 @@ class AutoStrategy(MemoryStrategy):
         self._pending = []
         if not entries:
             return
+        agreed = _agreed([m for _, _, m in entries], entries[0][1][2])
+        entries = [(block, key, m) for (block, key, _), m in zip(entries, agreed)]
         budget = self.budget
         if isinstance(budget, float):
             budget = budget * sum(m["none"][0] if "none" in m else max(v[0] for v in m.values()) for _, _, m in entries)
@@ -199,6 +201,28 @@ def _outside_the_compiler(fn: Callable[..., MemoryStrategy]) -> Callable[..., Me
 def _choose_eagerly(strategy: AutoStrategy, block: nn.ModuleDict, x: Tensor) -> MemoryStrategy:
     """:meth:`AutoStrategy._choose` run in eager mode, a graph break under ``torch.compile``."""
     return strategy._choose(block, x)
+
+
+def _agreed(measurements: List[Measurement], device: torch.device) -> List[Measurement]:
+    """What every process of the default process group measured: per candidate the largest bytes and
+    the mean seconds, so that all of them fix the same plan (a process recomputing where another does
+    not would run a synchronised norm's collectives alone). Every process measures the same blocks and
+    candidates in the same order; alone, the measurements are returned as they are."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return measurements
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return measurements
+    names = [(i, name) for i, m in enumerate(measurements) for name in m]
+    on = device if device.type == "cuda" else torch.device("cpu")
+    sizes = torch.tensor([float(measurements[i][n][0]) for i, n in names], dtype=torch.float64, device=on)
+    seconds = torch.tensor([measurements[i][n][1] for i, n in names], dtype=torch.float64, device=on)
+    torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(seconds)
+    agreed: List[Measurement] = [{} for _ in measurements]
+    for (i, name), size, sec in zip(names, sizes.tolist(), seconds.tolist()):
+        agreed[i][name] = (int(size), sec / world)
+    return agreed
 
 
 def _product_size(names: List[List[str]]) -> int:

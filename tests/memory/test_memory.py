@@ -1,6 +1,7 @@
 """Memory strategies: each equals normal mode exactly, and BN statistics are updated once per forward."""
 
 import copy
+import time
 
 import pytest
 import torch
@@ -186,6 +187,38 @@ def test_inside_distributed_data_parallel(strategy):
     # DDP averaged the gradients: both ranks hold the same ones.
     for a, b in zip(efficient[0]["grads"], efficient[1]["grads"]):
         assert torch.allclose(a, b)
+
+
+class _SlowOnRank(dz.MemoryStrategy):
+    """Normal mode, ``seconds`` slower per block on one rank of the process group."""
+
+    def __init__(self, rank, seconds):
+        self.rank, self.seconds, self.name = rank, seconds, f"slow_on_rank{rank}"
+
+    def block_forward(self, block, x):
+        if torch.distributed.get_rank() == self.rank:
+            time.sleep(self.seconds)
+        return super().block_forward(block, x)
+
+
+def _auto_plans_under_ddp(rank, world_size):
+    for slow in (_SlowOnRank(0, 0.2), _SlowOnRank(1, 0.05)):
+        dz.register_memory_strategy(slow)
+    strategy = dz.AutoStrategy(budget=1.0, candidates=["slow_on_rank0", "slow_on_rank1"])
+    model = _tiny(memory_efficient=strategy)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(10 + rank))
+    for _ in range(3):
+        ddp(x).sum().backward()
+    return [list(strategy.plan(b).values()) for b in (model.features.denseblock1, model.features.denseblock2)]
+
+
+def test_auto_fixes_the_same_plan_on_every_rank():
+    # Each rank alone would pick the candidate that is slow on the other rank; measured together
+    # (mean seconds), both pick the one slower on average by less. Plans that differ would have one
+    # rank recompute (and run a synchronised norm's collectives) where the other does not.
+    plans = run_distributed(_auto_plans_under_ddp, 2)
+    assert plans[0] == plans[1] == [["slow_on_rank1"], ["slow_on_rank1"]]
 
 
 # -- strategies that recompute inside custom autograd functions, and "auto" ----------------------
