@@ -197,17 +197,18 @@ def test_torchrun_two_processes_match_one_process(small, tmp_path):
     assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-5)
 
 
-def test_compile_flag_trains_and_a_compiler_that_cannot_build_is_one_line(small, tmp_path, capsys, monkeypatch):
+def test_compile_flag_trains_and_a_compiler_that_cannot_build_is_one_line(small, tmp_path, capsys):
     torch._dynamo.reset()
     assert main(_tiny_flags(small, tmp_path / "compiled", "--epochs", "1", "--compile")) == 0
     assert (tmp_path / "compiled" / "last.safetensors").is_file()
     import torch._inductor.config as inductor
 
     # the CPU backend's C++ compiler missing, as on a machine without one: refused before the run starts
-    monkeypatch.setattr(inductor.cpp, "cxx", (str(tmp_path / "no-such-c++"),))
     torch._dynamo.reset()
     capsys.readouterr()
-    assert main(_tiny_flags(small, tmp_path / "broken", "--epochs", "1", "--compile")) == 1
+    with inductor.patch({"cpp.cxx": (str(tmp_path / "no-such-c++"),)}):
+        assert main(_tiny_flags(small, tmp_path / "broken", "--epochs", "1", "--compile")) == 1
+    assert inductor.cpp.cxx != (str(tmp_path / "no-such-c++"),)  # put back for the tests that follow
     err = capsys.readouterr().err
     assert "--compile: torch.compile cannot build here: its CPU backend needs a C++ compiler" in err, err
     assert "run without --compile" in err and err.count("\n") == 1 and "Traceback" not in err, err
