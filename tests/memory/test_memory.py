@@ -1,6 +1,8 @@
 """Memory strategies: each equals normal mode exactly, and BN statistics are updated once per forward."""
 
 import copy
+import gc
+import pickle
 import time
 
 import pytest
@@ -428,6 +430,27 @@ def test_auto_measures_once_then_keeps_a_plan_within_budget():
     normal = sum(m["none"][0] for m in measured)
     assert used <= 0.3 * normal
     assert "none" not in plan
+
+
+def test_models_with_auto_deep_copy_and_pickle_and_their_plans_leave_with_them():
+    # copy.deepcopy(model) is how EMA weights and many training loops start; the strategy is shared,
+    # the copy's blocks get plans of their own, and a block's plans go when it does.
+    strategy = dz.AutoStrategy(budget=1.0, candidates=("none", "efficient"))
+    model = _tiny(memory_efficient=strategy)
+    x = torch.randn(2, 3, 16, 16)
+    for _ in range(2):
+        model(x).sum().backward()
+    copied = copy.deepcopy(model)
+    assert copied.memory_strategy is strategy
+    restored = pickle.loads(pickle.dumps(model))
+    assert isinstance(restored.memory_strategy, dz.AutoStrategy) and restored.memory_strategy.plan(restored.features.denseblock1) == {}
+    for _ in range(2):
+        copied(x).sum().backward()
+    blocks = [model.features.denseblock1, copied.features.denseblock1]
+    assert all(len(strategy.plan(b)) == 1 for b in blocks)
+    del model, copied, blocks
+    gc.collect()
+    assert strategy._plans == {}
 
 
 def test_auto_with_impossible_budget_warns_and_takes_the_smallest():
