@@ -16,7 +16,7 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -94,10 +94,9 @@ class AutoStrategy(MemoryStrategy):
         self._reset()
 
     def _reset(self) -> None:
-        # (id(block), input signature) -> chosen strategy: a plain dict, which the compiler traces with
-        # stable guards; a block's entries leave with it (_forget)
-        self._plans: Dict[Tuple[int, tuple], MemoryStrategy] = {}
-        self._watched: Set[int] = set()
+        # id(block) -> {input signature: chosen strategy}: plain dicts, which the compiler traces with
+        # stable guards; a block's plans leave with it (weakref.finalize in _fix)
+        self._plans: Dict[int, Dict[tuple, MemoryStrategy]] = {}
         self._pending: List[Tuple["weakref.ref[nn.ModuleDict]", tuple, Measurement]] = []
         self._local = threading.local()
 
@@ -105,7 +104,7 @@ class AutoStrategy(MemoryStrategy):
         return self  # a copied model's blocks are new: they get plans of their own from the same strategy
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_plans", "_watched", "_pending", "_local")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_plans", "_pending", "_local")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -114,7 +113,7 @@ class AutoStrategy(MemoryStrategy):
     # -- inspection ----------------------------------------------------------------------------
     def plan(self, block: nn.ModuleDict) -> Dict[tuple, str]:
         """The chosen strategy name of ``block`` per input signature (shape, dtype, device)."""
-        return {key: s.name for (owner, key), s in list(self._plans.items()) if owner == id(block)}
+        return {key: s.name for key, s in self._plans.get(id(block), {}).items()}
 
     def measurements(self) -> List[Measurement]:
         """Measurements not yet turned into a plan (bytes, seconds per candidate)."""
@@ -131,18 +130,18 @@ class AutoStrategy(MemoryStrategy):
         if torch.compiler.is_compiling():
             # A fixed plan is traced; measuring runs candidates forward and backward, so it runs in
             # eager mode, outside the graph (a graph break until the plan is fixed).
-            chosen = self._plans.get((id(block), (tuple(x.shape), x.dtype, x.device)))
+            chosen = self._plans.get(id(block), {}).get((tuple(x.shape), x.dtype, x.device))
             return self._run(chosen or _choose_eagerly(self, block, x), block, x)
         return self._run(self._choose(block, x), block, x)
 
     def _choose(self, block: nn.ModuleDict, x: Tensor) -> MemoryStrategy:
         """The planned strategy for ``block`` on inputs like ``x``; measures the candidates on a new input signature."""
         key = (tuple(x.shape), x.dtype, x.device)
-        chosen = self._plans.get((id(block), key))
+        chosen = self._plans.get(id(block), {}).get(key)
         if chosen is None:
             if any(ref() is block and k == key for ref, k, _ in self._pending):
                 self._solve()
-                chosen = self._plans[(id(block), key)]
+                chosen = self._plans[id(block)][key]
             else:
                 measured = self._measure(block, x)
                 self._pending.append((weakref.ref(block), key, measured))
@@ -204,16 +203,10 @@ class AutoStrategy(MemoryStrategy):
             self._fix(block, key, get_memory_strategy(choice))
 
     def _fix(self, block: nn.ModuleDict, key: tuple, strategy: MemoryStrategy) -> None:
-        if id(block) not in self._watched:
-            self._watched.add(id(block))
-            weakref.finalize(block, self._forget, id(block))
-        self._plans[(id(block), key)] = strategy
-
-    def _forget(self, block_id: int) -> None:
-        """Drop the plans of a block that no longer exists (before its id can name another)."""
-        self._watched.discard(block_id)
-        for entry in [e for e in self._plans if e[0] == block_id]:
-            del self._plans[entry]
+        if id(block) not in self._plans:  # dropped when the block goes, before its id can name another
+            self._plans[id(block)] = {}
+            weakref.finalize(block, self._plans.pop, id(block), None)
+        self._plans[id(block)][key] = strategy
 
 
 def _outside_the_compiler(fn: Callable[..., MemoryStrategy]) -> Callable[..., MemoryStrategy]:
