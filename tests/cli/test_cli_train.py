@@ -34,6 +34,16 @@ def _cli(*args, env=None, **kw):
                           capture_output=True, text=True, **kw)
 
 
+def _torchrun_cmd(data, out, *extra):
+    """``densenet-zoo finetune`` of the tiny model in two processes under torchrun."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "densenet_zoo",
+            *map(str, _tiny_flags(data, out, *extra))]
+
+
+def _torchrun(data, out, *extra, timeout):
+    return subprocess.run(_torchrun_cmd(data, out, *extra), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
 def _tiny_flags(data, out, *extra):
     return ["finetune", "--data", str(data), "--out", str(out), "--model", "densenet121", "--model-args", TINY_JSON,
             "--image-size", "16", "--batch-size", "8", "--lr", "0.05", "--augment", "light", "--deterministic",
@@ -151,8 +161,7 @@ def test_ctrl_c_under_torchrun_saves_at_a_step_on_every_rank_and_resumes(small, 
     # A terminal's Ctrl-C reaches torchrun and its workers; torchrun then sends them SIGTERM. Both ranks
     # finish the same step, rank 0 saves it, and the run resumes from there.
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "densenet_zoo",
-           *map(str, _tiny_flags(small, out, "--epochs", "50", "--batch-size", "4"))]
+    cmd = _torchrun_cmd(small, out, "--epochs", "50", "--batch-size", "4")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, preexec_fn=default_sigint)  # its own process group, as a terminal gives
     try:
@@ -181,10 +190,8 @@ def test_torchrun_two_processes_match_one_process(small, tmp_path):
     # memory-efficient mode (recomputation re-runs sync_bn's collectives in backward).
     common = dict(epochs=1, norm="sync_bn", weight_decay=1e-3)
     finetune(**base_options(small, tmp_path / "one", **common))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "densenet_zoo",
-           *map(str, _tiny_flags(small, tmp_path / "ddp", "--epochs", "1", "--norm", "sync_bn", "--weight-decay", "1e-3",
-                                 "--memory-efficient"))]
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=220)
+    r = _torchrun(small, tmp_path / "ddp", "--epochs", "1", "--norm", "sync_bn", "--weight-decay", "1e-3",
+                  "--memory-efficient", timeout=220)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout and r.stdout.count("epoch 1:") == 1  # rank 0 prints, once
     assert r.stdout.count("best val acc@1") == 1, r.stdout  # the closing line too
@@ -220,10 +227,8 @@ def test_torchrun_compiled_with_accumulation_matches_one_eager_process(small, tm
     # (no_sync) over two micro-batches: the single eager process's steps up to float rounding.
     common = dict(epochs=1, norm="sync_bn", memory_efficient="fused", accum_steps=2)
     finetune(**base_options(small, tmp_path / "one", **common))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "densenet_zoo",
-           *map(str, _tiny_flags(small, tmp_path / "ddp", "--epochs", "1", "--norm", "sync_bn", "--memory-efficient",
-                                 "fused", "--accum-steps", "2", "--compile"))]
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=280)
+    r = _torchrun(small, tmp_path / "ddp", "--epochs", "1", "--norm", "sync_bn", "--memory-efficient", "fused",
+                  "--accum-steps", "2", "--compile", timeout=280)
     assert r.returncode == 0, r.stderr[-3000:]
     one, ddp = _weights(tmp_path / "one" / "last.safetensors"), _weights(tmp_path / "ddp" / "last.safetensors")
     for k in one:
