@@ -154,7 +154,8 @@ def test_largest_fitting_when_nothing_or_everything_fits():
 @pytest.mark.timeout(300)
 def test_max_batch_finds_the_largest_batch_within_a_budget_in_few_probes():
     # A budget where normal mode fits about 64 images of 32x32, read off two probes of this machine; the
-    # search must report a batch whose probe fitted, beside one that did not at most 8 images above it.
+    # search must report a batch whose probe fitted, beside one that did not at most 8 images above it (or
+    # the limit).
     kwargs = dict(growth_rate=12, block_config=[4, 4, 4], num_init_features=24)
     calibration = dz.max_batch("densenet_bc_100", budget="1TiB", image_size=32, modes="none", start=16, limit=32,
                                model_kwargs=kwargs)
@@ -168,7 +169,8 @@ def test_max_batch_finds_the_largest_batch_within_a_budget_in_few_probes():
         found = result["max_batch"]
         assert probes[found]["fits"] and probes[found]["absolute_peak_bytes"] <= budget, mode
         above = [n for n, p in probes.items() if not p["fits"] and found < n <= found + 8]
-        assert above or found == 256, (mode, sorted(probes))  # at the limit, nothing above it is probed
+        # Near the limit nothing above it is probed: the search ends once the limit is within the resolution.
+        assert above or 256 - found < 8, (mode, sorted(probes))
         # A process's peak is noisy, so the line's 4 probes become 8 at times: bound only by the search's promise.
         assert len(probes) <= 2 * _doubling_and_bisection(16, 256, 8), (mode, sorted(probes))
     assert report.results["fused_lean"]["max_batch"] > 2 * report.results["none"]["max_batch"]
