@@ -130,13 +130,13 @@ class AutoStrategy(MemoryStrategy):
         if torch.compiler.is_compiling():
             # A fixed plan is traced; measuring runs candidates forward and backward, so it runs in
             # eager mode, outside the graph (a graph break until the plan is fixed).
-            chosen = self._plans.get(id(block), {}).get((tuple(x.shape), x.dtype, x.device))
+            chosen = self._plans.get(id(block), {}).get(_signature(x))
             return self._run(chosen or _choose_eagerly(self, block, x), block, x)
         return self._run(self._choose(block, x), block, x)
 
     def _choose(self, block: nn.ModuleDict, x: Tensor) -> MemoryStrategy:
         """The planned strategy for ``block`` on inputs like ``x``; measures the candidates on a new input signature."""
-        key = (tuple(x.shape), x.dtype, x.device)
+        key = _signature(x)
         chosen = self._plans.get(id(block), {}).get(key)
         if chosen is None:
             if any(ref() is block and k == key for ref, k, _ in self._pending):
@@ -244,6 +244,11 @@ def _agreed(measurements: List[Measurement], device: torch.device) -> List[Measu
     for (i, name), size, sec in zip(names, sizes.tolist(), seconds.tolist()):
         agreed[i][name] = (int(size), sec / world)
     return agreed
+
+
+def _signature(x: Tensor) -> tuple:
+    """What a plan is kept per: the input's shape, dtype and device."""
+    return tuple(x.shape), x.dtype, x.device
 
 
 def _product_size(names: List[List[str]]) -> int:
