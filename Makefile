@@ -34,10 +34,8 @@ run: install
 # cap, and a kernel built under it aborts an uncapped process that finds it.
 AVX2_CAP := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 
-# The whole suite runs on two worker processes (pytest-xdist): much of it waits on the subprocesses it
-# starts (CLI runs, torchrun, the profiler's probes). The numerics run is compute-bound and runs in one.
 test: install allocators
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q
 	cache=$$(mktemp -d) && TORCHINDUCTOR_CACHE_DIR=$$cache $(AVX2_CAP) $(PY) -m pytest -q -m numerics; \
 		status=$$?; rm -rf "$$cache"; exit $$status
 

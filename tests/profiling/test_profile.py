@@ -151,7 +151,7 @@ def test_largest_fitting_when_nothing_or_everything_fits():
     assert largest_fitting(peak, 1e9, start=200, limit=100) == 0
 
 
-@pytest.mark.timeout(600)  # about 12 probe processes: 65 s alone, 145 s beside another test worker
+@pytest.mark.timeout(300)
 def test_max_batch_finds_the_largest_batch_within_a_budget_in_few_probes():
     # A budget where normal mode fits about 64 images of 32x32, read off two probes of this machine; the
     # search must report a batch whose probe fitted, beside one that did not at most 8 images above it (or
