@@ -276,6 +276,25 @@ def test_import_densenet_zoo_loads_neither_timm_nor_torchvision():
     assert r == []
 
 
+def test_training_loads_the_compiler_only_for_the_strategy_that_needs_it():
+    # torch._dynamo costs a second or two in every process (each profiler probe, each CLI run): only
+    # 'auto', which hands its measuring to eager mode under torch.compile, loads it, when a network takes it.
+    r = _fresh("""
+import json, sys, torch, densenet_zoo as dz
+seen = {}
+for mode in dz.list_memory_strategies():
+    if mode == "auto":
+        continue
+    model = dz.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, small_inputs=True, memory_efficient=mode)
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    seen[mode] = "torch._dynamo" in sys.modules
+model.set_memory_efficient("auto")
+seen["auto"] = "torch._dynamo" in sys.modules
+print(json.dumps(seen))
+""")
+    assert r.pop("auto") is True and len(r) >= 8 and not any(r.values()), r
+
+
 def test_every_exported_name_loads_on_first_use():
     code = """
 import importlib, json, pkgutil, densenet_zoo

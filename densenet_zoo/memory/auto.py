@@ -109,6 +109,10 @@ class AutoStrategy(MemoryStrategy):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._reset()
+        self.prepare()  # a network unpickled in another process may be compiled there first
+
+    def prepare(self) -> None:
+        _eager_chooser()  # what a compiled network calls to measure, made before the compiler traces it
 
     # -- inspection ----------------------------------------------------------------------------
     def plan(self, block: nn.ModuleDict) -> Dict[tuple, str]:
@@ -131,7 +135,7 @@ class AutoStrategy(MemoryStrategy):
             # A fixed plan is traced; measuring runs candidates forward and backward, so it runs in
             # eager mode, outside the graph (a graph break until the plan is fixed).
             chosen = self._plans.get(id(block), {}).get(_signature(x))
-            return self._run(chosen or _choose_eagerly(self, block, x), block, x)
+            return self._run(chosen or _eager_chooser()(self, block, x), block, x)
         return self._run(self._choose(block, x), block, x)
 
     def _choose(self, block: nn.ModuleDict, x: Tensor) -> MemoryStrategy:
@@ -209,18 +213,26 @@ class AutoStrategy(MemoryStrategy):
         self._plans[id(block)][key] = strategy
 
 
-def _outside_the_compiler(fn: Callable[..., MemoryStrategy]) -> Callable[..., MemoryStrategy]:
-    reason = ("memory strategy 'auto' measures its candidates in eager mode until its plan is fixed; "
-              "under fullgraph=True, run two eager training steps before compiling")
-    try:
-        return torch.compiler.disable(fn, reason=reason)
-    except TypeError:  # torch before 2.8: no reason
-        return torch.compiler.disable(fn)
+_REASON = ("memory strategy 'auto' measures its candidates in eager mode until its plan is fixed; "
+           "under fullgraph=True, run two eager training steps before compiling")
+_EAGER_CHOOSER: Optional[Callable[..., MemoryStrategy]] = None
 
 
-@_outside_the_compiler
-def _choose_eagerly(strategy: AutoStrategy, block: nn.ModuleDict, x: Tensor) -> MemoryStrategy:
-    """:meth:`AutoStrategy._choose` run in eager mode, a graph break under ``torch.compile``."""
+def _eager_chooser() -> Callable[..., MemoryStrategy]:
+    """:meth:`AutoStrategy._choose` behind ``torch.compiler.disable``: under ``torch.compile`` a graph break
+    whose reason names the remedy for ``fullgraph=True``. Made on first need, because it imports the
+    compiler (a second or two at start-up that no other strategy pays), and before tracing reaches it
+    (:meth:`AutoStrategy.prepare`): made inside a traced region it would break the graph a second time."""
+    global _EAGER_CHOOSER
+    if _EAGER_CHOOSER is None:
+        try:
+            _EAGER_CHOOSER = torch.compiler.disable(_choose_in_eager, reason=_REASON)
+        except TypeError:  # torch before 2.8: no reason
+            _EAGER_CHOOSER = torch.compiler.disable(_choose_in_eager)
+    return _EAGER_CHOOSER
+
+
+def _choose_in_eager(strategy: AutoStrategy, block: nn.ModuleDict, x: Tensor) -> MemoryStrategy:
     return strategy._choose(block, x)
 
 

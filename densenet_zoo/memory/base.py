@@ -136,6 +136,10 @@ class MemoryStrategy:
     #: The strategy that runs the blocks (and layers) this one cannot run; None: it runs everything.
     fallback: Optional["MemoryStrategy"] = None
 
+    def prepare(self) -> None:
+        """One-time setup before the strategy runs, called when a network takes it
+        (:func:`~densenet_zoo.memory.get_memory_strategy`). Normal mode needs none."""
+
     def prefers_channels_last(self, blocks: List[nn.Module]) -> bool:
         """Whether the network should run on channels-last tensors while training (the strategy's own layout)."""
         return False

@@ -57,7 +57,7 @@ def get_memory_strategy(spec: Union[bool, str, MemoryStrategy, None]) -> MemoryS
             (returned as it is).
 
     Returns:
-        The :class:`MemoryStrategy`.
+        The :class:`MemoryStrategy`, prepared to run (:meth:`MemoryStrategy.prepare`).
 
     Raises:
         ValueError: an unknown name (with close matches).
@@ -66,12 +66,12 @@ def get_memory_strategy(spec: Union[bool, str, MemoryStrategy, None]) -> MemoryS
         >>> get_memory_strategy(True).name, get_memory_strategy("fused").description[:12]
         ('bottleneck', 'one function')
     """
-    if isinstance(spec, MemoryStrategy):
-        return spec
     if isinstance(spec, bool) or spec is None:
         spec = _ALIASES[spec]
-    if isinstance(spec, str) and spec in _STRATEGIES:
-        return _STRATEGIES[spec]
+    strategy = spec if isinstance(spec, MemoryStrategy) else _STRATEGIES.get(spec) if isinstance(spec, str) else None
+    if strategy is not None:
+        strategy.prepare()
+        return strategy
     close = difflib.get_close_matches(str(spec), list(_STRATEGIES), n=3)
     hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
     raise ValueError(

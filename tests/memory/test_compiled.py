@@ -7,6 +7,11 @@ registration, shape functions, and ahead-of-time autograd against eager).
 """
 
 import copy
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +23,8 @@ from densenet_zoo.memory import SavedTensorBytes
 from densenet_zoo.memory.fused_block import layer_parameters
 from densenet_zoo.memory.fused_op import fused_block_op_forward, op_supported
 from _train_helpers import sgd_steps
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FUSED = ("fused", "fused_lean")
@@ -158,10 +165,20 @@ def test_auto_with_a_plan_fixed_in_eager_mode_compiles_to_one_graph():
 
 
 def test_auto_under_fullgraph_compile_before_its_plan_names_the_remedy():
-    model = _model().set_memory_efficient("auto")
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    with pytest.raises(Exception, match="auto.*eager"):
-        compiled(torch.randn(4, 3, 16, 16)).sum().backward()
+    # a fresh process: the network is compiled before anything ran in eager mode
+    code = textwrap.dedent("""
+        import torch, densenet_zoo as dz
+        model = dz.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, small_inputs=True, memory_efficient="auto")
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        try:
+            compiled(torch.randn(4, 3, 16, 16)).sum().backward()
+        except Exception as exc:
+            print("refused:", exc)
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "run two eager training steps before compiling" in run.stdout, run.stdout + run.stderr[-2000:]
 
 
 def test_blocks_the_operator_cannot_run_fall_back_under_compile():
