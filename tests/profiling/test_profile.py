@@ -219,15 +219,14 @@ def test_cli_depth_sweep_writes_files(tmp_path, capsys):
 
 @pytest.mark.timeout(300)
 def test_interleaved_rounds_and_channels_last_rows():
-    report = dz.profile("densenet_bc_100", batch_size=2, image_size=48, modes="fused,none:channels_last", steps=2,
+    report = dz.profile("densenet_bc_100", batch_size=2, image_size=48, modes="none:channels_last", steps=2,
                         rounds=2, threads=1, model_kwargs=TINY)
-    assert report.modes == ["none", "fused", "none:channels_last"]
+    assert report.modes == ["none", "none:channels_last"]
     for row in report.rows:
         assert "error" not in row, row
         assert len(row["step_times_s"]) == 4 and row["peak_bytes"] > 0  # 48 px: every step raises resident memory
     # a channels_last row runs the same network in another layout: the same tensors saved for backward
     assert report.row("none:channels_last")["saved_bytes"] == report.row("none")["saved_bytes"] > 0
-    assert report.row("fused")["saved_bytes"] < report.row("none")["saved_bytes"]
     assert "2 interleaved rounds" in report.table()
     assert resolve_modes("all,layer:channels_last")[-1] == "layer:channels_last"
     together = dz.profile("densenet_bc_100", batch_size=2, image_size=48, modes="fused", steps=3, rounds=0, threads=1,
@@ -324,7 +323,7 @@ def test_mode_suffixes_parse_and_bad_ones_say_what_is_accepted():
 @pytest.mark.timeout(300)
 def test_compiled_rows_measure_the_compiled_model():
     report = dz.profile("densenet_bc_100", batch_size=2, image_size=32, modes="none:compile=0.3,fused_lean:compile",
-                        steps=1, threads=1, model_kwargs=TINY)
+                        steps=1, threads=1, separate_timing=False, model_kwargs=TINY)  # one process per mode
     for row in report.rows:
         assert "error" not in row, row
     compiled, normal = report.row("fused_lean:compile"), report.row("none")
