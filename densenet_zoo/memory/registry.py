@@ -68,10 +68,11 @@ def get_memory_strategy(spec: Union[bool, str, MemoryStrategy, None]) -> MemoryS
     """
     if isinstance(spec, bool) or spec is None:
         spec = _ALIASES[spec]
-    strategy = spec if isinstance(spec, MemoryStrategy) else _STRATEGIES.get(spec) if isinstance(spec, str) else None
-    if strategy is not None:
-        strategy.prepare()
-        return strategy
+    if isinstance(spec, str):
+        spec = _STRATEGIES.get(spec, spec)
+    if isinstance(spec, MemoryStrategy):
+        spec.prepare()
+        return spec
     close = difflib.get_close_matches(str(spec), list(_STRATEGIES), n=3)
     hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
     raise ValueError(
